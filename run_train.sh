@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Launch titan_lite on this machine: NGPU=2 ./run_train.sh --config train_configs/llama3_8b.toml
+#   NGPU      processes (GPUs, or CPU ranks with gloo when there is no GPU); default 1
+#   LOG_RANK  which ranks' output to show (comma-separated); default 0
+# Other arguments go to the trainer, e.g. --training.steps 20.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+NGPU=${NGPU:-1}
+LOG_RANK=${LOG_RANK:-0}
+CONFIG_FILE=${CONFIG_FILE:-train_configs/debug_model.toml}
+
+overrides=()
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --config) CONFIG_FILE="$2"; shift 2 ;;
+    --config=*) CONFIG_FILE="${1#--config=}"; shift ;;
+    *) overrides+=("$1"); shift ;;
+  esac
+done
+
+if ! python -c "import torch" 2>/dev/null; then
+  echo "run_train.sh: torch is not importable; see README.md (pip install torch==2.13.0 && pip install -e .)" >&2
+  exit 2
+fi
+# Without a GPU, split the cores between the ranks so they don't fight over them.
+if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NGPU > 0 ? $(nproc) / NGPU : 1 ))}
+fi
+
+exec torchrun --standalone --nproc_per_node="$NGPU" --local-ranks-filter "$LOG_RANK" --role rank \
+  --tee 3 -m titan_lite.train --config "$CONFIG_FILE" "${overrides[@]}"

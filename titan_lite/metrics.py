@@ -1,0 +1,134 @@
+"""Step metrics: loss, grad norm, lr, tokens/s, MFU, peak memory, ETA -> console, JSONL, TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import torch
+
+from titan_lite.config import Metrics
+
+# Dense peak TFLOP/s (bf16 tensor cores, fp32 without TF32) of common GPUs, from vendor sheets.
+GPU_PEAK_TFLOPS: dict[str, dict[torch.dtype, float]] = {
+    "H200": {torch.bfloat16: 989.0, torch.float32: 67.0},
+    "H100 NVL": {torch.bfloat16: 835.0, torch.float32: 60.0},
+    "H100 PCIe": {torch.bfloat16: 756.0, torch.float32: 51.0},
+    "H100": {torch.bfloat16: 989.0, torch.float32: 67.0},  # SXM
+    "A100": {torch.bfloat16: 312.0, torch.float32: 19.5},
+    "A10G": {torch.bfloat16: 70.0, torch.float32: 31.2},
+    "L40S": {torch.bfloat16: 362.0, torch.float32: 91.6},
+    "L4": {torch.bfloat16: 121.0, torch.float32: 30.3},
+    "RTX 4090": {torch.bfloat16: 165.0, torch.float32: 82.6},
+    "RTX 3090": {torch.bfloat16: 71.0, torch.float32: 35.6},
+    "V100": {torch.bfloat16: 125.0, torch.float32: 15.7},  # fp16 tensor cores
+}
+
+
+def gpu_peak_flops(device_name: str, dtype: torch.dtype) -> float | None:
+    """Peak FLOP/s for a CUDA device name such as 'NVIDIA H100 80GB HBM3', or None if unknown."""
+    for key, peaks in GPU_PEAK_TFLOPS.items():  # the more specific names come first
+        if key in device_name:
+            return peaks[dtype] * 1e12
+    return None
+
+
+def measure_matmul_flops(dtype: torch.dtype = torch.float32, size: int = 1024,
+                         seconds: float = 0.5) -> float:
+    """FLOP/s of a square CPU matmul with this process's threads: the MFU reference on CPU."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    a @ b  # warm-up: thread pool and kernel selection
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+    return 2 * size**3 * count / (time.perf_counter() - start)
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype, cfg: Metrics) -> tuple[float | None, str]:
+    """(peak FLOP/s of one rank, where the figure came from) for the MFU column."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak = gpu_peak_flops(name, dtype)
+        return peak, f"spec sheet of {name}" if peak else f"unknown GPU {name}: no MFU"
+    if cfg.cpu_peak_tflops > 0:
+        return cfg.cpu_peak_tflops * 1e12, "metrics.cpu_peak_tflops"
+    return measure_matmul_flops(dtype), f"measured {dtype} matmul rate on CPU"
+
+
+def _cpu_peak_rss_bytes() -> int:
+    """Peak resident set size of this process (VmHWM), in bytes."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def peak_memory_bytes(device: torch.device) -> tuple[int, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "cuda max allocated"
+    return _cpu_peak_rss_bytes(), "peak RSS"
+
+
+class MetricsLogger:
+    """Rank 0 prints; rank 0 (or every rank, by config) appends JSON lines."""
+
+    def __init__(self, cfg: Metrics, dump_folder: str, rank: int, device: torch.device,
+                 flops_per_token: int, peak: float | None, total_steps: int):
+        self.cfg, self.rank, self.device = cfg, rank, device
+        self.flops_per_token, self.peak, self.total_steps = flops_per_token, peak, total_steps
+        self.start = time.perf_counter()
+        self.jsonl = None
+        if cfg.enable_jsonl and (rank == 0 or cfg.jsonl_all_ranks):
+            folder = os.path.join(dump_folder, "metrics")
+            os.makedirs(folder, exist_ok=True)
+            self.jsonl = open(os.path.join(folder, f"rank{rank}.jsonl"), "a")
+        self.tensorboard = None
+        if cfg.enable_tensorboard and rank == 0:
+            from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+
+            self.tensorboard = SummaryWriter(os.path.join(dump_folder, "tensorboard"))
+
+    def log(self, step: int, loss: float, grad_norm: float, lr: float, tokens: int,
+            seconds: float) -> dict[str, Any]:
+        """Record one interval: ``tokens`` this rank processed in ``seconds`` of wall time."""
+        tokens_per_s = tokens / seconds
+        memory, memory_kind = peak_memory_bytes(self.device)
+        record = {
+            "step": step, "loss": loss, "grad_norm": grad_norm, "lr": lr,
+            "tokens_per_s": tokens_per_s,
+            "mfu_pct": (100 * tokens_per_s * self.flops_per_token / self.peak
+                        if self.peak else None),
+            "peak_memory_gib": memory / 2**30, "memory_kind": memory_kind,
+            "elapsed_s": time.perf_counter() - self.start,
+        }
+        record["eta_s"] = record["elapsed_s"] / step * (self.total_steps - step)
+        if self.rank == 0:
+            mfu = f"{record['mfu_pct']:.1f}%" if record["mfu_pct"] is not None else "n/a"
+            print(f"step {step:>5}/{self.total_steps}  loss {loss:.4f}  grad_norm "
+                  f"{grad_norm:.3f}  lr {lr:.2e}  tok/s/rank {tokens_per_s:,.0f}  mfu {mfu}  "
+                  f"mem {record['peak_memory_gib']:.2f} GiB ({memory_kind})  "
+                  f"eta {_duration(record['eta_s'])}", flush=True)
+        if self.jsonl:
+            self.jsonl.write(json.dumps(record) + "\n")
+            self.jsonl.flush()
+        if self.tensorboard:
+            for key in ("loss", "grad_norm", "lr", "tokens_per_s", "mfu_pct", "peak_memory_gib"):
+                if record[key] is not None:
+                    self.tensorboard.add_scalar(key, record[key], step)
+        return record
+
+    def close(self) -> None:
+        if self.jsonl:
+            self.jsonl.close()
+        if self.tensorboard:
+            self.tensorboard.close()
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"

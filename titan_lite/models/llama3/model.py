@@ -1,0 +1,191 @@
+"""Llama 3 in plain torch.nn: GQA, RoPE (with Llama 3.1 scaling), SwiGLU, RMSNorm.
+
+No distributed code lives here; parallelism is applied from titan_lite/parallel/.
+Build on the meta device, move with ``to_empty`` and call ``init_weights`` to materialise.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from titan_lite.models.llama3.args import ModelArgs, RopeScaling
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
+    """Inverse frequencies of the rotary embedding, with Llama 3.1 scaling when given."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    if scaling is None:
+        return inv_freq.float()
+    # Llama 3.1: keep high frequencies, divide low ones by `factor`, interpolate in between.
+    wavelen = 2 * math.pi / inv_freq
+    low_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor
+    high_wavelen = scaling.original_max_position_embeddings / scaling.high_freq_factor
+    smooth = (scaling.original_max_position_embeddings / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor)
+    interpolated = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, interpolated)
+    scaled = torch.where(wavelen < high_wavelen, inv_freq, scaled)
+    return scaled.float()
+
+
+def rope_cos_sin(args: ModelArgs, seq_len: int) -> torch.Tensor:
+    """(seq_len, head_dim/2, 2) table holding cos and sin of every position x frequency."""
+    inv_freq = rope_frequencies(args.head_dim, args.rope_theta, args.rope_scaling)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
+    return torch.stack([angles.cos(), angles.sin()], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate consecutive pairs (x[2i], x[2i+1]) of the head dim, as Meta's checkpoints expect.
+
+    x: (batch, seq, heads, head_dim); cos_sin: (seq, head_dim/2, 2).
+    """
+    pairs = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = pairs.unbind(-1)
+    cos, sin = cos_sin[: x.shape[1], None].unbind(-1)  # (seq, 1, head_dim/2)
+    rotated = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).type_as(x)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
+        bsz, seq, _ = x.shape
+        # -1 instead of the head counts so that tensor parallel (fewer local heads) needs no change.
+        q = apply_rope(self.wq(x).view(bsz, seq, -1, self.head_dim), cos_sin)
+        k = apply_rope(self.wk(x).view(bsz, seq, -1, self.head_dim), cos_sin)
+        v = self.wv(x).view(bsz, seq, -1, self.head_dim)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        repeats = q.shape[1] // k.shape[1]
+        if repeats > 1:  # grouped-query attention: each kv head serves `repeats` query heads
+            k, v = (t.repeat_interleave(repeats, dim=1) for t in (k, v))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.wo(out.transpose(1, 2).reshape(bsz, seq, -1))
+
+    def init_weights(self, std: float) -> None:
+        for linear in (self.wq, self.wk, self.wv):
+            nn.init.trunc_normal_(linear.weight, std=0.02)
+        nn.init.trunc_normal_(self.wo.weight, std=std)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+    def init_weights(self, std: float) -> None:
+        nn.init.trunc_normal_(self.w1.weight, std=0.02)
+        nn.init.trunc_normal_(self.w2.weight, std=std)
+        nn.init.trunc_normal_(self.w3.weight, std=std)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, layer_id: int, args: ModelArgs):
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        # Depth-scaled init of the residual projections keeps the residual stream's variance flat.
+        self.residual_init_std = 0.02 / math.sqrt(2 * (layer_id + 1))
+
+    def forward(self, x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos_sin)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+    def init_weights(self) -> None:
+        self.attention_norm.reset_parameters()
+        self.ffn_norm.reset_parameters()
+        self.attention.init_weights(self.residual_init_std)
+        self.feed_forward.init_weights(self.residual_init_std)
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        args.validate()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        # A ModuleDict keyed by layer index keeps names stable when pipeline stages drop layers.
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(i, args) for i in range(args.n_layers)})
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        # Tied models reuse the embedding matrix in forward() instead of sharing a Parameter,
+        # which would break on to_empty() and under sharding.
+        self.output = None if args.tie_word_embeddings else nn.Linear(args.dim, args.vocab_size,
+                                                                      bias=False)
+        self.register_buffer("rope_cos_sin", rope_cos_sin(args, args.max_seq_len), persistent=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (batch, seq) int64 -> logits (batch, seq, vocab)."""
+        if tokens.shape[1] > self.rope_cos_sin.shape[0]:
+            raise ValueError(f"sequence length {tokens.shape[1]} exceeds max_seq_len "
+                             f"{self.rope_cos_sin.shape[0]}")
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers.values():
+            h = layer(h, self.rope_cos_sin)
+        h = self.norm(h)
+        if self.output is None:
+            return F.linear(h, self.tok_embeddings.weight)
+        return self.output(h)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """(Re)initialise every parameter and buffer in place; works after ``to_empty``."""
+        self.rope_cos_sin.copy_(rope_cos_sin(self.args, self.rope_cos_sin.shape[0]))
+        embed_std = self.args.dim**-0.5 if self.output is None else 1.0
+        nn.init.normal_(self.tok_embeddings.weight, std=embed_std)
+        for layer in self.layers.values():
+            layer.init_weights()
+        self.norm.reset_parameters()
+        if self.output is not None:
+            bound = 3 * self.args.dim**-0.5
+            nn.init.trunc_normal_(self.output.weight, std=self.args.dim**-0.5, a=-bound, b=bound)
+
+    def num_params(self, exclude_embedding: bool = False) -> int:
+        total = sum(p.numel() for p in self.parameters())
+        if exclude_embedding and self.output is not None:
+            total -= self.tok_embeddings.weight.numel()
+        return total
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token: 6 x (matmul params) + attention scores and values.
+
+        The embedding lookup is not a matmul; the output projection is. Attention counts the
+        full (non-causal) score matrix, as the PaLM/torchtitan MFU convention does.
+        """
+        matmul_params = self.num_params() - self.tok_embeddings.weight.numel()
+        if self.output is None:
+            matmul_params += self.tok_embeddings.weight.numel()
+        a = self.args
+        return 6 * matmul_params + 12 * a.n_layers * a.n_heads * a.head_dim * seq_len

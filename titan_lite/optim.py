@@ -1,0 +1,49 @@
+"""AdamW with weight-decay groups, and the warmup + decay learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from titan_lite.config import LRScheduler, Optimizer
+
+
+def build_optimizer(model: nn.Module, cfg: Optimizer) -> torch.optim.Optimizer:
+    """AdamW; matrices decay, vectors (norm weights) do not."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    impl = {"foreach": {"foreach": True}, "fused": {"fused": True},
+            "for-loop": {"foreach": False}}[cfg.implementation]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **impl)
+
+
+def lr_factor(step: int, total_steps: int, cfg: LRScheduler) -> float:
+    """Multiplier of the peak LR for 1-based optimizer step ``step``.
+
+    Linear warmup over ``warmup_steps`` (step 1 is already above zero), then linear or cosine
+    decay from 1 towards ``min_lr_ratio``, reached just after the last step so that the last
+    step still learns when the floor is 0; constant keeps 1.
+    """
+    if step <= cfg.warmup_steps:
+        return step / (cfg.warmup_steps + 1)
+    decay_steps = total_steps - cfg.warmup_steps
+    if cfg.decay_type == "constant" or decay_steps <= 0:
+        return 1.0
+    progress = (step - cfg.warmup_steps) / (decay_steps + 1)
+    if cfg.decay_type == "linear":
+        shape = 1.0 - progress
+    else:
+        shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * shape
+
+
+def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: LRScheduler,
+                       total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """LambdaLR whose k-th ``step()`` call sets the LR of optimizer step k+1."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda k: lr_factor(k + 1, total_steps, cfg))

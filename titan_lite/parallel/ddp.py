@@ -1,0 +1,30 @@
+"""Replicated data parallel (DDP) over the mesh's ``dp_replicate`` dim."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.nn.parallel import DistributedDataParallel
+
+
+def apply_ddp(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
+    """Wrap ``model`` so gradients are averaged over ``dp_replicate``; returns the wrapper.
+
+    DDP broadcasts rank 0's parameters at construction, so every replica starts identical.
+    """
+    group = mesh["dp_replicate"].get_group()
+    device_ids = None if mesh.device_type == "cpu" else [next(model.parameters()).device]
+    return DistributedDataParallel(model, process_group=group, device_ids=device_ids)
+
+
+@contextlib.contextmanager
+def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Skip DDP's all-reduce on all but the last micro-batch of an accumulation."""
+    if enabled or not isinstance(model, DistributedDataParallel):
+        yield
+    else:
+        with model.no_sync():
+            yield

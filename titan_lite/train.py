@@ -1,0 +1,196 @@
+"""The training loop. Run under torchrun:
+
+    torchrun --standalone --nproc_per_node=1 -m titan_lite.train --config train_configs/debug_model.toml
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from dataclasses import replace
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from titan_lite.config import JobConfig, parse_or_exit
+from titan_lite.data import PackedDataLoader, tokenize_to_cache
+from titan_lite.distributed import DistEnv, barrier, init_distributed, shutdown_and_exit
+from titan_lite.metrics import MetricsLogger, peak_flops
+from titan_lite.models.llama3 import FLAVORS, Transformer
+from titan_lite.optim import build_lr_scheduler, build_optimizer
+from titan_lite.parallel.ddp import apply_ddp, gradient_sync
+from titan_lite.parallel.dims import ParallelDims, build_mesh, data_parallel_rank, resolve_degrees
+from titan_lite.tokenizer import build_tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# float32 weights + gradients + two AdamW moments, per parameter, when nothing is sharded.
+BYTES_PER_PARAM_UNSHARDED = 16
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on (e.g. the loss became NaN); the message says why."""
+
+
+class FitError(RuntimeError):
+    """The configured model cannot fit on this device with the available parallelism."""
+
+
+def log0(env: DistEnv, message: str) -> None:
+    if env.rank == 0:
+        print(message, flush=True)
+
+
+def available_memory_per_rank(env: DistEnv) -> int:
+    if env.device.type == "cuda":
+        return torch.cuda.mem_get_info(env.device)[1]
+    with open("/proc/meminfo") as fh:
+        info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in fh}
+    return info["MemAvailable"] // env.local_world_size
+
+
+def check_model_fits(model: Transformer, env: DistEnv) -> None:
+    """Refuse up front a model whose weights and optimizer state alone exceed the device."""
+    need = model.num_params() * BYTES_PER_PARAM_UNSHARDED
+    have = available_memory_per_rank(env)
+    if need > have:
+        raise FitError(f"model.flavor: {model.num_params() / 1e9:.2f}B parameters need "
+                       f"{need / 2**30:.1f} GiB per rank for float32 weights, gradients and "
+                       f"AdamW states (before activations), but this {env.device.type} has "
+                       f"{have / 2**30:.1f} GiB per rank; nothing is sharded yet (FSDP lands in "
+                       "a later release), so pick a smaller flavor")
+
+
+def build_model(cfg: JobConfig, vocab_size: int, env: DistEnv) -> Transformer:
+    """Build on the meta device, check it fits, then materialise on the device and initialise."""
+    args = replace(FLAVORS[cfg.model.flavor], vocab_size=vocab_size,
+                   max_seq_len=cfg.training.seq_len)
+    with torch.device("meta"):
+        model = Transformer(args)
+    check_model_fits(model, env)
+    model.to_empty(device=env.device)
+    torch.manual_seed(cfg.job.seed)  # same seed on every rank: identical replicas
+    model.init_weights()
+    return model
+
+
+def build_data(cfg: JobConfig, env: DistEnv, tokenizer, dims: ParallelDims, mesh) -> PackedDataLoader:
+    """Tokenize once per host (local rank 0), then open this rank's shard of the samples."""
+    cache_args = (cfg.data.path, tokenizer, cfg.tokenizer.path, cfg.data.text_field,
+                  cfg.data.cache_dir)
+    if env.local_rank == 0:
+        token_file = tokenize_to_cache(*cache_args, log=lambda m: log0(env, m))
+    barrier()
+    if env.local_rank != 0:
+        token_file = tokenize_to_cache(*cache_args, log=lambda m: None)
+    return PackedDataLoader(token_file, cfg.training.seq_len, cfg.training.local_batch_size,
+                            dp_rank=data_parallel_rank(mesh), dp_size=dims.dp,
+                            seed=cfg.job.seed, shuffle=cfg.data.shuffle)
+
+
+def grad_accumulation_steps(cfg: JobConfig, dims: ParallelDims) -> int:
+    if cfg.training.global_batch_size == -1:
+        return 1
+    return cfg.training.global_batch_size // (cfg.training.local_batch_size * dims.dp)
+
+
+def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
+    """Average a scalar over all ranks so every rank logs, and stops on, the same number."""
+    if dist.is_initialized():
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value /= dist.get_world_size()
+    return value
+
+
+def train(cfg: JobConfig, env: DistEnv) -> list[float]:
+    """Train for ``cfg.training.steps``; returns the per-step losses (averaged over ranks)."""
+    dims, _ = resolve_degrees(cfg.parallelism, env.world_size)  # validated in parse_or_exit
+    assert dims is not None
+    mesh = build_mesh(dims, env.device.type)
+    if cfg.job.deterministic:
+        torch.use_deterministic_algorithms(True)
+    tokenizer = build_tokenizer(cfg.tokenizer.kind, cfg.tokenizer.path)
+    model = build_model(cfg, tokenizer.vocab_size, env)
+    train_model = apply_ddp(model, mesh) if dims.dp_replicate > 1 else model
+    optimizer = build_optimizer(model, cfg.optimizer)
+    scheduler = build_lr_scheduler(optimizer, cfg.lr_scheduler, cfg.training.steps)
+    loader = build_data(cfg, env, tokenizer, dims, mesh)
+
+    compute_dtype = DTYPES[cfg.training.mixed_precision_param]
+    autocast = torch.autocast(env.device.type, dtype=compute_dtype,
+                              enabled=compute_dtype != torch.float32)
+    accumulation = grad_accumulation_steps(cfg, dims)
+    tokens_per_step = cfg.training.local_batch_size * cfg.training.seq_len * accumulation
+    peak, peak_source = peak_flops(env.device, compute_dtype, cfg.metrics)
+    flops_per_token = model.flops_per_token(cfg.training.seq_len)
+    metrics = MetricsLogger(cfg.metrics, cfg.job.dump_folder, env.rank, env.device,
+                            flops_per_token, peak, cfg.training.steps)
+    log0(env, f"{cfg.job.description}: llama3 {cfg.model.flavor}, {model.num_params():,} params, "
+              f"vocab {tokenizer.vocab_size}, {flops_per_token / 1e6:.1f} MFLOP/token | "
+              f"{env.world_size} rank(s) on {env.device.type} {dims} | global batch "
+              f"{cfg.training.local_batch_size * dims.dp * accumulation} x {cfg.training.seq_len} "
+              f"({accumulation} accumulation step(s)) | {compute_dtype} compute | MFU peak: "
+              f"{peak_source}")
+
+    losses: list[float] = []
+    interval_start, interval_tokens = time.perf_counter(), 0
+    for step in range(1, cfg.training.steps + 1):
+        optimizer.zero_grad(set_to_none=True)
+        step_loss = torch.zeros((), device=env.device)
+        for micro in range(accumulation):
+            inputs, labels = (t.to(env.device, non_blocking=True) for t in loader.next_batch())
+            with gradient_sync(train_model, micro == accumulation - 1), autocast:
+                logits = train_model(inputs)
+            # Equal-sized micro-batches: the mean of their means is the mean over the batch.
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten()) / accumulation
+            loss.backward()
+            step_loss += loss.detach()
+        max_norm = cfg.training.max_norm or float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm, foreach=True)
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+
+        loss_value = mean_over_ranks(step_loss).item()
+        if not torch.isfinite(torch.tensor(loss_value)):
+            raise TrainingError(f"loss is {loss_value} at step {step}: stopping (try a lower "
+                                "optimizer.lr or training.max_norm)")
+        losses.append(loss_value)
+        interval_tokens += tokens_per_step
+        if step % cfg.metrics.log_freq == 0 or step == cfg.training.steps:
+            elapsed = time.perf_counter() - interval_start
+            metrics.log(step, loss_value, grad_norm.item(), lr, interval_tokens, elapsed)
+            interval_start, interval_tokens = time.perf_counter(), 0
+    metrics.close()
+    return losses
+
+
+def save_config(cfg: JobConfig, env: DistEnv) -> None:
+    if env.rank == 0:
+        os.makedirs(cfg.job.dump_folder, exist_ok=True)
+        with open(os.path.join(cfg.job.dump_folder, "config.json"), "w") as fh:
+            json.dump(cfg.to_dict(), fh, indent=2)
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_or_exit(argv)  # every config problem exits 2 here, before any collective
+    env = init_distributed(cfg.training.device)
+    code = 0
+    try:
+        save_config(cfg, env)
+        train(cfg, env)
+    except (FitError, TrainingError, ValueError) as e:
+        print(f"[rank{env.rank}] error: {e}", file=sys.stderr, flush=True)
+        code = 2 if isinstance(e, (FitError, ValueError)) else 1
+    except BaseException:  # noqa: BLE001 - report, then leave with a non-zero status
+        traceback.print_exc()
+        code = 1
+    shutdown_and_exit(code)
+
+
+if __name__ == "__main__":
+    main()
