@@ -23,6 +23,12 @@ if ! python -c "import torch" 2>/dev/null; then
   echo "run_train.sh: torch is not importable; see README.md (pip install torch==2.13.0 && pip install -e .)" >&2
   exit 2
 fi
+for arg in "${overrides[@]}"; do
+  if [[ "$arg" == "--help" || "$arg" == "-h" ]]; then exec python -m titan_lite.train --help; fi
+done
+# Check the config once, up front: a mistake exits 2 with one line per problem, no traceback.
+WORLD_SIZE="$NGPU" python -m titan_lite.config --config "$CONFIG_FILE" "${overrides[@]}" >/dev/null
+
 # Without a GPU, split the cores between the ranks so they don't fight over them.
 if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NGPU > 0 ? $(nproc) / NGPU : 1 ))}

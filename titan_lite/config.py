@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
+import json
 import os
 import sys
 import typing
@@ -61,9 +63,9 @@ class Tokenizer:
 
 @dataclass
 class Data:
-    path: str = opt("titan_lite/assets/data/kjv_sample.jsonl",
-                    "A .txt file (one document), a .jsonl file (one document per line), "
-                    "or a folder of such files.")
+    paths: list[str] = opt(["titan_lite/assets/data/kjv_sample.jsonl"],
+                           "Corpora: .txt files (one document each), .jsonl files (one document "
+                           "per line) or folders of such files.")
     text_field: str = opt("text", "Field of each .jsonl record that holds the text.")
     cache_dir: str = opt("", "Where the tokenized uint32 cache goes; empty: beside the source.")
     shuffle: bool = opt(True, "Shuffle the packed samples every epoch (seeded by job.seed).")
@@ -159,6 +161,25 @@ class JobConfig:
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        """The whole config as TOML that ``load_config`` reads back to an equal JobConfig."""
+        lines = []
+        for section, values in self.to_dict().items():
+            lines.append(f"[{section}]")
+            lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
+            lines.append("")
+        return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    return repr(value)
 
 
 class ConfigError(Exception):
@@ -378,11 +399,17 @@ def check_job(cfg: JobConfig, world_size: int) -> list[str]:
     if cfg.activation_checkpoint.mode != "none":
         problems.append(f"activation_checkpoint.mode: {cfg.activation_checkpoint.mode!r} is not "
                         "available yet; use 'none'")
+    if cfg.metrics.enable_tensorboard and importlib.util.find_spec("tensorboard") is None:
+        problems.append("metrics.enable_tensorboard: the tensorboard package is not installed "
+                        "(pip install tensorboard)")
     if cfg.checkpoint.enable:
         problems.append("checkpoint.enable: checkpointing is not available yet; use false")
     if t.device == "cuda" and not _cuda_available():
         problems.append("training.device: 'cuda' was asked for but no CUDA device is visible")
-    for key, path in (("tokenizer.path", cfg.tokenizer.path), ("data.path", cfg.data.path)):
+    if not cfg.data.paths:
+        problems.append("data.paths: empty; name at least one corpus file or folder")
+    for key, path in [("tokenizer.path", cfg.tokenizer.path)] + [
+            ("data.paths", p) for p in cfg.data.paths]:
         if not os.path.exists(path):
             problems.append(f"{key}: {path!r} does not exist (relative paths are taken from "
                             f"{os.getcwd()})")
@@ -414,3 +441,10 @@ def parse_or_exit(argv: list[str] | None = None) -> JobConfig:
         for problem in e.problems:
             print(f"{prefix}config error: {problem}", file=sys.stderr)
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    # `python -m titan_lite.config --config FILE [overrides]`: check a job without launching it
+    # (run_train.sh does this first, with WORLD_SIZE=NGPU, so mistakes never reach torchrun).
+    parse_or_exit()
+    print("config OK")

@@ -17,16 +17,19 @@ TOKEN_DTYPE = np.uint32
 _PROGRESS_EVERY_S = 5.0
 
 
-def corpus_files(path: str) -> list[str]:
-    """The .txt/.jsonl files of ``path`` (a file, or a folder searched recursively, sorted)."""
-    if os.path.isfile(path):
-        files = [path]
-    else:
-        files = sorted(os.path.join(root, name) for root, _, names in os.walk(path)
-                       for name in names)
-    files = [f for f in files if f.endswith((".txt", ".jsonl"))]
-    if not files:
-        raise ValueError(f"data.path: no .txt or .jsonl files in {path!r}")
+def corpus_files(paths: list[str]) -> list[str]:
+    """The .txt/.jsonl files named by ``paths``: files as given, folders searched and sorted."""
+    files = []
+    for path in paths:
+        if os.path.isfile(path):
+            found = [path]
+        else:
+            found = sorted(os.path.join(root, name) for root, _, names in os.walk(path)
+                           for name in names)
+        found = [f for f in found if f.endswith((".txt", ".jsonl"))]
+        if not found:
+            raise ValueError(f"data.paths: no .txt or .jsonl files in {path!r}")
+        files += found
     return files
 
 
@@ -57,25 +60,25 @@ def iter_documents(files: list[str], text_field: str) -> Iterator[tuple[str, int
 
 
 def _cache_path(files: list[str], tokenizer_path: str, text_field: str, cache_dir: str) -> str:
-    """Cache name keyed on the sources' and the tokenizer's contents, so a change re-tokenizes."""
+    """Cache name keyed on the sources (path, size, mtime) and the tokenizer's contents."""
     digest = hashlib.sha256(text_field.encode())
-    for file in [tokenizer_path, *files]:
-        with open(file, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
-    base = os.path.basename(files[0].rstrip("/"))
+    with open(tokenizer_path, "rb") as fh:
+        digest.update(fh.read())
+    for file in files:
+        stat = os.stat(file)
+        digest.update(f"{os.path.abspath(file)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
     folder = cache_dir or os.path.dirname(os.path.abspath(files[0]))
-    return os.path.join(folder, f"{base}.{digest.hexdigest()[:16]}.tokens.u32")
+    return os.path.join(folder, f"{os.path.basename(files[0])}.{digest.hexdigest()[:16]}.tokens.u32")
 
 
-def tokenize_to_cache(path: str, tokenizer: Tokenizer, tokenizer_path: str, text_field: str = "text",
-                      cache_dir: str = "", log=print) -> str:
+def tokenize_to_cache(paths: list[str], tokenizer: Tokenizer, tokenizer_path: str,
+                      text_field: str = "text", cache_dir: str = "", log=print) -> str:
     """Tokenize the corpus once into a flat uint32 file: bos + document + eos, back to back.
 
     Returns the cache file's path; an existing cache for the same contents is reused. The file is
     written under a temporary name and renamed, so a crash never leaves a half-written cache.
     """
-    files = corpus_files(path)
+    files = corpus_files(paths)
     cache = _cache_path(files, tokenizer_path, text_field, cache_dir)
     if os.path.exists(cache):
         return cache
@@ -91,10 +94,10 @@ def tokenize_to_cache(path: str, tokenizer: Tokenizer, tokenizer_path: str, text
             ids.tofile(out)
             n_tokens += ids.size
             if time.monotonic() - last_report > _PROGRESS_EVERY_S:
-                log(f"tokenizing {path}: {100 * done / total:.0f}% ({n_tokens:,} tokens)")
+                log(f"tokenizing {files[0]}...: {100 * done / total:.0f}% ({n_tokens:,} tokens)")
                 last_report = time.monotonic()
     os.replace(tmp, cache)
-    log(f"tokenized {path}: {n_tokens:,} tokens -> {cache}")
+    log(f"tokenized {len(files)} file(s): {n_tokens:,} tokens -> {cache}")
     return cache
 
 

@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -79,7 +78,7 @@ def build_model(cfg: JobConfig, vocab_size: int, env: DistEnv) -> Transformer:
 
 def build_data(cfg: JobConfig, env: DistEnv, tokenizer, dims: ParallelDims, mesh) -> PackedDataLoader:
     """Tokenize once per host (local rank 0), then open this rank's shard of the samples."""
-    cache_args = (cfg.data.path, tokenizer, cfg.tokenizer.path, cfg.data.text_field,
+    cache_args = (cfg.data.paths, tokenizer, cfg.tokenizer.path, cfg.data.text_field,
                   cfg.data.cache_dir)
     if env.local_rank == 0:
         token_file = tokenize_to_cache(*cache_args, log=lambda m: log0(env, m))
@@ -172,8 +171,8 @@ def train(cfg: JobConfig, env: DistEnv) -> list[float]:
 def save_config(cfg: JobConfig, env: DistEnv) -> None:
     if env.rank == 0:
         os.makedirs(cfg.job.dump_folder, exist_ok=True)
-        with open(os.path.join(cfg.job.dump_folder, "config.json"), "w") as fh:
-            json.dump(cfg.to_dict(), fh, indent=2)
+        with open(os.path.join(cfg.job.dump_folder, "config.toml"), "w") as fh:
+            fh.write(cfg.to_toml())
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -32,22 +32,21 @@ def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -
     return scaled.float()
 
 
-def rope_cos_sin(args: ModelArgs, seq_len: int) -> torch.Tensor:
-    """(seq_len, head_dim/2, 2) table holding cos and sin of every position x frequency."""
+def rope_table(args: ModelArgs, seq_len: int) -> torch.Tensor:
+    """(seq_len, head_dim/2) complex64 table of e^(i * position * frequency)."""
     inv_freq = rope_frequencies(args.head_dim, args.rope_theta, args.rope_scaling)
     angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
-    return torch.stack([angles.cos(), angles.sin()], dim=-1)
+    return torch.polar(torch.ones_like(angles), angles)
 
 
-def apply_rope(x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
+def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     """Rotate consecutive pairs (x[2i], x[2i+1]) of the head dim, as Meta's checkpoints expect.
 
-    x: (batch, seq, heads, head_dim); cos_sin: (seq, head_dim/2, 2).
+    x: (batch, seq, heads, head_dim); rope: (seq, head_dim/2) complex. Each pair is read as one
+    complex number and multiplied by its position's phase (one complex multiply is the rotation).
     """
-    pairs = x.float().unflatten(-1, (-1, 2))
-    x0, x1 = pairs.unbind(-1)
-    cos, sin = cos_sin[: x.shape[1], None].unbind(-1)  # (seq, 1, head_dim/2)
-    rotated = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    rotated = torch.view_as_real(pairs * rope[: x.shape[1], None])
     return rotated.flatten(-2).type_as(x)
 
 
@@ -73,11 +72,11 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
         bsz, seq, _ = x.shape
         # -1 instead of the head counts so that tensor parallel (fewer local heads) needs no change.
-        q = apply_rope(self.wq(x).view(bsz, seq, -1, self.head_dim), cos_sin)
-        k = apply_rope(self.wk(x).view(bsz, seq, -1, self.head_dim), cos_sin)
+        q = apply_rope(self.wq(x).view(bsz, seq, -1, self.head_dim), rope)
+        k = apply_rope(self.wk(x).view(bsz, seq, -1, self.head_dim), rope)
         v = self.wv(x).view(bsz, seq, -1, self.head_dim)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         repeats = q.shape[1] // k.shape[1]
@@ -120,8 +119,8 @@ class TransformerBlock(nn.Module):
         # Depth-scaled init of the residual projections keeps the residual stream's variance flat.
         self.residual_init_std = 0.02 / math.sqrt(2 * (layer_id + 1))
 
-    def forward(self, x: torch.Tensor, cos_sin: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos_sin)
+    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), rope)
         return h + self.feed_forward(self.ffn_norm(h))
 
     def init_weights(self) -> None:
@@ -144,16 +143,16 @@ class Transformer(nn.Module):
         # which would break on to_empty() and under sharding.
         self.output = None if args.tie_word_embeddings else nn.Linear(args.dim, args.vocab_size,
                                                                       bias=False)
-        self.register_buffer("rope_cos_sin", rope_cos_sin(args, args.max_seq_len), persistent=False)
+        self.register_buffer("rope", rope_table(args, args.max_seq_len), persistent=False)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (batch, seq) int64 -> logits (batch, seq, vocab)."""
-        if tokens.shape[1] > self.rope_cos_sin.shape[0]:
+        if tokens.shape[1] > self.rope.shape[0]:
             raise ValueError(f"sequence length {tokens.shape[1]} exceeds max_seq_len "
-                             f"{self.rope_cos_sin.shape[0]}")
+                             f"{self.rope.shape[0]}")
         h = self.tok_embeddings(tokens)
         for layer in self.layers.values():
-            h = layer(h, self.rope_cos_sin)
+            h = layer(h, self.rope)
         h = self.norm(h)
         if self.output is None:
             return F.linear(h, self.tok_embeddings.weight)
@@ -162,7 +161,7 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         """(Re)initialise every parameter and buffer in place; works after ``to_empty``."""
-        self.rope_cos_sin.copy_(rope_cos_sin(self.args, self.rope_cos_sin.shape[0]))
+        self.rope.copy_(rope_table(self.args, self.rope.shape[0]))
         embed_std = self.args.dim**-0.5 if self.output is None else 1.0
         nn.init.normal_(self.tok_embeddings.weight, std=embed_std)
         for layer in self.layers.values():
@@ -179,13 +178,13 @@ class Transformer(nn.Module):
         return total
 
     def flops_per_token(self, seq_len: int) -> int:
-        """Training FLOPs per token: 6 x (matmul params) + attention scores and values.
+        """Training FLOPs per token: 6 x (matmul weights) + attention scores and values.
 
-        The embedding lookup is not a matmul; the output projection is. Attention counts the
+        The embedding lookup and norm weights are not matmuls; the output projection is. Attention counts the
         full (non-causal) score matrix, as the PaLM/torchtitan MFU convention does.
         """
-        matmul_params = self.num_params() - self.tok_embeddings.weight.numel()
-        if self.output is None:
-            matmul_params += self.tok_embeddings.weight.numel()
+        matmul_params = sum(p.numel() for p in self.parameters() if p.ndim == 2)
+        if self.output is not None:  # untied: the embedding matrix is only a lookup
+            matmul_params -= self.tok_embeddings.weight.numel()
         a = self.args
         return 6 * matmul_params + 12 * a.n_layers * a.n_heads * a.head_dim * seq_len
