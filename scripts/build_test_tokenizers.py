@@ -5,7 +5,8 @@
 Deterministic: the same corpus gives byte-identical files. Writes
 - test_tiktoken.model: 2,000 byte-level BPE ranks in tiktoken's format (base64 token, rank),
   trained with Llama 3's pre-tokenizer regex; with the 256 Llama 3 specials: vocab 2,256.
-- test_spm.model: a 2,000-piece sentencepiece BPE model with byte fallback (Llama 2 style).
+- test_spm.model: a 2,000-piece sentencepiece BPE model with byte fallback, identity
+  normalization and no whitespace folding (as Llama 2's), so text round-trips exactly.
 """
 
 from __future__ import annotations
@@ -81,7 +82,8 @@ def write_sentencepiece(texts: list[str], path: str) -> None:
     sentencepiece.SentencePieceTrainer.train(
         sentence_iterator=iter(line for text in texts for line in text.splitlines() if line),
         model_writer=model, vocab_size=NUM_RANKS, model_type="bpe", byte_fallback=True,
-        character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1,
+        character_coverage=1.0, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1,
         minloglevel=2)
     with open(path, "wb") as fh:
         fh.write(model.getvalue())

@@ -213,7 +213,9 @@ def _type_name(tp: Any) -> str:
 
 
 def _did_you_mean(name: str, candidates: list[str]) -> str:
-    close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.6)
+    by_lower = {c.lower(): c for c in candidates}
+    close = [by_lower[c] for c in difflib.get_close_matches(name.lower(), list(by_lower), n=3,
+                                                             cutoff=0.6)]
     return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
 
 

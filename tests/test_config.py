@@ -1,0 +1,140 @@
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, python_env
+from titan_lite.config import ConfigError, JobConfig, check_job, help_text, load_config
+from titan_lite.parallel.dims import resolve_degrees
+
+DEBUG = "train_configs/debug_model.toml"
+
+
+def problems_of(argv: list[str]) -> list[str]:
+    with pytest.raises(ConfigError) as err:
+        load_config(argv)
+    return err.value.problems
+
+
+def write(tmp_path, text: str) -> str:
+    path = tmp_path / "job.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_every_shipped_config_loads_and_passes_checks(repo_cwd):
+    import glob
+
+    for path in sorted(glob.glob("train_configs/*.toml")):
+        cfg = load_config(["--config", path])
+        assert isinstance(cfg, JobConfig)
+    assert check_job(load_config(["--config", DEBUG]), world_size=1) == []
+
+
+def test_round_trip_through_toml(repo_cwd, tmp_path):
+    cfg = load_config(["--config", DEBUG, "--training.steps", "7", "--data.paths", "a,b"])
+    again = load_config(["--config", write(tmp_path, cfg.to_toml())])
+    assert again == cfg
+
+
+def test_overrides_coerce_types(repo_cwd):
+    cfg = load_config(["--config", DEBUG, "--training.steps", "20", "--optimizer.lr=3e-4",
+                       "--data.shuffle", "false", "--job.deterministic",
+                       "--data.paths", "x.txt, y.jsonl", "--job.description", "42"])
+    assert cfg.training.steps == 20 and cfg.optimizer.lr == 3e-4
+    assert cfg.data.shuffle is False and cfg.job.deterministic is True
+    assert cfg.data.paths == ["x.txt", "y.jsonl"] and cfg.job.description == "42"
+
+
+def test_toml_int_is_accepted_for_float_but_bool_is_not_an_int(tmp_path):
+    cfg = load_config(["--config", write(tmp_path, "[optimizer]\nlr = 1\n")])
+    assert cfg.optimizer.lr == 1.0 and isinstance(cfg.optimizer.lr, float)
+    problems = problems_of(["--config", write(tmp_path, "[training]\nsteps = true\n")])
+    assert problems == [f"{tmp_path}/job.toml: [training] steps: expected integer, got True"]
+
+
+def test_all_problems_are_reported_at_once_with_suggestions(tmp_path):
+    path = write(tmp_path, "[trainig]\nsteps = 3\n[training]\nstpes = 3\nseq_len = 'long'\n"
+                           "local_batch_size = 0\n[model]\nflavor = '8b'\n")
+    problems = problems_of(["--config", path, "--optimizer.lr", "fast", "--metrics.log_freqq",
+                            "2", "stray"])
+    assert len(problems) == 8, problems
+    text = "\n".join(problems)
+    assert "unexpected argument 'stray'" in text
+    assert "unknown section 'trainig' (did you mean 'training'?)" in text
+    assert "unknown key 'stpes' in section [training] (did you mean 'steps'?)" in text
+    assert "[training] seq_len: expected integer, got 'long'" in text
+    assert "[training] local_batch_size: 0 is below the minimum 1" in text
+    assert "[model] flavor: '8b' is not one of" in text and "did you mean '8B'" in text
+    assert "--optimizer.lr: expected number, got 'fast'" in text
+    assert "unknown key 'log_freqq' in section [metrics] (did you mean 'log_freq'?)" in text
+    assert all(line.startswith((path, "--", "command line")) for line in problems)
+
+
+def test_missing_and_malformed_files(tmp_path):
+    assert problems_of(["--config", str(tmp_path / "nope.toml")]) == [
+        f"{tmp_path}/nope.toml: config file not found"]
+    bad = write(tmp_path, "[training\nsteps = 3\n")
+    assert "invalid TOML" in problems_of(["--config", bad])[0]
+    assert "must be a [section] table" in problems_of(["--config", write(tmp_path, "x = 1\n")])[0]
+
+
+def test_cross_key_checks(repo_cwd):
+    cfg = load_config(["--config", DEBUG, "--training.global_batch_size", "12",
+                       "--activation_checkpoint.mode", "full", "--checkpoint.enable",
+                       "--tokenizer.path", "missing.model"])
+    problems = "\n".join(check_job(cfg, world_size=2))
+    assert "global_batch_size: 12 is not a multiple of local_batch_size x data-parallel " \
+           "degree (8 x 2 = 16)" in problems
+    assert "activation_checkpoint.mode: 'full' is not available yet" in problems
+    assert "checkpoint.enable" in problems
+    assert "tokenizer.path: 'missing.model' does not exist" in problems
+
+
+@pytest.mark.parametrize("overrides, world, message", [
+    ({"dp_replicate": 2}, 3, "the degrees multiply to 2 but the world size is 3"),
+    ({"dp_replicate": -1, "dp_shard": -1}, 2, "only one degree may be -1"),
+    ({"dp_replicate": -1, "tensor_parallel_degree": 2}, 3, "not divisible"),
+    ({"dp_replicate": 0}, 1, "parallelism.dp_replicate: 0 is not a degree"),
+    ({"dp_replicate": 1, "dp_shard": 2}, 2, "parallelism.dp_shard: 2 is not supported"),
+    ({"dp_replicate": 1, "tensor_parallel_degree": 2}, 2, "tensor parallel is not available"),
+    ({"dp_replicate": 1, "pipeline_parallel_degree": 2}, 2, "pipeline parallel is not available"),
+])
+def test_bad_degrees_are_refused(overrides, world, message):
+    cfg = dataclasses.replace(JobConfig().parallelism, **overrides)
+    dims, problems = resolve_degrees(cfg, world)
+    assert dims is None and any(message in p for p in problems), problems
+
+
+def test_minus_one_takes_the_rest_of_the_world():
+    dims, problems = resolve_degrees(JobConfig().parallelism, 4)
+    assert problems == [] and dims.dp_replicate == 4 and dims.dp == 4 and dims.world_size == 4
+
+
+def test_help_lists_every_key_with_default():
+    text = help_text()
+    for section in dataclasses.fields(JobConfig):
+        for f in dataclasses.fields(section.default_factory()):
+            assert f"--{section.name}.{f.name} (" in text
+            assert f.metadata["help"] in text
+    assert "--training.steps (integer, default 10)" in text
+
+
+def test_cli_exits_2_with_one_line_per_problem_and_no_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "titan_lite.train", "--config", DEBUG, "--training.stepz", "3",
+         "--optimizer.lr", "abc"], cwd=REPO, env=python_env(), capture_output=True, text=True,
+        timeout=120)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines == ["config error: --training.stepz: unknown key 'stepz' in section [training] "
+                     "(did you mean 'steps'?)",
+                     "config error: --optimizer.lr: expected number, got 'abc'"]
+
+
+def test_cli_help_exits_0():
+    result = subprocess.run([sys.executable, "-m", "titan_lite.train", "--help"], cwd=REPO,
+                            env=python_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "--training.seq_len" in result.stdout
