@@ -1,0 +1,125 @@
+import json
+import os
+import subprocess
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from conftest import REPO, python_env
+from dist_helpers import run_distributed
+from titan_lite.config import load_config
+from titan_lite.distributed import DistEnv
+from titan_lite.models.llama3 import ModelArgs, Transformer
+from titan_lite.parallel.ddp import apply_ddp, gradient_sync
+from titan_lite.parallel.dims import ParallelDims, build_mesh
+from titan_lite.train import TrainingError, train
+
+CPU = DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device("cpu"))
+SHORT = ["--training.seq_len", "128", "--training.local_batch_size", "4",
+         "--metrics.log_freq", "10"]
+
+
+def run(repo_cwd, tmp_path, *overrides: str) -> list[float]:
+    cfg = load_config([*SHORT, "--job.dump_folder", str(tmp_path), *overrides])
+    return train(cfg, CPU)
+
+
+def test_default_config_loss_falls(repo_cwd, tmp_path):
+    losses = run(repo_cwd, tmp_path, "--training.steps", "30", "--lr_scheduler.warmup_steps", "3")
+    assert losses[0] > 8.0  # ~ln(2256) + init noise: the model starts knowing nothing
+    assert sum(losses[-5:]) / 5 < losses[0] - 1.5
+    records = [json.loads(line) for line in open(tmp_path / "metrics" / "rank0.jsonl")]
+    assert [r["step"] for r in records] == [10, 20, 30]
+    assert records[-1]["loss"] == losses[-1] and records[-1]["tokens_per_s"] > 0
+    assert all(r["mfu_pct"] > 0 and r["peak_memory_gib"] > 0 for r in records)
+
+
+def test_gradient_accumulation_equals_one_big_batch(repo_cwd, tmp_path):
+    whole = run(repo_cwd, tmp_path, "--training.steps", "3", "--training.local_batch_size", "4",
+                "--data.shuffle", "false")
+    accumulated = run(repo_cwd, tmp_path, "--training.steps", "3", "--training.local_batch_size",
+                      "2", "--training.global_batch_size", "4", "--data.shuffle", "false")
+    # fp32, same samples in the same order, summed in two halves: rounding-level differences.
+    torch.testing.assert_close(accumulated, whole, rtol=0, atol=2e-5)
+
+
+def test_non_finite_loss_stops_with_the_step(repo_cwd, tmp_path):
+    with pytest.raises(TrainingError, match=r"loss is (nan|inf) at step \d+"):
+        run(repo_cwd, tmp_path, "--training.steps", "6", "--optimizer.lr", "1e30",
+            "--lr_scheduler.warmup_steps", "0", "--training.max_norm", "0")
+
+
+def _ddp_grads_match_single_process(rank: int, world_size: int) -> None:
+    args = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=50, multiple_of=16,
+                     max_seq_len=16)
+    model = Transformer(args)
+    torch.manual_seed(rank)  # different local init: DDP must broadcast rank 0's weights
+    model.init_weights()
+    torch.manual_seed(0)
+    reference = Transformer(args)
+    reference.init_weights()
+    if rank == 0:
+        model.load_state_dict(reference.state_dict())
+    tokens = torch.randint(0, 50, (4, 17))
+    mesh = build_mesh(ParallelDims(world_size, 1, 1, 1), "cpu")
+    ddp = apply_ddp(model, mesh)
+    mine = tokens[rank::world_size]
+    for micro in range(2):  # two accumulation steps; only the second one all-reduces
+        with gradient_sync(ddp, micro == 1):
+            half = mine[micro::2]
+            loss = F.cross_entropy(ddp(half[:, :-1]).flatten(0, 1), half[:, 1:].flatten()) / 2
+            loss.backward()
+    F.cross_entropy(reference(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten()).backward()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
+    dist.barrier()
+
+
+@pytest.mark.slow
+def test_ddp_gradients_equal_single_process_gradients():
+    run_distributed(_ddp_grads_match_single_process, 2)
+
+
+def run_train_sh(tmp_path, ngpu: int, *overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["./run_train.sh", "--job.dump_folder", str(tmp_path), *SHORT, *overrides], cwd=REPO,
+        env=python_env(NGPU=str(ngpu)), capture_output=True, text=True, timeout=240)
+
+
+def jsonl_losses(folder) -> list[float]:
+    with open(os.path.join(folder, "metrics", "rank0.jsonl")) as fh:
+        return [json.loads(line)["loss"] for line in fh]
+
+
+@pytest.mark.slow
+def test_run_train_sh_one_and_two_ranks_give_the_same_losses(tmp_path):
+    one = run_train_sh(tmp_path / "one", 1, "--training.steps", "3", "--metrics.log_freq", "1")
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert "step     3/3" in one.stdout
+    # Two replicated ranks with half the local batch each see the same global batch.
+    two = run_train_sh(tmp_path / "two", 2, "--training.steps", "3", "--metrics.log_freq", "1",
+                       "--training.local_batch_size", "2")
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "dp_replicate=2" in two.stdout
+    torch.testing.assert_close(jsonl_losses(tmp_path / "two"), jsonl_losses(tmp_path / "one"),
+                               rtol=0, atol=2e-5)
+
+
+@pytest.mark.slow
+def test_two_rank_runs_exit_cleanly_every_time(tmp_path):
+    for attempt in range(3):
+        result = run_train_sh(tmp_path / str(attempt), 2, "--training.steps", "1",
+                              "--training.seq_len", "32", "--training.local_batch_size", "1")
+        assert result.returncode == 0, f"attempt {attempt}: {result.stderr[-3000:]}"
+        assert "terminate called" not in result.stderr
+
+
+@pytest.mark.slow
+def test_run_train_sh_refuses_a_bad_config_before_launching(tmp_path):
+    result = run_train_sh(tmp_path, 2, "--parallelism.dp_replicate", "3")
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("config error: parallelism: the degrees multiply to 3 but the "
+                                     "world size is 2 (dp_replicate 3 x dp_shard 1 x tensor 1 x "
+                                     "pipeline 1)")
