@@ -1,6 +1,6 @@
 """Rebuild the small test tokenizers shipped in titan_lite/assets/tokenizers/ from the sample corpus.
 
-    python scripts/build_test_tokenizers.py
+    python scripts/build_test_tokenizers.py [OUT_DIR]
 
 Deterministic: the same corpus gives byte-identical files. Writes
 - test_tiktoken.model: 2,000 byte-level BPE ranks in tiktoken's format (base64 token, rank),
@@ -15,6 +15,7 @@ import base64
 import io
 import json
 import os
+import sys
 from collections import Counter, defaultdict
 
 import regex
@@ -90,10 +91,11 @@ def write_sentencepiece(texts: list[str], path: str) -> None:
 
 
 def main() -> None:
+    out = sys.argv[1] if len(sys.argv) > 1 else OUT
     texts = corpus_texts()
-    write_tiktoken(train_byte_bpe(texts, NUM_RANKS), os.path.join(OUT, "test_tiktoken.model"))
-    write_sentencepiece(texts, os.path.join(OUT, "test_spm.model"))
-    print(f"wrote {OUT}/test_tiktoken.model and {OUT}/test_spm.model")
+    write_tiktoken(train_byte_bpe(texts, NUM_RANKS), os.path.join(out, "test_tiktoken.model"))
+    write_sentencepiece(texts, os.path.join(out, "test_spm.model"))
+    print(f"wrote {out}/test_tiktoken.model and {out}/test_spm.model")
 
 
 if __name__ == "__main__":

@@ -45,3 +45,16 @@ def test_malformed_bpe_file_names_the_line(tmp_path):
     bad.write_text("IQ== 0\nnot-base64!! 1\n")
     with pytest.raises(ValueError, match=r"bad.model:2: not a 'base64 rank' line"):
         build_tokenizer("tiktoken", str(bad))
+
+
+@pytest.mark.slow
+def test_shipped_test_tokenizers_rebuild_byte_identically(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO, python_env
+
+    subprocess.run([sys.executable, "scripts/build_test_tokenizers.py", str(tmp_path)], cwd=REPO,
+                   env=python_env(), check=True, capture_output=True, timeout=300)
+    for name, shipped in (("test_tiktoken.model", TIKTOKEN_PATH), ("test_spm.model", SPM_PATH)):
+        assert (tmp_path / name).read_bytes() == open(shipped, "rb").read(), name

@@ -1,0 +1,78 @@
+"""Throughput benchmark: runs real training through run_train.sh and prints a table.
+
+    python bench/bench_train.py            # the default rows below, a few minutes on 2 CPU cores
+    python bench/bench_train.py --steps 6 --rows debug-1rank,small-1rank
+
+Each row trains for --steps optimizer steps and reports the mean over all but the first step
+(start-up and warm-up excluded) of tokens/s per rank, MFU and peak memory, as the trainer's own
+JSONL metrics record them. Not a test: the figures go to the README by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# name -> (processes, overrides)
+ROWS: dict[str, tuple[int, list[str]]] = {
+    # torchtitan's debug-model shape: dim 256, 6 layers, batch 8 x 2048 per rank.
+    "debug-1rank": (1, ["--model.flavor", "debugmodel", "--training.local_batch_size", "8",
+                        "--training.seq_len", "2048"]),
+    "debug-2rank-ddp": (2, ["--model.flavor", "debugmodel", "--training.local_batch_size", "8",
+                            "--training.seq_len", "2048"]),
+    "debug-1rank-bf16": (1, ["--model.flavor", "debugmodel", "--training.local_batch_size", "8",
+                             "--training.seq_len", "2048",
+                             "--training.mixed_precision_param", "bfloat16"]),
+    # ~79M parameters (dim 768, 12 layers, GQA 12/4 heads).
+    "small-1rank": (1, ["--model.flavor", "small", "--training.local_batch_size", "2",
+                        "--training.seq_len", "1024"]),
+}
+DEFAULT_ROWS = "debug-1rank,debug-2rank-ddp,small-1rank"
+
+
+def run_row(name: str, steps: int, folder: str) -> dict[str, float | str]:
+    ngpu, overrides = ROWS[name]
+    cmd = ["./run_train.sh", "--training.steps", str(steps), "--metrics.log_freq", "1",
+           "--lr_scheduler.warmup_steps", "1", "--job.dump_folder", folder, *overrides]
+    env = dict(os.environ, NGPU=str(ngpu))
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.exit(f"{name} failed (exit {result.returncode}):\n{result.stderr[-2000:]}")
+    with open(os.path.join(folder, "metrics", "rank0.jsonl")) as fh:
+        records = [json.loads(line) for line in fh][1:]  # drop the warm-up step
+
+    def mean(key: str) -> float:
+        return sum(r[key] for r in records) / len(records)
+
+    return {"row": name, "ranks": ngpu, "tokens/s/rank": mean("tokens_per_s"),
+            "tokens/s total": mean("tokens_per_s") * ngpu, "MFU %": mean("mfu_pct"),
+            "peak mem GiB": max(r["peak_memory_gib"] for r in records),
+            "memory": records[-1]["memory_kind"], "final loss": records[-1]["loss"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--rows", default=DEFAULT_ROWS, help=f"any of {', '.join(ROWS)}")
+    args = parser.parse_args()
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.rows.split(","):
+            results.append(run_row(name, args.steps, os.path.join(tmp, name)))
+            print(f"done: {name}", file=sys.stderr, flush=True)
+    columns = list(results[0])
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for r in results:
+        cells = [f"{v:,.1f}" if isinstance(v, float) else str(v) for v in r.values()]
+        print("| " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
