@@ -19,10 +19,6 @@ class DistEnv:
     local_world_size: int
     device: torch.device
 
-    @property
-    def is_distributed(self) -> bool:
-        return dist.is_initialized()
-
 
 def init_distributed(device_choice: str, timeout_s: float = 600) -> DistEnv:
     """Pick the device (CUDA + nccl when present, else CPU + gloo) and join torchrun's group.

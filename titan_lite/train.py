@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -14,6 +15,7 @@ from dataclasses import replace
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.device_mesh import DeviceMesh
 
 from titan_lite.config import JobConfig, parse_or_exit
 from titan_lite.data import PackedDataLoader, tokenize_to_cache
@@ -23,7 +25,7 @@ from titan_lite.models.llama3 import FLAVORS, Transformer
 from titan_lite.optim import build_lr_scheduler, build_optimizer
 from titan_lite.parallel.ddp import apply_ddp, gradient_sync
 from titan_lite.parallel.dims import ParallelDims, build_mesh, data_parallel_rank, resolve_degrees
-from titan_lite.tokenizer import build_tokenizer
+from titan_lite.tokenizer import Tokenizer, build_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # float32 weights + gradients + two AdamW moments, per parameter, when nothing is sharded.
@@ -76,7 +78,8 @@ def build_model(cfg: JobConfig, vocab_size: int, env: DistEnv) -> Transformer:
     return model
 
 
-def build_data(cfg: JobConfig, env: DistEnv, tokenizer, dims: ParallelDims, mesh) -> PackedDataLoader:
+def build_data(cfg: JobConfig, env: DistEnv, tokenizer: Tokenizer, dims: ParallelDims,
+               mesh: DeviceMesh | None) -> PackedDataLoader:
     """Tokenize once per host (local rank 0), then open this rank's shard of the samples."""
     cache_args = (cfg.data.paths, tokenizer, cfg.tokenizer.path, cfg.data.text_field,
                   cfg.data.cache_dir)
@@ -155,7 +158,7 @@ def train(cfg: JobConfig, env: DistEnv) -> list[float]:
         scheduler.step()
 
         loss_value = mean_over_ranks(step_loss).item()
-        if not torch.isfinite(torch.tensor(loss_value)):
+        if not math.isfinite(loss_value):
             raise TrainingError(f"loss is {loss_value} at step {step}: stopping (try a lower "
                                 "optimizer.lr or training.max_norm)")
         losses.append(loss_value)
