@@ -138,3 +138,12 @@ def test_cli_help_exits_0():
     result = subprocess.run([sys.executable, "-m", "titan_lite.train", "--help"], cwd=REPO,
                             env=python_env(), capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "--training.seq_len" in result.stdout
+
+
+def test_tensorboard_without_the_package_is_refused(repo_cwd):
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is not None:
+        pytest.skip("tensorboard is installed here")
+    cfg = load_config(["--config", DEBUG, "--metrics.enable_tensorboard"])
+    assert any("tensorboard package is not installed" in p for p in check_job(cfg, 1))

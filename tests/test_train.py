@@ -36,6 +36,12 @@ def test_default_config_loss_falls(repo_cwd, tmp_path):
     assert all(r["mfu_pct"] > 0 and r["peak_memory_gib"] > 0 for r in records)
 
 
+def test_same_seed_gives_identical_losses_and_another_seed_does_not(repo_cwd, tmp_path):
+    first = run(repo_cwd, tmp_path, "--training.steps", "2")
+    assert run(repo_cwd, tmp_path, "--training.steps", "2") == first  # bitwise, fp32 on CPU
+    assert run(repo_cwd, tmp_path, "--training.steps", "2", "--job.seed", "1") != first
+
+
 def test_gradient_accumulation_equals_one_big_batch(repo_cwd, tmp_path):
     whole = run(repo_cwd, tmp_path, "--training.steps", "3", "--training.local_batch_size", "4",
                 "--data.shuffle", "false")
