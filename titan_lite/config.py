@@ -301,8 +301,18 @@ def _lookup(dotted: str, where: str, problems: list[str]) -> tuple[str, dataclas
     return section, fields[key]
 
 
-def _apply(values: dict[str, dict[str, Any]], section: str, f: dataclasses.Field, value: Any,
-           where: str, problems: list[str]) -> None:
+def _set(values: dict[str, dict[str, Any]], dotted: str, raw: Any, parse, where: str,
+         problems: list[str]) -> None:
+    """Parse ``raw`` for the key ``section.key`` and record it, or record why not."""
+    found = _lookup(dotted, where, problems)
+    if found is None:
+        return
+    section, f = found
+    try:
+        value = parse(raw, f.type)
+    except ValueError:
+        problems.append(f"{where}: expected {_type_name(f.type)}, got {raw!r}")
+        return
     problem = _check_range(value, f)
     if problem:
         problems.append(f"{where}: {problem}")
@@ -338,27 +348,10 @@ def load_config(argv: list[str] | None = None) -> JobConfig:
             problems.append(f"{config_path}: {section!r} must be a [section] table")
             continue
         for key, raw in table.items():
-            where = f"{config_path}: [{section}] {key}"
-            found = _lookup(f"{section}.{key}", f"{config_path}: [{section}] {key}", problems)
-            if found is None:
-                continue
-            try:
-                value = _check_toml_value(raw, found[1].type)
-            except ValueError:
-                problems.append(f"{where}: expected {_type_name(found[1].type)}, got {raw!r}")
-                continue
-            _apply(values, found[0], found[1], value, where, problems)
+            _set(values, f"{section}.{key}", raw, _check_toml_value,
+                 f"{config_path}: [{section}] {key}", problems)
     for dotted, raw in overrides:
-        where = f"--{dotted}"
-        found = _lookup(dotted, where, problems)
-        if found is None:
-            continue
-        try:
-            value = _from_string(raw, found[1].type)
-        except ValueError:
-            problems.append(f"{where}: expected {_type_name(found[1].type)}, got {raw!r}")
-            continue
-        _apply(values, found[0], found[1], value, where, problems)
+        _set(values, dotted, raw, _from_string, f"--{dotted}", problems)
     if problems:
         raise ConfigError(problems)
     return JobConfig(**{name: cls(**values.get(name, {})) for name, cls in _sections().items()})
