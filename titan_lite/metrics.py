@@ -91,7 +91,7 @@ class MetricsLogger:
         if cfg.enable_jsonl and (rank == 0 or cfg.jsonl_all_ranks):
             folder = os.path.join(dump_folder, "metrics")
             os.makedirs(folder, exist_ok=True)
-            self.jsonl = open(os.path.join(folder, f"rank{rank}.jsonl"), "a")
+            self.jsonl = open(os.path.join(folder, f"rank{rank}.jsonl"), "w")  # one file per run
         self.tensorboard = None
         if cfg.enable_tensorboard and rank == 0:
             from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
