@@ -1,4 +1,4 @@
-"""Rebuild the small test tokenizers shipped in titan_lite/assets/tokenizers/ from the sample corpus.
+"""Rebuild the test tokenizers shipped in titan_lite/assets/tokenizers/ from the sample corpus.
 
     python scripts/build_test_tokenizers.py [OUT_DIR]
 

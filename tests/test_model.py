@@ -122,7 +122,8 @@ def test_tied_flavor_has_no_output_matrix():
 def test_flops_per_token_counts_matmuls_and_attention():
     model = build()
     a = TINY
-    per_layer = a.dim * a.dim * 2 + 2 * a.dim * a.kv_heads * a.head_dim + 3 * a.dim * a.ffn_hidden_dim
+    per_layer = (a.dim * a.dim * 2 + 2 * a.dim * a.kv_heads * a.head_dim
+                 + 3 * a.dim * a.ffn_hidden_dim)
     matmul_params = a.n_layers * per_layer + a.vocab_size * a.dim
     attention = 12 * a.n_layers * a.n_heads * a.head_dim * 32
     assert model.flops_per_token(32) == 6 * matmul_params + attention

@@ -68,7 +68,8 @@ def _cache_path(files: list[str], tokenizer_path: str, text_field: str, cache_di
         stat = os.stat(file)
         digest.update(f"{os.path.abspath(file)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
     folder = cache_dir or os.path.dirname(os.path.abspath(files[0]))
-    return os.path.join(folder, f"{os.path.basename(files[0])}.{digest.hexdigest()[:16]}.tokens.u32")
+    name = f"{os.path.basename(files[0])}.{digest.hexdigest()[:16]}.tokens.u32"
+    return os.path.join(folder, name)
 
 
 def tokenize_to_cache(paths: list[str], tokenizer: Tokenizer, tokenizer_path: str,

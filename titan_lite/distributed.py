@@ -37,7 +37,8 @@ def init_distributed(device_choice: str, timeout_s: float = 600) -> DistEnv:
     else:
         device = torch.device("cpu")
     if "WORLD_SIZE" in os.environ:
-        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(seconds=timeout_s),
+        dist.init_process_group("nccl" if use_cuda else "gloo",
+                                timeout=timedelta(seconds=timeout_s),
                                 device_id=device if use_cuda else None)
     return DistEnv(rank, local_rank, world_size, local_world_size, device)
 

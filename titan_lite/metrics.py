@@ -1,4 +1,4 @@
-"""Step metrics: loss, grad norm, lr, tokens/s, MFU, peak memory, ETA -> console, JSONL, TensorBoard."""
+"""Step metrics (loss, grad norm, lr, tokens/s, MFU, peak memory, ETA) to console, JSONL, TB."""
 
 from __future__ import annotations
 

@@ -25,9 +25,9 @@ def build_optimizer(model: nn.Module, cfg: Optimizer) -> torch.optim.Optimizer:
 def lr_factor(step: int, total_steps: int, cfg: LRScheduler) -> float:
     """Multiplier of the peak LR for 1-based optimizer step ``step``.
 
-    Linear warmup reaching the peak at step ``warmup_steps`` (step 1 is above zero), then linear or cosine
-    decay from 1 towards ``min_lr_ratio``, reached just after the last step so that the last
-    step still learns when the floor is 0; constant keeps 1.
+    Linear warmup reaching the peak at step ``warmup_steps`` (step 1 is above zero), then
+    linear or cosine decay from 1 towards ``min_lr_ratio``, reached just after the last step
+    so that the last step still learns when the floor is 0; constant keeps 1.
     """
     if step <= cfg.warmup_steps:
         return step / cfg.warmup_steps

@@ -49,7 +49,8 @@ def read_bpe_ranks(path: str) -> dict[bytes, int]:
                 token, rank = line.split()
                 ranks[base64.b64decode(token, validate=True)] = int(rank)
             except ValueError as e:
-                raise ValueError(f"{path}:{line_no}: not a 'base64 rank' line: {line[:60]!r}") from e
+                raise ValueError(f"{path}:{line_no}: not a 'base64 rank' line: "
+                                 f"{line[:60]!r}") from e
     return ranks
 
 

@@ -1,6 +1,7 @@
 """The training loop. Run under torchrun:
 
-    torchrun --standalone --nproc_per_node=1 -m titan_lite.train --config train_configs/debug_model.toml
+    torchrun --standalone --nproc_per_node=1 -m titan_lite.train \
+        --config train_configs/debug_model.toml
 """
 
 from __future__ import annotations

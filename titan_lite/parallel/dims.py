@@ -1,4 +1,4 @@
-"""Parallel degrees: resolve ``-1`` ("the rest"), validate against the world size, build the mesh."""
+"""Parallel degrees: resolve -1 (the rest), check them against the world size, build a mesh."""
 
 from __future__ import annotations
 

@@ -137,7 +137,8 @@ class Transformer(nn.Module):
         self.args = args
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         # A ModuleDict keyed by layer index keeps names stable when pipeline stages drop layers.
-        self.layers = nn.ModuleDict({str(i): TransformerBlock(i, args) for i in range(args.n_layers)})
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(i, args)
+                                     for i in range(args.n_layers)})
         self.norm = RMSNorm(args.dim, args.norm_eps)
         # Tied models reuse the embedding matrix in forward() instead of sharing a Parameter,
         # which would break on to_empty() and under sharding.
@@ -180,8 +181,9 @@ class Transformer(nn.Module):
     def flops_per_token(self, seq_len: int) -> int:
         """Training FLOPs per token: 6 x (matmul weights) + attention scores and values.
 
-        The embedding lookup and norm weights are not matmuls; the output projection is. Attention counts the
-        full (non-causal) score matrix, as the PaLM/torchtitan MFU convention does.
+        The embedding lookup and norm weights are not matmuls; the output projection is.
+        Attention counts the full (non-causal) score matrix, as the PaLM/torchtitan MFU
+        convention does.
         """
         matmul_params = sum(p.numel() for p in self.parameters() if p.ndim == 2)
         if self.output is not None:  # untied: the embedding matrix is only a lookup

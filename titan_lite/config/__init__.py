@@ -1,0 +1,31 @@
+"""Job configuration: the dataclasses in ``schema`` are the single source of truth.
+
+TOML sections and keys, ``--section.key value`` command-line overrides, defaults, validation and
+``--help`` text are all generated from them (``loader``); checks that need the world size live in
+``checks``. Every problem is collected and reported at once as one line each, and the entry
+points exit with status 2 on any of them.
+"""
+
+from titan_lite.config.checks import check_job, parse_or_exit
+from titan_lite.config.loader import ConfigError, help_text, load_config
+from titan_lite.config.schema import (
+    DEFAULT_CONFIG,
+    ActivationCheckpoint,
+    Checkpoint,
+    Data,
+    Job,
+    JobConfig,
+    LRScheduler,
+    Metrics,
+    Model,
+    Optimizer,
+    Parallelism,
+    Tokenizer,
+    Training,
+)
+
+__all__ = [
+    "DEFAULT_CONFIG", "ActivationCheckpoint", "Checkpoint", "ConfigError", "Data", "Job",
+    "JobConfig", "LRScheduler", "Metrics", "Model", "Optimizer", "Parallelism", "Tokenizer",
+    "Training", "check_job", "help_text", "load_config", "parse_or_exit",
+]

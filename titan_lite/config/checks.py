@@ -1,0 +1,71 @@
+"""Checks across keys (degrees vs. world size, batch sizes, files, optional packages) and the
+entry points' loader that turns any problem into one line each and exit status 2."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+from titan_lite.config.loader import ConfigError, help_text, load_config
+from titan_lite.config.schema import JobConfig
+from titan_lite.parallel.dims import resolve_degrees
+
+
+def check_job(cfg: JobConfig, world_size: int) -> list[str]:
+    """Cross-key checks that need the world size; one line per problem (empty when fine)."""
+    dims, problems = resolve_degrees(cfg.parallelism, world_size)
+    t = cfg.training
+    if dims is not None and t.global_batch_size != -1:
+        per_micro_step = t.local_batch_size * dims.dp
+        if t.global_batch_size % per_micro_step:
+            problems.append(f"training.global_batch_size: {t.global_batch_size} is not a multiple"
+                            f" of local_batch_size x data-parallel degree ({t.local_batch_size} x "
+                            f"{dims.dp} = {per_micro_step})")
+    if t.global_batch_size == 0:
+        problems.append("training.global_batch_size: 0 is not a batch size (use -1 or >= 1)")
+    if cfg.activation_checkpoint.mode != "none":
+        problems.append(f"activation_checkpoint.mode: {cfg.activation_checkpoint.mode!r} is not "
+                        "available yet; use 'none'")
+    if cfg.metrics.enable_tensorboard and importlib.util.find_spec("tensorboard") is None:
+        problems.append("metrics.enable_tensorboard: the tensorboard package is not installed "
+                        "(pip install tensorboard)")
+    if cfg.checkpoint.enable:
+        problems.append("checkpoint.enable: checkpointing is not available yet; use false")
+    if t.device == "cuda" and not _cuda_available():
+        problems.append("training.device: 'cuda' was asked for but no CUDA device is visible")
+    if not cfg.data.paths:
+        problems.append("data.paths: empty; name at least one corpus file or folder")
+    for key, path in [("tokenizer.path", cfg.tokenizer.path)] + [
+            ("data.paths", p) for p in cfg.data.paths]:
+        if not os.path.exists(path):
+            problems.append(f"{key}: {path!r} does not exist (relative paths are taken from "
+                            f"{os.getcwd()})")
+    return problems
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def parse_or_exit(argv: list[str] | None = None) -> JobConfig:
+    """Entry points' loader: prints help, or every problem (exit 2), before any collective."""
+    argv = sys.argv[1:] if argv is None else argv
+    if "--help" in argv or "-h" in argv:
+        print(help_text())
+        sys.exit(0)
+    try:
+        cfg = load_config(argv)
+        problems = check_job(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+        if problems:
+            raise ConfigError(problems)
+        return cfg
+    except ConfigError as e:
+        rank = os.environ.get("RANK")
+        prefix = f"[rank{rank}] " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" \
+            else ""
+        for problem in e.problems:
+            print(f"{prefix}config error: {problem}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,171 @@
+"""The job's sections and keys: one dataclass per TOML section, one field per key.
+
+Each field carries its default, help text and allowed values (``opt``); the loader, the checks
+and ``--help`` are all generated from these classes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from titan_lite.models.llama3 import FLAVORS
+
+DEFAULT_CONFIG = "train_configs/debug_model.toml"
+
+
+def opt(default: Any, help: str, *, choices: list | None = None, min: float | None = None,
+        max: float | None = None) -> Any:
+    """A config field: default, help text and the allowed values that validation enforces."""
+    meta = {"help": help, "choices": choices, "min": min, "max": max}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class Job:
+    description: str = opt("titan_lite training job", "Free text printed at start-up.")
+    dump_folder: str = opt("./outputs", "Folder for this run's metrics and saved config.")
+    seed: int = opt(0, "Seed for weight init and data order; equal seeds give equal runs.", min=0)
+    deterministic: bool = opt(False, "Use only deterministic kernels "
+                              "(torch.use_deterministic_algorithms); slower.")
+
+
+@dataclass
+class Model:
+    name: str = opt("llama3", "Model family.", choices=["llama3"])
+    flavor: str = opt("debugmodel", "Model size; the vocab size always comes from the tokenizer.",
+                      choices=list(FLAVORS))
+
+
+@dataclass
+class Tokenizer:
+    kind: str = opt("tiktoken", "tiktoken: Llama 3 BPE file (base64 token + rank per line); "
+                    "sentencepiece: Llama 2 style .model file.",
+                    choices=["tiktoken", "sentencepiece"])
+    path: str = opt("titan_lite/assets/tokenizers/test_tiktoken.model",
+                    "Tokenizer file (a real Llama 3 tokenizer.model works here).")
+
+
+@dataclass
+class Data:
+    paths: list[str] = opt(["titan_lite/assets/data/kjv_sample.jsonl"],
+                           "Corpora: .txt files (one document each), .jsonl files (one document "
+                           "per line) or folders of such files.")
+    text_field: str = opt("text", "Field of each .jsonl record that holds the text.")
+    cache_dir: str = opt("", "Where the tokenized uint32 cache goes; empty: beside the source.")
+    shuffle: bool = opt(True, "Shuffle the packed samples every epoch (seeded by job.seed).")
+
+
+@dataclass
+class Optimizer:
+    name: str = opt("AdamW", "Optimizer.", choices=["AdamW"])
+    lr: float = opt(8e-4, "Peak learning rate.", min=0.0)
+    beta1: float = opt(0.9, "AdamW beta1.", min=0.0, max=1.0)
+    beta2: float = opt(0.95, "AdamW beta2.", min=0.0, max=1.0)
+    eps: float = opt(1e-8, "AdamW epsilon.", min=0.0)
+    weight_decay: float = opt(0.1, "Decoupled weight decay for matrices; norms get none.",
+                              min=0.0)
+    implementation: str = opt("foreach", "foreach: multi-tensor kernels (any device); "
+                              "fused: one fused kernel; for-loop: per-parameter reference.",
+                              choices=["foreach", "fused", "for-loop"])
+
+
+@dataclass
+class LRScheduler:
+    warmup_steps: int = opt(2, "Linear warmup steps from ~0 to optimizer.lr.", min=0)
+    decay_type: str = opt("linear", "Decay after warmup down to the floor.",
+                          choices=["linear", "cosine", "constant"])
+    min_lr_ratio: float = opt(0.0, "LR floor at the last step, as a fraction of optimizer.lr.",
+                              min=0.0, max=1.0)
+
+
+@dataclass
+class Training:
+    local_batch_size: int = opt(8, "Sequences per micro-batch on each rank.", min=1)
+    global_batch_size: int = opt(-1, "Sequences per optimizer step over all ranks; a multiple "
+                                 "of local_batch_size x data-parallel degree (the quotient is "
+                                 "the gradient accumulation count). -1: no accumulation.", min=-1)
+    seq_len: int = opt(2048, "Tokens per sequence.", min=1)
+    steps: int = opt(10, "Optimizer steps to train.", min=1)
+    max_norm: float = opt(1.0, "Clip gradients to this global L2 norm; 0 disables clipping.",
+                          min=0.0)
+    mixed_precision_param: str = opt("float32", "Compute dtype of matmuls (autocast); weights "
+                                     "and optimizer states stay float32.",
+                                     choices=["float32", "bfloat16"])
+    device: str = opt("auto", "auto: CUDA + nccl when present, else CPU + gloo.",
+                      choices=["auto", "cuda", "cpu"])
+
+
+@dataclass
+class Parallelism:
+    dp_replicate: int = opt(-1, "Replicated data-parallel degree (DDP); -1: the world size left "
+                            "after the other degrees.", min=-1)
+    dp_shard: int = opt(1, "Sharded data-parallel degree (FSDP2). Only 1 until FSDP lands.",
+                        min=-1)
+    tensor_parallel_degree: int = opt(1, "Tensor-parallel degree. Only 1 until TP lands.", min=1)
+    pipeline_parallel_degree: int = opt(1, "Pipeline-parallel degree. Only 1 until PP lands.",
+                                        min=1)
+
+
+@dataclass
+class ActivationCheckpoint:
+    mode: str = opt("none", "Activation checkpointing. Only 'none' until AC lands.",
+                    choices=["none", "full", "selective"])
+
+
+@dataclass
+class Checkpoint:
+    enable: bool = opt(False, "Save and resume distributed checkpoints. Not available yet.")
+
+
+@dataclass
+class Metrics:
+    log_freq: int = opt(1, "Print and record metrics every this many steps.", min=1)
+    enable_jsonl: bool = opt(True, "Write metrics as JSON lines to "
+                             "<dump_folder>/metrics/rank<N>.jsonl.")
+    jsonl_all_ranks: bool = opt(False, "Every rank writes its JSONL file, not just rank 0.")
+    enable_tensorboard: bool = opt(False, "Also write TensorBoard events (needs the tensorboard "
+                                   "package).")
+    cpu_peak_tflops: float = opt(0.0, "Peak TFLOP/s of one rank for MFU on CPU; 0: measure a "
+                                 "float32 matmul at start-up.", min=0.0)
+
+
+@dataclass
+class JobConfig:
+    job: Job = field(default_factory=Job)
+    model: Model = field(default_factory=Model)
+    tokenizer: Tokenizer = field(default_factory=Tokenizer)
+    data: Data = field(default_factory=Data)
+    optimizer: Optimizer = field(default_factory=Optimizer)
+    lr_scheduler: LRScheduler = field(default_factory=LRScheduler)
+    training: Training = field(default_factory=Training)
+    parallelism: Parallelism = field(default_factory=Parallelism)
+    activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)
+    checkpoint: Checkpoint = field(default_factory=Checkpoint)
+    metrics: Metrics = field(default_factory=Metrics)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        """The whole config as TOML that ``load_config`` reads back to an equal JobConfig."""
+        lines = []
+        for section, values in self.to_dict().items():
+            lines.append(f"[{section}]")
+            lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
+            lines.append("")
+        return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    return repr(value)
