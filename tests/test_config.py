@@ -82,22 +82,27 @@ def test_missing_and_malformed_files(tmp_path):
 
 def test_cross_key_checks(repo_cwd):
     cfg = load_config(["--config", DEBUG, "--training.global_batch_size", "12",
-                       "--activation_checkpoint.mode", "full", "--checkpoint.enable",
+                       "--activation_checkpoint.selective_ac_option", "-2",
+                       "--training.mixed_precision_reduce", "bfloat16", "--checkpoint.enable",
                        "--tokenizer.path", "missing.model"])
     problems = "\n".join(check_job(cfg, world_size=2))
     assert "global_batch_size: 12 is not a multiple of local_batch_size x data-parallel " \
            "degree (8 x 2 = 16)" in problems
-    assert "activation_checkpoint.mode: 'full' is not available yet" in problems
+    assert "selective_ac_option: '-2' is neither 'op' nor a positive integer" in problems
+    assert "training.mixed_precision_reduce: only FSDP reduces in another dtype" not in problems
+    one_rank = "\n".join(check_job(cfg, world_size=1))  # no sharding, no offload: no FSDP
+    assert "training.mixed_precision_reduce: only FSDP reduces in another dtype" in one_rank
     assert "checkpoint.enable" in problems
     assert "tokenizer.path: 'missing.model' does not exist" in problems
 
 
 @pytest.mark.parametrize("overrides, world, message", [
-    ({"dp_replicate": 2}, 3, "the degrees multiply to 2 but the world size is 3"),
+    ({"dp_replicate": 2, "dp_shard": 1}, 3, "the degrees multiply to 2 but the world size is 3"),
     ({"dp_replicate": -1, "dp_shard": -1}, 2, "only one degree may be -1"),
-    ({"dp_replicate": -1, "tensor_parallel_degree": 2}, 3, "not divisible"),
+    ({"tensor_parallel_degree": 2}, 3, "not divisible"),
     ({"dp_replicate": 0}, 1, "parallelism.dp_replicate: 0 is not a degree"),
-    ({"dp_replicate": 1, "dp_shard": 2}, 2, "parallelism.dp_shard: 2 is not supported"),
+    ({"dp_shard": 3}, 2, "the degrees multiply to 3 but the world size is 2"),
+    ({"dp_shard": -2}, 2, "parallelism.dp_shard: -2 is not a degree"),
     ({"dp_replicate": 1, "tensor_parallel_degree": 2}, 2, "tensor parallel is not available"),
     ({"dp_replicate": 1, "pipeline_parallel_degree": 2}, 2, "pipeline parallel is not available"),
 ])
@@ -108,8 +113,11 @@ def test_bad_degrees_are_refused(overrides, world, message):
 
 
 def test_minus_one_takes_the_rest_of_the_world():
-    dims, problems = resolve_degrees(JobConfig().parallelism, 4)
-    assert problems == [] and dims.dp_replicate == 4 and dims.dp == 4 and dims.world_size == 4
+    dims, problems = resolve_degrees(JobConfig().parallelism, 4)  # default: dp_shard = -1
+    assert problems == [] and dims.dp_shard == 4 and dims.dp == 4 and dims.world_size == 4
+    hsdp = dataclasses.replace(JobConfig().parallelism, dp_replicate=2)
+    dims, problems = resolve_degrees(hsdp, 4)
+    assert problems == [] and (dims.dp_replicate, dims.dp_shard, dims.dp) == (2, 2, 4)
 
 
 def test_help_lists_every_key_with_default():

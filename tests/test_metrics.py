@@ -18,7 +18,8 @@ def test_jsonl_rank0_by_default_all_ranks_on_request(tmp_path, capsys):
         logger = MetricsLogger(Metrics(jsonl_all_ranks=all_ranks), str(tmp_path), rank,
                                torch.device("cpu"), flops_per_token=1000, peak=1e9,
                                total_steps=4)
-        logger.log(step=2, loss=3.5, grad_norm=0.5, lr=1e-3, tokens=2000, seconds=2.0)
+        logger.log(step=2, loss=3.5, grad_norm=0.5, lr=1e-3, tokens=2000, seconds=2.0,
+                   optimizer_seconds=0.25)
         logger.close()
 
     log_as(1, all_ranks=False)

@@ -12,7 +12,8 @@ from dist_helpers import run_distributed
 from titan_lite.config import load_config
 from titan_lite.distributed import DistEnv
 from titan_lite.models.llama3 import ModelArgs, Transformer
-from titan_lite.parallel.ddp import apply_ddp, gradient_sync
+from titan_lite.parallel.accumulation import gradient_sync
+from titan_lite.parallel.ddp import apply_ddp
 from titan_lite.parallel.dims import ParallelDims, build_mesh
 from titan_lite.train import TrainingError, train
 
@@ -23,7 +24,7 @@ SHORT = ["--training.seq_len", "128", "--training.local_batch_size", "4",
 
 def run(repo_cwd, tmp_path, *overrides: str) -> list[float]:
     cfg = load_config([*SHORT, "--job.dump_folder", str(tmp_path), *overrides])
-    return train(cfg, CPU)
+    return train(cfg, CPU).losses
 
 
 def test_default_config_loss_falls(repo_cwd, tmp_path):
@@ -69,7 +70,7 @@ def _ddp_grads_match_single_process(rank: int, world_size: int) -> None:
     if rank == 0:
         model.load_state_dict(reference.state_dict())
     tokens = torch.randint(0, 50, (4, 17))
-    mesh = build_mesh(ParallelDims(world_size, 1, 1, 1), "cpu")
+    mesh = build_mesh(ParallelDims(world_size, 1, 1, 1), "cpu", fsdp=False)
     ddp = apply_ddp(model, mesh)
     mine = tokens[rank::world_size]
     for micro in range(2):  # two accumulation steps; only the second one all-reduces
@@ -104,11 +105,11 @@ def test_run_train_sh_one_and_two_ranks_give_the_same_losses(tmp_path):
     one = run_train_sh(tmp_path / "one", 1, "--training.steps", "3", "--metrics.log_freq", "1")
     assert one.returncode == 0, one.stderr[-3000:]
     assert "step     3/3" in one.stdout
-    # Two replicated ranks with half the local batch each see the same global batch.
+    # Two FSDP ranks (the default layout) with half the local batch each see the same batch.
     two = run_train_sh(tmp_path / "two", 2, "--training.steps", "3", "--metrics.log_freq", "1",
                        "--training.local_batch_size", "2")
     assert two.returncode == 0, two.stderr[-3000:]
-    assert "dp_replicate=2" in two.stdout
+    assert "dp_shard=2" in two.stdout and "with FSDP2" in two.stdout
     torch.testing.assert_close(jsonl_losses(tmp_path / "two"), jsonl_losses(tmp_path / "one"),
                                rtol=0, atol=2e-5)
 
@@ -124,8 +125,8 @@ def test_two_rank_runs_exit_cleanly_every_time(tmp_path):
 
 @pytest.mark.slow
 def test_run_train_sh_refuses_a_bad_config_before_launching(tmp_path):
-    result = run_train_sh(tmp_path, 2, "--parallelism.dp_replicate", "3")
+    result = run_train_sh(tmp_path, 2, "--parallelism.dp_shard", "3")
     assert result.returncode == 2
     assert result.stderr.strip() == ("config error: parallelism: the degrees multiply to 3 but the "
-                                     "world size is 2 (dp_replicate 3 x dp_shard 1 x tensor 1 x "
+                                     "world size is 2 (dp_replicate 1 x dp_shard 3 x tensor 1 x "
                                      "pipeline 1)")

@@ -11,6 +11,9 @@ import torch
 import torch.distributed as dist
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # config name -> dtype
+
+
 @dataclass(frozen=True)
 class DistEnv:
     rank: int

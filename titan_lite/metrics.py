@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from titan_lite.config import Metrics
+from titan_lite.memory import TensorMemoryTracker
 
 # Dense peak TFLOP/s (bf16 tensor cores, fp32 without TF32) of common GPUs, from vendor sheets.
 GPU_PEAK_TFLOPS: dict[str, dict[torch.dtype, float]] = {
@@ -73,9 +74,14 @@ def _cpu_peak_rss_bytes() -> int:
     return 0
 
 
-def peak_memory_bytes(device: torch.device) -> tuple[int, str]:
+def peak_memory_bytes(device: torch.device,
+                      tracker: TensorMemoryTracker | None = None) -> tuple[int, str]:
+    """(peak bytes so far, what was measured): CUDA's allocator peak, the tracked tensors' peak
+    on CPU, or the process's peak RSS when CPU tracking is off."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device), "cuda max allocated"
+    if tracker is not None:
+        return tracker.peak_bytes, "tensors"
     return _cpu_peak_rss_bytes(), "peak RSS"
 
 
@@ -83,8 +89,10 @@ class MetricsLogger:
     """Rank 0 prints; rank 0 (or every rank, by config) appends JSON lines."""
 
     def __init__(self, cfg: Metrics, dump_folder: str, rank: int, device: torch.device,
-                 flops_per_token: int, peak: float | None, total_steps: int):
+                 flops_per_token: int, peak: float | None, total_steps: int,
+                 memory_tracker: TensorMemoryTracker | None = None):
         self.cfg, self.rank, self.device = cfg, rank, device
+        self.memory_tracker = memory_tracker
         self.flops_per_token, self.peak, self.total_steps = flops_per_token, peak, total_steps
         self.start = time.perf_counter()
         self.jsonl = None
@@ -99,16 +107,18 @@ class MetricsLogger:
             self.tensorboard = SummaryWriter(os.path.join(dump_folder, "tensorboard"))
 
     def log(self, step: int, loss: float, grad_norm: float, lr: float, tokens: int,
-            seconds: float) -> dict[str, Any]:
-        """Record one interval: ``tokens`` this rank processed in ``seconds`` of wall time."""
+            seconds: float, optimizer_seconds: float) -> dict[str, Any]:
+        """Record one interval: ``tokens`` this rank processed in ``seconds`` of wall time, of
+        which ``optimizer_seconds`` per step went to clipping and the optimizer step."""
         tokens_per_s = tokens / seconds
-        memory, memory_kind = peak_memory_bytes(self.device)
+        memory, memory_kind = peak_memory_bytes(self.device, self.memory_tracker)
         record = {
             "step": step, "loss": loss, "grad_norm": grad_norm, "lr": lr,
             "tokens_per_s": tokens_per_s,
             "mfu_pct": (100 * tokens_per_s * self.flops_per_token / self.peak
                         if self.peak else None),
             "peak_memory_gib": memory / 2**30, "memory_kind": memory_kind,
+            "optimizer_s": optimizer_seconds,
             "elapsed_s": time.perf_counter() - self.start,
         }
         record["eta_s"] = record["elapsed_s"] / step * (self.total_steps - step)

@@ -6,6 +6,7 @@ import math
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from titan_lite.config import LRScheduler, Optimizer
 
@@ -20,6 +21,18 @@ def build_optimizer(model: nn.Module, cfg: Optimizer) -> torch.optim.Optimizer:
     impl = {"foreach": {"foreach": True}, "fused": {"fused": True},
             "for-loop": {"foreach": False}}[cfg.implementation]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **impl)
+
+
+def clip_gradients(parameters: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Scale gradients so their global L2 norm is at most ``max_norm`` (0: never); returns the
+    norm before clipping, over all ranks' shards when the gradients are sharded DTensors."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    total_norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+    if isinstance(total_norm, DTensor):  # partial norms of the shards -> reduce across ranks
+        total_norm = total_norm.full_tensor()
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total_norm, foreach=True)
+    return total_norm
 
 
 def lr_factor(step: int, total_steps: int, cfg: LRScheduler) -> float:

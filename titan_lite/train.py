@@ -6,12 +6,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
 import time
 import traceback
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -20,17 +21,21 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from titan_lite.config import JobConfig, parse_or_exit
 from titan_lite.data import PackedDataLoader, tokenize_to_cache
-from titan_lite.distributed import DistEnv, barrier, init_distributed, shutdown_and_exit
+from titan_lite.distributed import DTYPES, DistEnv, barrier, init_distributed, shutdown_and_exit
 from titan_lite.metrics import MetricsLogger, peak_flops
 from titan_lite.models.llama3 import FLAVORS, Transformer
-from titan_lite.optim import build_lr_scheduler, build_optimizer
-from titan_lite.parallel.ddp import apply_ddp, gradient_sync
+from titan_lite.optim import build_lr_scheduler, build_optimizer, clip_gradients
+from titan_lite.memory import TensorMemoryTracker
+from titan_lite.parallel.accumulation import gradient_sync
+from titan_lite.parallel.activation_checkpoint import apply_activation_checkpointing
+from titan_lite.parallel.ddp import apply_ddp
 from titan_lite.parallel.dims import ParallelDims, build_mesh, data_parallel_rank, resolve_degrees
+from titan_lite.parallel.fsdp import apply_fsdp
+from titan_lite.parallel.init import materialize
 from titan_lite.tokenizer import Tokenizer, build_tokenizer
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-# float32 weights + gradients + two AdamW moments, per parameter, when nothing is sharded.
-BYTES_PER_PARAM_UNSHARDED = 16
+# float32 weights + gradients + two AdamW moments, per parameter, before sharding.
+BYTES_PER_PARAM = 16
 
 
 class TrainingError(RuntimeError):
@@ -46,37 +51,52 @@ def log0(env: DistEnv, message: str) -> None:
         print(message, flush=True)
 
 
-def available_memory_per_rank(env: DistEnv) -> int:
-    if env.device.type == "cuda":
-        return torch.cuda.mem_get_info(env.device)[1]
+def available_memory_per_rank(device: torch.device, local_world_size: int) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[1]
     with open("/proc/meminfo") as fh:
         info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in fh}
-    return info["MemAvailable"] // env.local_world_size
+    return info["MemAvailable"] // local_world_size
 
 
-def check_model_fits(model: Transformer, env: DistEnv) -> None:
-    """Refuse up front a model whose weights and optimizer state alone exceed the device."""
-    need = model.num_params() * BYTES_PER_PARAM_UNSHARDED
-    have = available_memory_per_rank(env)
+def check_model_fits(model: Transformer, cfg: JobConfig, dims: ParallelDims,
+                     env: DistEnv) -> None:
+    """Refuse up front a model whose sharded weights, gradients and AdamW states alone exceed
+    the memory that holds them (host memory under CPU offload)."""
+    offload = cfg.training.enable_cpu_offload
+    shards = dims.dp_shard if dims.uses_fsdp(offload) else 1
+    need = model.num_params() * BYTES_PER_PARAM // shards
+    where = torch.device("cpu") if offload else env.device
+    have = available_memory_per_rank(where, env.local_world_size)
     if need > have:
         raise FitError(f"model.flavor: {model.num_params() / 1e9:.2f}B parameters need "
                        f"{need / 2**30:.1f} GiB per rank for float32 weights, gradients and "
-                       f"AdamW states (before activations), but this {env.device.type} has "
-                       f"{have / 2**30:.1f} GiB per rank; nothing is sharded yet (FSDP lands in "
-                       "a later release), so pick a smaller flavor")
+                       f"AdamW states sharded {shards} way(s) (before activations), but "
+                       f"{'host memory' if offload else f'this {where.type} device'} has "
+                       f"{have / 2**30:.1f} GiB per rank; shard over more ranks "
+                       "(parallelism.dp_shard), turn on training.enable_cpu_offload, or pick a "
+                       "smaller flavor")
 
 
-def build_model(cfg: JobConfig, vocab_size: int, env: DistEnv) -> Transformer:
-    """Build on the meta device, check it fits, then materialise on the device and initialise."""
+def build_model(cfg: JobConfig, vocab_size: int, dims: ParallelDims, mesh: DeviceMesh | None,
+                env: DistEnv) -> tuple[Transformer, torch.nn.Module]:
+    """Build on the meta device, apply activation checkpointing and FSDP there, then allocate
+    each rank's shard and draw the weights. Returns (model, module to call for training),
+    which differ only under DDP."""
     args = replace(FLAVORS[cfg.model.flavor], vocab_size=vocab_size,
                    max_seq_len=cfg.training.seq_len)
     with torch.device("meta"):
         model = Transformer(args)
-    check_model_fits(model, env)
-    model.to_empty(device=env.device)
-    torch.manual_seed(cfg.job.seed)  # same seed on every rank: identical replicas
-    model.init_weights()
-    return model
+    check_model_fits(model, cfg, dims, env)
+    apply_activation_checkpointing(model, cfg.activation_checkpoint)
+    offload = cfg.training.enable_cpu_offload
+    if dims.uses_fsdp(offload):
+        apply_fsdp(model, mesh, cfg.training, cfg.parallelism)
+    param_device = torch.device("cpu") if offload else env.device
+    materialize(model, cfg.job.seed, env.device, param_device)
+    if dims.dp_replicate > 1 and not dims.uses_fsdp(offload):
+        return model, apply_ddp(model, mesh)
+    return model, model
 
 
 def build_data(cfg: JobConfig, env: DistEnv, tokenizer: Tokenizer, dims: ParallelDims,
@@ -109,53 +129,73 @@ def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
-def train(cfg: JobConfig, env: DistEnv) -> list[float]:
-    """Train for ``cfg.training.steps``; returns the per-step losses (averaged over ranks)."""
+@dataclass
+class TrainResult:
+    losses: list[float]  # per step, averaged over ranks
+    model: Transformer  # trained; its parameters are DTensors under FSDP
+
+
+def train(cfg: JobConfig, env: DistEnv) -> TrainResult:
+    """Train for ``cfg.training.steps`` optimizer steps."""
     dims, _ = resolve_degrees(cfg.parallelism, env.world_size)  # validated in parse_or_exit
     assert dims is not None
-    mesh = build_mesh(dims, env.device.type)
+    fsdp = dims.uses_fsdp(cfg.training.enable_cpu_offload)
+    mesh = build_mesh(dims, env.device.type, fsdp)
     if cfg.job.deterministic:
         torch.use_deterministic_algorithms(True)
     tokenizer = build_tokenizer(cfg.tokenizer.kind, cfg.tokenizer.path)
-    model = build_model(cfg, tokenizer.vocab_size, env)
-    train_model = apply_ddp(model, mesh) if dims.dp_replicate > 1 else model
+    model, train_model = build_model(cfg, tokenizer.vocab_size, dims, mesh, env)
     optimizer = build_optimizer(model, cfg.optimizer)
     scheduler = build_lr_scheduler(optimizer, cfg.lr_scheduler, cfg.training.steps)
     loader = build_data(cfg, env, tokenizer, dims, mesh)
 
     compute_dtype = DTYPES[cfg.training.mixed_precision_param]
+    # FSDP casts parameters itself (MixedPrecisionPolicy); without it, autocast does.
     autocast = torch.autocast(env.device.type, dtype=compute_dtype,
-                              enabled=compute_dtype != torch.float32)
+                              enabled=compute_dtype != torch.float32 and not fsdp)
     accumulation = grad_accumulation_steps(cfg, dims)
+    reduce_every_micro = not fsdp or cfg.parallelism.fsdp_reduce_every_microbatch
     tokens_per_step = cfg.training.local_batch_size * cfg.training.seq_len * accumulation
     peak, peak_source = peak_flops(env.device, compute_dtype, cfg.metrics)
     flops_per_token = model.flops_per_token(cfg.training.seq_len)
+    tracker = None
+    if env.device.type == "cpu" and cfg.metrics.track_cpu_memory:
+        tracker = TensorMemoryTracker()
+        tracker.track(list(model.parameters()) + list(model.buffers()))
     metrics = MetricsLogger(cfg.metrics, cfg.job.dump_folder, env.rank, env.device,
-                            flops_per_token, peak, cfg.training.steps)
+                            flops_per_token, peak, cfg.training.steps, tracker)
     log0(env, f"{cfg.job.description}: llama3 {cfg.model.flavor}, {model.num_params():,} params, "
               f"vocab {tokenizer.vocab_size}, {flops_per_token / 1e6:.1f} MFLOP/token | "
-              f"{env.world_size} rank(s) on {env.device.type} {dims} | global batch "
+              f"{env.world_size} rank(s) on {env.device.type} {dims}"
+              f"{' with FSDP2' if fsdp else ''}{' + CPU offload' if cfg.training.enable_cpu_offload else ''} | "
+              f"AC {cfg.activation_checkpoint.mode} | global batch "
               f"{cfg.training.local_batch_size * dims.dp * accumulation} x {cfg.training.seq_len} "
               f"({accumulation} accumulation step(s)) | {compute_dtype} compute | MFU peak: "
               f"{peak_source}")
 
     losses: list[float] = []
-    interval_start, interval_tokens = time.perf_counter(), 0
+    interval_start, interval_tokens, optimizer_seconds = time.perf_counter(), 0, 0.0
     for step in range(1, cfg.training.steps + 1):
-        optimizer.zero_grad(set_to_none=True)
-        step_loss = torch.zeros((), device=env.device)
-        for micro in range(accumulation):
-            inputs, labels = (t.to(env.device, non_blocking=True) for t in loader.next_batch())
-            with gradient_sync(train_model, micro == accumulation - 1), autocast:
-                logits = train_model(inputs)
-            # Equal-sized micro-batches: the mean of their means is the mean over the batch.
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten()) / accumulation
-            loss.backward()
-            step_loss += loss.detach()
-        max_norm = cfg.training.max_norm or float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm, foreach=True)
-        lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
+        with tracker or contextlib.nullcontext():
+            step_loss = torch.zeros((), device=env.device)
+            for micro in range(accumulation):
+                inputs, labels = (t.to(env.device, non_blocking=True) for t in loader.next_batch())
+                last = micro == accumulation - 1
+                with gradient_sync(train_model, last or reduce_every_micro):
+                    with autocast:
+                        logits = train_model(inputs)
+                    # Equal micro-batches: the mean of their means is the mean over the batch.
+                    loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+                    loss = loss / accumulation
+                    loss.backward()
+                step_loss += loss.detach()
+            del logits, loss
+            optimizer_start = _synchronized_time(env.device)
+            grad_norm = clip_gradients(list(model.parameters()), cfg.training.max_norm)
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            optimizer_seconds += _synchronized_time(env.device) - optimizer_start
         scheduler.step()
 
         loss_value = mean_over_ranks(step_loss).item()
@@ -166,10 +206,19 @@ def train(cfg: JobConfig, env: DistEnv) -> list[float]:
         interval_tokens += tokens_per_step
         if step % cfg.metrics.log_freq == 0 or step == cfg.training.steps:
             elapsed = time.perf_counter() - interval_start
-            metrics.log(step, loss_value, grad_norm.item(), lr, interval_tokens, elapsed)
-            interval_start, interval_tokens = time.perf_counter(), 0
+            steps_in_interval = interval_tokens // tokens_per_step
+            metrics.log(step, loss_value, grad_norm.item(), lr, interval_tokens, elapsed,
+                        optimizer_seconds / steps_in_interval)
+            interval_start, interval_tokens, optimizer_seconds = time.perf_counter(), 0, 0.0
     metrics.close()
-    return losses
+    return TrainResult(losses, model)
+
+
+def _synchronized_time(device: torch.device) -> float:
+    """Wall time after the device finished its queued work (so phases can be timed apart)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def save_config(cfg: JobConfig, env: DistEnv) -> None:

@@ -24,9 +24,14 @@ def check_job(cfg: JobConfig, world_size: int) -> list[str]:
                             f"{dims.dp} = {per_micro_step})")
     if t.global_batch_size == 0:
         problems.append("training.global_batch_size: 0 is not a batch size (use -1 or >= 1)")
-    if cfg.activation_checkpoint.mode != "none":
-        problems.append(f"activation_checkpoint.mode: {cfg.activation_checkpoint.mode!r} is not "
-                        "available yet; use 'none'")
+    option = cfg.activation_checkpoint.selective_ac_option
+    if option != "op" and not (option.isdigit() and int(option) >= 1):
+        problems.append(f"activation_checkpoint.selective_ac_option: {option!r} is neither 'op' "
+                        "nor a positive integer (checkpoint every k-th block)")
+    if dims is not None and not dims.uses_fsdp(t.enable_cpu_offload):
+        if t.mixed_precision_reduce != "float32":
+            problems.append("training.mixed_precision_reduce: only FSDP reduces in another dtype;"
+                            " with dp_shard 1 and no CPU offload use 'float32'")
     if cfg.metrics.enable_tensorboard and importlib.util.find_spec("tensorboard") is None:
         problems.append("metrics.enable_tensorboard: the tensorboard package is not installed "
                         "(pip install tensorboard)")

@@ -93,19 +93,36 @@ class Training:
     steps: int = opt(10, "Optimizer steps to train.", min=1)
     max_norm: float = opt(1.0, "Clip gradients to this global L2 norm; 0 disables clipping.",
                           min=0.0)
-    mixed_precision_param: str = opt("float32", "Compute dtype of matmuls (autocast); weights "
-                                     "and optimizer states stay float32.",
+    mixed_precision_param: str = opt("float32", "Compute dtype. With FSDP: the dtype parameters "
+                                     "are all-gathered and computed in (MixedPrecisionPolicy); "
+                                     "without FSDP: the autocast dtype. Sharded weights and "
+                                     "optimizer states stay float32.",
                                      choices=["float32", "bfloat16"])
+    mixed_precision_reduce: str = opt("float32", "dtype of FSDP's gradient reduce-scatter "
+                                      "(FSDP only).", choices=["float32", "bfloat16"])
+    enable_cpu_offload: bool = opt(False, "Keep sharded parameters, gradients and AdamW states "
+                                   "in host memory and run the optimizer step on CPU (FSDP2 "
+                                   "CPUOffloadPolicy; turns FSDP on even for one rank).")
     device: str = opt("auto", "auto: CUDA + nccl when present, else CPU + gloo.",
                       choices=["auto", "cuda", "cpu"])
 
 
 @dataclass
 class Parallelism:
-    dp_replicate: int = opt(-1, "Replicated data-parallel degree (DDP); -1: the world size left "
-                            "after the other degrees.", min=-1)
-    dp_shard: int = opt(1, "Sharded data-parallel degree (FSDP2). Only 1 until FSDP lands.",
-                        min=-1)
+    dp_replicate: int = opt(1, "Replicated data-parallel degree: DDP, or HSDP's replica "
+                            "groups when dp_shard > 1; -1: the world size left after the "
+                            "other degrees.", min=-1)
+    dp_shard: int = opt(-1, "Sharded data-parallel degree (FSDP2 fully_shard); -1: the world "
+                        "size left after the other degrees.", min=-1)
+    fsdp_reshard_after_forward: str = opt(
+        "default", "Free each block's gathered parameters after its forward? default: yes, "
+        "except the last block and the root, whose backward starts at once; always; never "
+        "(more memory, no second all-gather in backward).",
+        choices=["default", "always", "never"])
+    fsdp_reduce_every_microbatch: bool = opt(
+        True, "With gradient accumulation: reduce-scatter each micro-batch's gradients so only "
+        "sharded gradients stay in memory; false: accumulate full-size gradients locally and "
+        "reduce once on the last micro-batch (less communication, more memory).")
     tensor_parallel_degree: int = opt(1, "Tensor-parallel degree. Only 1 until TP lands.", min=1)
     pipeline_parallel_degree: int = opt(1, "Pipeline-parallel degree. Only 1 until PP lands.",
                                         min=1)
@@ -113,8 +130,13 @@ class Parallelism:
 
 @dataclass
 class ActivationCheckpoint:
-    mode: str = opt("none", "Activation checkpointing. Only 'none' until AC lands.",
+    mode: str = opt("none", "Recompute activations in backward instead of keeping them: none; "
+                    "full: every block; selective: see selective_ac_option.",
                     choices=["none", "full", "selective"])
+    selective_ac_option: str = opt("op", "For mode = selective. 'op': in every block keep the "
+                                   "outputs of matmuls and attention and recompute the cheap "
+                                   "ops (norms, activations, RoPE); an integer k: checkpoint "
+                                   "every k-th block fully.")
 
 
 @dataclass
@@ -130,6 +152,9 @@ class Metrics:
     jsonl_all_ranks: bool = opt(False, "Every rank writes its JSONL file, not just rank 0.")
     enable_tensorboard: bool = opt(False, "Also write TensorBoard events (needs the tensorboard "
                                    "package).")
+    track_cpu_memory: bool = opt(True, "On CPU, measure peak memory as the bytes of live "
+                                 "tensors (a dispatch-mode tracker; a few % slower). On CUDA "
+                                 "the allocator's own peak is always used.")
     cpu_peak_tflops: float = opt(0.0, "Peak TFLOP/s of one rank for MFU on CPU; 0: measure a "
                                  "float32 matmul at start-up.", min=0.0)
 

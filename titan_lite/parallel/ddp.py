@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.nn.parallel import DistributedDataParallel
@@ -18,13 +15,3 @@ def apply_ddp(model: nn.Module, mesh: DeviceMesh) -> nn.Module:
     group = mesh["dp_replicate"].get_group()
     device_ids = None if mesh.device_type == "cpu" else [next(model.parameters()).device]
     return DistributedDataParallel(model, process_group=group, device_ids=device_ids)
-
-
-@contextlib.contextmanager
-def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
-    """Skip DDP's all-reduce on all but the last micro-batch of an accumulation."""
-    if enabled or not isinstance(model, DistributedDataParallel):
-        yield
-    else:
-        with model.no_sync():
-            yield

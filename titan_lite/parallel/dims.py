@@ -12,7 +12,6 @@ if TYPE_CHECKING:
 
 # Degrees that a later milestone implements; a value other than 1 is refused, never ignored.
 _NOT_YET = {
-    "dp_shard": "sharded data parallel (FSDP2) is not available yet; use dp_replicate",
     "tensor_parallel_degree": "tensor parallel is not available yet",
     "pipeline_parallel_degree": "pipeline parallel is not available yet",
 }
@@ -33,6 +32,10 @@ class ParallelDims:
     def dp(self) -> int:
         """Data-parallel degree: how many ranks see different data."""
         return self.dp_replicate * self.dp_shard
+
+    def uses_fsdp(self, cpu_offload: bool) -> bool:
+        """FSDP2 shards when dp_shard > 1; CPU offload is an FSDP2 policy, so it needs FSDP too."""
+        return self.dp_shard > 1 or cpu_offload
 
 
 def resolve_degrees(cfg: Parallelism, world_size: int) -> tuple[ParallelDims | None, list[str]]:
@@ -73,12 +76,13 @@ def resolve_degrees(cfg: Parallelism, world_size: int) -> tuple[ParallelDims | N
                         degrees["tensor_parallel_degree"], degrees["pipeline_parallel_degree"]), []
 
 
-def build_mesh(dims: ParallelDims, device_type: str) -> DeviceMesh | None:
-    """One mesh with named dims for every degree > 1 (None in a single process)."""
+def build_mesh(dims: ParallelDims, device_type: str, fsdp: bool) -> DeviceMesh | None:
+    """One mesh with named dims for every degree > 1, plus ``dp_shard`` whenever FSDP is on
+    (FSDP on one rank still needs a mesh to hold its sharding); None when there is no dim."""
     names, sizes = [], []
     for name, size in (("dp_replicate", dims.dp_replicate), ("dp_shard", dims.dp_shard),
                        ("tp", dims.tp), ("pp", dims.pp)):
-        if size > 1:
+        if size > 1 or (name == "dp_shard" and fsdp):
             names.append(name)
             sizes.append(size)
     if not names:
@@ -87,7 +91,15 @@ def build_mesh(dims: ParallelDims, device_type: str) -> DeviceMesh | None:
 
 
 def data_parallel_rank(mesh: DeviceMesh | None) -> int:
-    """This rank's index among the ranks that see different data."""
-    if mesh is None or "dp_replicate" not in (mesh.mesh_dim_names or ()):
-        return 0
-    return mesh.get_local_rank("dp_replicate")
+    """This rank's index among the ranks that see different data (replicas x shards)."""
+    rank = 0
+    for name in ("dp_replicate", "dp_shard"):
+        if mesh is not None and name in (mesh.mesh_dim_names or ()):
+            rank = rank * mesh[name].size() + mesh.get_local_rank(name)
+    return rank
+
+
+def data_parallel_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    """The sub-mesh FSDP works on: ``dp_shard``, or (``dp_replicate``, ``dp_shard``) for HSDP."""
+    names = tuple(n for n in ("dp_replicate", "dp_shard") if n in (mesh.mesh_dim_names or ()))
+    return mesh[names]

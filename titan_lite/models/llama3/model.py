@@ -7,6 +7,10 @@ Build on the meta device, move with ``to_empty`` and call ``init_weights`` to ma
 from __future__ import annotations
 
 import math
+import zlib
+from collections.abc import Callable
+from contextlib import AbstractContextManager as ContextManager
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -160,17 +164,34 @@ class Transformer(nn.Module):
         return self.output(h)
 
     @torch.no_grad()
-    def init_weights(self) -> None:
-        """(Re)initialise every parameter and buffer in place; works after ``to_empty``."""
+    def init_weights(self, seed: int = 0,
+                     unit_context: Callable[[nn.Module], ContextManager] = nullcontext) -> None:
+        """(Re)initialise every parameter and buffer in place; works after ``to_empty``.
+
+        Each unit (the embedding, every block, the final norm, the output) draws from the RNG
+        re-seeded from ``seed`` and the unit's name, so its values depend neither on the other
+        units this process holds (a pipeline stage) nor on the order. ``unit_context(module)``
+        is entered around each unit: a parallel layout uses it to present sharded parameters as
+        full tensors while they are drawn, so every layout starts from the same weights.
+        """
         self.rope.copy_(rope_table(self.args, self.rope.shape[0]))
+        for name, module, init in self._init_units():
+            with unit_context(module):
+                torch.manual_seed(zlib.crc32(f"{seed}/{name}".encode()))
+                init()
+
+    def _init_units(self) -> list[tuple[str, nn.Module, Callable[[], None]]]:
         embed_std = self.args.dim**-0.5 if self.output is None else 1.0
-        nn.init.normal_(self.tok_embeddings.weight, std=embed_std)
-        for layer in self.layers.values():
-            layer.init_weights()
-        self.norm.reset_parameters()
+        units: list[tuple[str, nn.Module, Callable[[], None]]] = [
+            ("tok_embeddings", self.tok_embeddings,
+             lambda: nn.init.normal_(self.tok_embeddings.weight, std=embed_std))]
+        units += [(f"layers.{key}", layer, layer.init_weights) for key, layer in self.layers.items()]
+        units.append(("norm", self.norm, self.norm.reset_parameters))
         if self.output is not None:
             bound = 3 * self.args.dim**-0.5
-            nn.init.trunc_normal_(self.output.weight, std=self.args.dim**-0.5, a=-bound, b=bound)
+            units.append(("output", self.output, lambda: nn.init.trunc_normal_(
+                self.output.weight, std=self.args.dim**-0.5, a=-bound, b=bound)))
+        return units
 
     def num_params(self, exclude_embedding: bool = False) -> int:
         total = sum(p.numel() for p in self.parameters())

@@ -1,0 +1,163 @@
+"""FSDP2, CPU offload, mixed precision and gradient accumulation on gloo: numbers, not just runs.
+
+Each layout trains the debug model for a few steps on 2 processes and is compared with one
+process on the same global batch and seed: same losses, same final parameters.
+"""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule
+from torch.distributed.tensor import DTensor
+
+from conftest import REPO, python_env
+from dist_helpers import run_distributed
+from titan_lite.config import load_config
+from titan_lite.distributed import DistEnv
+from titan_lite.train import train
+
+pytestmark = pytest.mark.timeout(240)
+
+# 4 sequences of 64 tokens per step over all ranks; the MFU reference is not measured.
+BASE = ["--training.seq_len", "64", "--training.steps", "3", "--metrics.log_freq", "100",
+        "--metrics.cpu_peak_tflops", "1", "--lr_scheduler.warmup_steps", "1"]
+# fp32 on CPU: sharding changes only the order of float additions (the reduce-scatter sums
+# per-rank gradients), so losses agree to rounding level over 3 steps. AdamW divides each
+# gradient by its running RMS, which turns a rounding-level gradient difference on a near-zero
+# gradient into up to ~lr (8e-4) of update: parameters are held to 1e-5, about 1% of one step.
+LOSS_ATOL, PARAM_ATOL = 2e-5, 1e-5
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    return (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach().clone()
+
+
+def _train_and_save(rank: int, world_size: int, argv: list[str], out: str) -> None:
+    os.chdir(REPO)
+    env = DistEnv(rank, rank, world_size, world_size, torch.device("cpu"))
+    result = train(load_config(argv), env)
+    params = {name: _full(p) for name, p in result.model.named_parameters()}
+    if rank == 0:
+        torch.save({"losses": result.losses, "params": params}, out)
+
+
+def run_layout(tmp_path, name: str, world_size: int, *overrides: str) -> dict:
+    out = str(tmp_path / f"{name}.pt")
+    argv = [*BASE, "--job.dump_folder", str(tmp_path / name), *overrides]
+    run_distributed(_train_and_save, world_size, argv, out)
+    return torch.load(out, weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict:
+    """One process, batch 4: the numbers every layout must reproduce."""
+    return run_layout(tmp_path_factory.mktemp("reference"), "one", 1,
+                      "--training.local_batch_size", "4")
+
+
+def assert_matches(result: dict, expected: dict, loss_atol: float = LOSS_ATOL,
+                   param_atol: float = PARAM_ATOL) -> None:
+    torch.testing.assert_close(result["losses"], expected["losses"], rtol=0, atol=loss_atol)
+    assert result["params"].keys() == expected["params"].keys()
+    for name, value in expected["params"].items():
+        torch.testing.assert_close(result["params"][name], value, rtol=0, atol=param_atol,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_fsdp_two_ranks_match_one_process(tmp_path, reference):
+    result = run_layout(tmp_path, "fsdp", 2, "--training.local_batch_size", "2")
+    assert_matches(result, reference)
+    assert result["losses"][-1] < result["losses"][0]  # it trained
+
+
+@pytest.mark.parametrize("policy", ["always", "never"])
+def test_reshard_policies_match_one_process(tmp_path, reference, policy):
+    result = run_layout(tmp_path, policy, 2, "--training.local_batch_size", "2",
+                        "--parallelism.fsdp_reshard_after_forward", policy)
+    assert_matches(result, reference)
+
+
+@pytest.mark.parametrize("reduce_every_microbatch", ["true", "false"])
+def test_fsdp_gradient_accumulation_equals_one_step_on_the_whole_batch(tmp_path, reference,
+                                                                      reduce_every_microbatch):
+    # 2 ranks x 1 sequence x 2 micro-batches = the reference's 4 sequences per step.
+    result = run_layout(tmp_path, "accumulate", 2, "--training.local_batch_size", "1",
+                        "--training.global_batch_size", "4",
+                        "--parallelism.fsdp_reduce_every_microbatch", reduce_every_microbatch)
+    assert_matches(result, reference)
+
+
+def test_hsdp_replicate_and_shard_match_one_process(tmp_path, reference):
+    pytest.importorskip("torch.distributed.fsdp")
+    result = run_layout(tmp_path, "hsdp", 4, "--training.local_batch_size", "1",
+                        "--parallelism.dp_replicate", "2", "--parallelism.dp_shard", "2")
+    assert_matches(result, reference)
+
+
+test_hsdp_replicate_and_shard_match_one_process = pytest.mark.slow(
+    test_hsdp_replicate_and_shard_match_one_process)
+
+
+def _offload_worker(rank: int, world_size: int, argv: list[str], out: str) -> None:
+    os.chdir(REPO)
+    env = DistEnv(rank, rank, world_size, world_size, torch.device("cpu"))
+    cfg = load_config(argv)
+    result = train(cfg, env)
+    model = result.model
+    assert isinstance(model, FSDPModule)
+    for module in [model, *model.layers.values()]:
+        assert isinstance(module._get_fsdp_state()._fsdp_param_group.offload_policy,
+                          CPUOffloadPolicy)
+    for name, param in model.named_parameters():
+        assert isinstance(param, DTensor) and param.to_local().device.type == "cpu", name
+    params = {name: _full(p) for name, p in model.named_parameters()}  # a collective
+    if rank == 0:
+        torch.save({"losses": result.losses, "params": params}, out)
+
+
+def test_cpu_offload_matches_one_process_and_keeps_state_on_cpu(tmp_path, reference):
+    out = str(tmp_path / "offload.pt")
+    argv = [*BASE, "--job.dump_folder", str(tmp_path), "--training.local_batch_size", "2",
+            "--training.enable_cpu_offload", "true"]
+    run_distributed(_offload_worker, 2, argv, out)
+    assert_matches(torch.load(out, weights_only=True), reference)
+
+
+def test_cpu_offload_on_one_rank_matches_no_offload(tmp_path, reference):
+    result = run_layout(tmp_path, "offload1", 1, "--training.local_batch_size", "4",
+                        "--training.enable_cpu_offload", "true")
+    assert_matches(result, reference)
+
+
+def test_bf16_params_fp32_reduce_track_the_fp32_run(tmp_path, reference):
+    result = run_layout(tmp_path, "bf16", 2, "--training.local_batch_size", "2",
+                        "--training.mixed_precision_param", "bfloat16")
+    # bf16 has an 8-bit mantissa (~4e-3 relative): the loss (~8) moves by ~1e-3, not 1e-5.
+    torch.testing.assert_close(result["losses"], reference["losses"], rtol=0, atol=2e-2)
+    assert result["losses"] != reference["losses"]  # the bf16 policy really was applied
+    for name, value in reference["params"].items():
+        assert result["params"][name].dtype == torch.float32, name  # sharded master weights
+
+
+def test_bad_degrees_exit_2_on_every_rank_without_hanging(tmp_path):
+    """torchrun straight (no run_train.sh pre-check): each rank refuses before any collective."""
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "--tee", "3", "-m", "titan_lite.train", "--job.dump_folder", str(tmp_path),
+         "--parallelism.dp_shard", "4"],
+        cwd=REPO, env=python_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    for rank in (0, 1):
+        assert (f"[rank{rank}] config error: parallelism: the degrees multiply to 4 but the "
+                "world size is 2") in output, output[-3000:]
+    # torchrun's summary: the first worker to fail exited 2; it then stops the others with
+    # SIGTERM, which can land after a peer printed its message but before its own exit 2.
+    codes = re.findall(r"exitcode  : (-?\d+)", output)
+    assert "2" in codes and set(codes) <= {"2", "-15"}, codes
+    worker_lines = [line for line in output.splitlines() if line.startswith("[default")]
+    assert not any("Traceback" in line for line in worker_lines)  # torchrun's own is expected

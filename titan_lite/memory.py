@@ -1,0 +1,88 @@
+"""Peak memory that means something on CPU too: the bytes of live tensors, tracked per storage.
+
+CUDA has an allocator that counts (``torch.cuda.max_memory_allocated``). On CPU the resident set
+size mixes in the Python heap, libraries and allocator caches, so it cannot show what activation
+checkpointing or sharding saves. ``TensorMemoryTracker`` is a dispatch mode that sees every tensor
+an op creates, counts each storage once, and subtracts it when the storage is freed.
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch.distributed.tensor import DTensor
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+
+class TensorMemoryTracker(TorchDispatchMode):
+    """Live and peak bytes of the tensor storages created under it or registered with ``track``.
+
+    Use as a context manager around the work to measure (e.g. each training step); tensors that
+    exist before (parameters, optimizer states) are registered with ``track``. Storage resizes
+    (FSDP2 frees and re-allocates gathered parameters that way) are followed while active.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live_bytes = 0
+        self.peak_bytes = 0
+        self._sizes: dict[int, int] = {}  # storage address key -> bytes counted
+        self._refs: dict[int, weakref.ref] = {}
+        self._original_resize = torch.UntypedStorage.resize_
+
+    def track(self, tensors: Iterable[Any]) -> None:
+        """Count tensors created outside the tracker (DTensors count their local shard)."""
+        for tensor in tensors:
+            if isinstance(tensor, DTensor):
+                tensor = tensor.to_local()
+            if isinstance(tensor, torch.Tensor) and tensor.device.type != "meta":
+                self._count(tensor.untyped_storage())
+
+    def reset_peak(self) -> None:
+        self.peak_bytes = self.live_bytes
+
+    def _count(self, storage: torch.UntypedStorage) -> None:
+        key = storage._cdata
+        previous = self._sizes.get(key)
+        size = storage.nbytes()
+        if previous == size:
+            return
+        if previous is None:
+            self._refs[key] = weakref.ref(storage, functools.partial(self._forget, key))
+        self._sizes[key] = size
+        self.live_bytes += size - (previous or 0)
+        self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+
+    def _forget(self, key: int, _ref: weakref.ref) -> None:
+        self.live_bytes -= self._sizes.pop(key, 0)
+        self._refs.pop(key, None)
+
+    def __enter__(self) -> TensorMemoryTracker:
+        tracker, original = self, self._original_resize
+
+        def resize_(storage: torch.UntypedStorage, size: int) -> Any:
+            result = original(storage, size)
+            if storage._cdata in tracker._sizes or size > 0:
+                tracker._count(storage)
+            return result
+
+        torch.UntypedStorage.resize_ = resize_  # resize_ bypasses the dispatcher
+        return super().__enter__()
+
+    def __exit__(self, *args: Any) -> None:
+        torch.UntypedStorage.resize_ = self._original_resize
+        super().__exit__(*args)
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if DTensor in types:
+            return NotImplemented  # let DTensor unwrap; its local ops come back through here
+        out = func(*args, **(kwargs or {}))
+        for leaf in tree_leaves(out):
+            if isinstance(leaf, torch.Tensor) and leaf.device.type != "meta":
+                self._count(leaf.untyped_storage())
+        return out
