@@ -29,10 +29,10 @@ done
 # Check the config once, up front: a mistake exits 2 with one line per problem, no traceback.
 WORLD_SIZE="$NGPU" python -m titan_lite.config --config "$CONFIG_FILE" "${overrides[@]}" >/dev/null
 
-# Without a GPU, split the cores between the ranks so they don't fight over them.
-if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
-  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NGPU > 0 ? $(nproc) / NGPU : 1 ))}
-fi
+# Split the cores between the ranks: CPU ranks compute with them, and with
+# training.enable_cpu_offload the optimizer step runs on them (torchrun alone would pin every
+# rank of a multi-GPU job to one thread).
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NGPU > 0 ? $(nproc) / NGPU : 1 ))}
 
 exec torchrun --standalone --nproc_per_node="$NGPU" --local-ranks-filter "$LOG_RANK" --role rank \
   --tee 3 -m titan_lite.train --config "$CONFIG_FILE" "${overrides[@]}"

@@ -4,8 +4,9 @@
     python bench/bench_train.py --steps 6 --rows debug-1rank,small-1rank
 
 Each row trains for --steps optimizer steps and reports the mean over all but the first step
-(start-up and warm-up excluded) of tokens/s per rank, MFU and peak memory, as the trainer's own
-JSONL metrics record them. Not a test: the figures go to the README by hand.
+(start-up and warm-up excluded) of tokens/s per rank, MFU and the optimizer step's time, and
+the peak memory, as the trainer's own JSONL metrics record them (on CPU: the peak bytes of live
+tensors; on CUDA: max allocated). Not a test: the figures go to the README by hand.
 """
 
 from __future__ import annotations
@@ -19,21 +20,32 @@ import tempfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# torchtitan's debug-model shape: dim 256, 6 layers, batch 8 x 2048 per rank.
+DEBUG = ["--model.flavor", "debugmodel", "--training.local_batch_size", "8",
+         "--training.seq_len", "2048"]
 # name -> (processes, overrides)
 ROWS: dict[str, tuple[int, list[str]]] = {
-    # torchtitan's debug-model shape: dim 256, 6 layers, batch 8 x 2048 per rank.
-    "debug-1rank": (1, ["--model.flavor", "debugmodel", "--training.local_batch_size", "8",
-                        "--training.seq_len", "2048"]),
-    "debug-2rank-ddp": (2, ["--model.flavor", "debugmodel", "--training.local_batch_size", "8",
-                            "--training.seq_len", "2048"]),
-    "debug-1rank-bf16": (1, ["--model.flavor", "debugmodel", "--training.local_batch_size", "8",
-                             "--training.seq_len", "2048",
-                             "--training.mixed_precision_param", "bfloat16"]),
+    "debug-1rank": (1, DEBUG),
+    "debug-1rank-untracked": (1, [*DEBUG, "--metrics.track_cpu_memory", "false"]),
+    "debug-1rank-ac-selective": (1, [*DEBUG, "--activation_checkpoint.mode", "selective"]),
+    "debug-1rank-ac-full": (1, [*DEBUG, "--activation_checkpoint.mode", "full"]),
+    "debug-1rank-offload": (1, [*DEBUG, "--training.enable_cpu_offload", "true"]),
+    "debug-2rank-fsdp": (2, DEBUG),
+    "debug-2rank-fsdp-offload": (2, [*DEBUG, "--training.enable_cpu_offload", "true"]),
+    "debug-2rank-ddp": (2, [*DEBUG, "--parallelism.dp_replicate", "2",
+                            "--parallelism.dp_shard", "1"]),
+    "debug-1rank-bf16": (1, [*DEBUG, "--training.mixed_precision_param", "bfloat16"]),
     # ~79M parameters (dim 768, 12 layers, GQA 12/4 heads).
     "small-1rank": (1, ["--model.flavor", "small", "--training.local_batch_size", "2",
                         "--training.seq_len", "1024"]),
+    "small-2rank-fsdp-offload-ac-full": (2, [
+        "--model.flavor", "small", "--training.local_batch_size", "1",
+        "--training.seq_len", "1024", "--training.enable_cpu_offload", "true",
+        "--activation_checkpoint.mode", "full"]),
 }
-DEFAULT_ROWS = "debug-1rank,debug-2rank-ddp,small-1rank"
+DEFAULT_ROWS = ("debug-1rank,debug-1rank-untracked,debug-1rank-ac-selective,debug-1rank-ac-full,"
+                "debug-1rank-offload,debug-2rank-fsdp,debug-2rank-fsdp-offload,debug-2rank-ddp,"
+                "small-1rank")
 
 
 def run_row(name: str, steps: int, folder: str) -> dict[str, float | str]:
@@ -52,6 +64,7 @@ def run_row(name: str, steps: int, folder: str) -> dict[str, float | str]:
 
     return {"row": name, "ranks": ngpu, "tokens/s/rank": mean("tokens_per_s"),
             "tokens/s total": mean("tokens_per_s") * ngpu, "MFU %": mean("mfu_pct"),
+            "optimizer s/step": mean("optimizer_s"),
             "peak mem GiB": max(r["peak_memory_gib"] for r in records),
             "memory": records[-1]["memory_kind"], "final loss": records[-1]["loss"]}
 
@@ -70,8 +83,14 @@ def main() -> None:
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
     for r in results:
-        cells = [f"{v:,.1f}" if isinstance(v, float) else str(v) for v in r.values()]
+        cells = [_cell(v) for v in r.values()]
         print("| " + " | ".join(cells) + " |")
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:,.1f}" if abs(value) >= 10 else f"{value:.3f}"
+    return str(value)
 
 
 if __name__ == "__main__":

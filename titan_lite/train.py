@@ -129,10 +129,39 @@ def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+def forward_backward(train_model: torch.nn.Module, loader: PackedDataLoader,
+                     device: torch.device, accumulation: int,
+                     autocast: torch.autocast, reduce_every_micro: bool) -> torch.Tensor:
+    """Forward and backward over one step's micro-batches, leaving the gradients of their mean
+    loss in ``.grad``; returns that loss (this rank's)."""
+    step_loss = torch.zeros((), device=device)
+    for micro in range(accumulation):
+        inputs, labels = (t.to(device, non_blocking=True) for t in loader.next_batch())
+        last = micro == accumulation - 1
+        with gradient_sync(train_model, last or reduce_every_micro):
+            with autocast:
+                logits = train_model(inputs)
+            # Equal micro-batches: the mean of their means is the mean over the batch.
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten()) / accumulation
+            del logits  # the biggest activation; free it before backward allocates gradients
+            loss.backward()
+        step_loss += loss.detach()
+    return step_loss
+
+
+def describe_layout(cfg: JobConfig, dims: ParallelDims, env: DistEnv) -> str:
+    fsdp = dims.uses_fsdp(cfg.training.enable_cpu_offload)
+    return (f"{env.world_size} rank(s) on {env.device.type} {dims}"
+            f"{' with FSDP2' if fsdp else ''}"
+            f"{' + CPU offload' if cfg.training.enable_cpu_offload else ''} | "
+            f"AC {cfg.activation_checkpoint.mode}")
+
+
 @dataclass
 class TrainResult:
     losses: list[float]  # per step, averaged over ranks
     model: Transformer  # trained; its parameters are DTensors under FSDP
+    optimizer: torch.optim.Optimizer
 
 
 def train(cfg: JobConfig, env: DistEnv) -> TrainResult:
@@ -166,9 +195,7 @@ def train(cfg: JobConfig, env: DistEnv) -> TrainResult:
                             flops_per_token, peak, cfg.training.steps, tracker)
     log0(env, f"{cfg.job.description}: llama3 {cfg.model.flavor}, {model.num_params():,} params, "
               f"vocab {tokenizer.vocab_size}, {flops_per_token / 1e6:.1f} MFLOP/token | "
-              f"{env.world_size} rank(s) on {env.device.type} {dims}"
-              f"{' with FSDP2' if fsdp else ''}{' + CPU offload' if cfg.training.enable_cpu_offload else ''} | "
-              f"AC {cfg.activation_checkpoint.mode} | global batch "
+              f"{describe_layout(cfg, dims, env)} | global batch "
               f"{cfg.training.local_batch_size * dims.dp * accumulation} x {cfg.training.seq_len} "
               f"({accumulation} accumulation step(s)) | {compute_dtype} compute | MFU peak: "
               f"{peak_source}")
@@ -177,19 +204,8 @@ def train(cfg: JobConfig, env: DistEnv) -> TrainResult:
     interval_start, interval_tokens, optimizer_seconds = time.perf_counter(), 0, 0.0
     for step in range(1, cfg.training.steps + 1):
         with tracker or contextlib.nullcontext():
-            step_loss = torch.zeros((), device=env.device)
-            for micro in range(accumulation):
-                inputs, labels = (t.to(env.device, non_blocking=True) for t in loader.next_batch())
-                last = micro == accumulation - 1
-                with gradient_sync(train_model, last or reduce_every_micro):
-                    with autocast:
-                        logits = train_model(inputs)
-                    # Equal micro-batches: the mean of their means is the mean over the batch.
-                    loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
-                    loss = loss / accumulation
-                    loss.backward()
-                step_loss += loss.detach()
-            del logits, loss
+            step_loss = forward_backward(train_model, loader, env.device, accumulation, autocast,
+                                         reduce_every_micro)
             optimizer_start = _synchronized_time(env.device)
             grad_norm = clip_gradients(list(model.parameters()), cfg.training.max_norm)
             lr = optimizer.param_groups[0]["lr"]
@@ -211,7 +227,7 @@ def train(cfg: JobConfig, env: DistEnv) -> TrainResult:
                         optimizer_seconds / steps_in_interval)
             interval_start, interval_tokens, optimizer_seconds = time.perf_counter(), 0, 0.0
     metrics.close()
-    return TrainResult(losses, model)
+    return TrainResult(losses, model, optimizer)
 
 
 def _synchronized_time(device: torch.device) -> float:

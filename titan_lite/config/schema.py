@@ -69,9 +69,10 @@ class Optimizer:
     eps: float = opt(1e-8, "AdamW epsilon.", min=0.0)
     weight_decay: float = opt(0.1, "Decoupled weight decay for matrices; norms get none.",
                               min=0.0)
-    implementation: str = opt("foreach", "foreach: multi-tensor kernels (any device); "
-                              "fused: one fused kernel; for-loop: per-parameter reference.",
-                              choices=["foreach", "fused", "for-loop"])
+    implementation: str = opt("fused", "fused: one fused kernel per parameter group (fastest, "
+                              "CPU included: ~6x foreach for a CPU-offloaded step); foreach: "
+                              "multi-tensor kernels; for-loop: per-parameter reference.",
+                              choices=["fused", "foreach", "for-loop"])
 
 
 @dataclass
