@@ -10,6 +10,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from titan_lite.distributed import shutdown_and_exit
+
 GLOO_TIMEOUT = timedelta(seconds=60)
 
 
@@ -27,8 +29,12 @@ def _worker(rank: int, world_size: int, port: int, fn, args) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=GLOO_TIMEOUT)
     try:
         fn(rank, world_size, *args)
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise  # mp.spawn reports it
+    # A normal interpreter exit after a device mesh sometimes aborts in C++ destructors
+    # ("terminate called without an active exception"); leave the way the trainer does.
+    shutdown_and_exit(0)
 
 
 def run_distributed(fn, world_size: int, *args) -> None:

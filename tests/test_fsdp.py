@@ -31,10 +31,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 BASE = ["--training.seq_len", "64", "--training.steps", "3", "--metrics.log_freq", "100",
         "--metrics.cpu_peak_tflops", "1", "--lr_scheduler.warmup_steps", "1"]
 # fp32 on CPU: sharding changes only the order of float additions (the reduce-scatter sums
-# per-rank gradients), so losses agree to rounding level over 3 steps. AdamW divides each
-# gradient by its running RMS, which turns a rounding-level gradient difference on a near-zero
-# gradient into up to ~lr (8e-4) of update: parameters are held to 1e-5, about 1% of one step.
-LOSS_ATOL, PARAM_ATOL = 2e-5, 1e-5
+# per-rank gradients), so losses agree to rounding level over 3 steps (seen: <= 1e-6). AdamW
+# divides each gradient by its running RMS, which turns a rounding-level gradient difference on
+# a near-zero gradient into a visible update difference: parameters are held to 2e-5 (seen:
+# 6.4e-6), under 3% of one step's largest update (lr 8e-4).
+LOSS_ATOL, PARAM_ATOL = 2e-5, 2e-5
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:
@@ -64,12 +65,11 @@ def reference(tmp_path_factory) -> dict:
                       "--training.local_batch_size", "4")
 
 
-def assert_matches(result: dict, expected: dict, loss_atol: float = LOSS_ATOL,
-                   param_atol: float = PARAM_ATOL) -> None:
-    torch.testing.assert_close(result["losses"], expected["losses"], rtol=0, atol=loss_atol)
+def assert_matches(result: dict, expected: dict) -> None:
+    torch.testing.assert_close(result["losses"], expected["losses"], rtol=0, atol=LOSS_ATOL)
     assert result["params"].keys() == expected["params"].keys()
     for name, value in expected["params"].items():
-        torch.testing.assert_close(result["params"][name], value, rtol=0, atol=param_atol,
+        torch.testing.assert_close(result["params"][name], value, rtol=0, atol=PARAM_ATOL,
                                    msg=lambda m, name=name: f"{name}: {m}")
 
 
@@ -144,8 +144,8 @@ def test_cpu_offload_on_one_rank_matches_no_offload(tmp_path, reference):
 def test_bf16_params_fp32_reduce_track_the_fp32_run(tmp_path, reference):
     result = run_layout(tmp_path, "bf16", 2, "--training.local_batch_size", "2",
                         "--training.mixed_precision_param", "bfloat16")
-    # bf16 has an 8-bit mantissa (~4e-3 relative): the loss (~8) moves by ~1e-3, not 1e-5.
-    torch.testing.assert_close(result["losses"], reference["losses"], rtol=0, atol=2e-2)
+    # bf16 keeps 8 mantissa bits (~4e-3 relative): the loss (~8) moves by ~1e-3 (seen: 1.7e-3).
+    torch.testing.assert_close(result["losses"], reference["losses"], rtol=0, atol=1e-2)
     assert result["losses"] != reference["losses"]  # the bf16 policy really was applied
     for name, value in reference["params"].items():
         assert result["params"][name].dtype == torch.float32, name  # sharded master weights
