@@ -23,6 +23,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # torchtitan's debug-model shape: dim 256, 6 layers, batch 8 x 2048 per rank.
 DEBUG = ["--model.flavor", "debugmodel", "--training.local_batch_size", "8",
          "--training.seq_len", "2048"]
+SMALL = ["--model.flavor", "small", "--training.local_batch_size", "2",
+         "--training.seq_len", "1024"]
 # name -> (processes, overrides)
 ROWS: dict[str, tuple[int, list[str]]] = {
     "debug-1rank": (1, DEBUG),
@@ -35,17 +37,16 @@ ROWS: dict[str, tuple[int, list[str]]] = {
     "debug-2rank-ddp": (2, [*DEBUG, "--parallelism.dp_replicate", "2",
                             "--parallelism.dp_shard", "1"]),
     "debug-1rank-bf16": (1, [*DEBUG, "--training.mixed_precision_param", "bfloat16"]),
-    # ~79M parameters (dim 768, 12 layers, GQA 12/4 heads).
-    "small-1rank": (1, ["--model.flavor", "small", "--training.local_batch_size", "2",
-                        "--training.seq_len", "1024"]),
-    "small-2rank-fsdp-offload-ac-full": (2, [
-        "--model.flavor", "small", "--training.local_batch_size", "1",
-        "--training.seq_len", "1024", "--training.enable_cpu_offload", "true",
-        "--activation_checkpoint.mode", "full"]),
+    # ~79M parameters (dim 768, 12 layers, GQA 12/4 heads): weights, gradients and AdamW
+    # states (1.2 GiB) outweigh the activations, so sharding shows.
+    "small-1rank": (1, SMALL),
+    "small-2rank-fsdp": (2, SMALL),
+    "small-2rank-ddp": (2, [*SMALL, "--parallelism.dp_replicate", "2",
+                            "--parallelism.dp_shard", "1"]),
 }
 DEFAULT_ROWS = ("debug-1rank,debug-1rank-untracked,debug-1rank-ac-selective,debug-1rank-ac-full,"
                 "debug-1rank-offload,debug-2rank-fsdp,debug-2rank-fsdp-offload,debug-2rank-ddp,"
-                "small-1rank")
+                "small-1rank,small-2rank-fsdp,small-2rank-ddp")
 
 
 def run_row(name: str, steps: int, folder: str) -> dict[str, float | str]:

@@ -13,8 +13,7 @@ TINY = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, mul
 
 def build(args: ModelArgs = TINY, seed: int = 0) -> Transformer:
     model = Transformer(args)
-    torch.manual_seed(seed)  # init_weights alone decides the weights, whatever construction drew
-    model.init_weights()
+    model.init_weights(seed)  # the seed alone decides the weights, whatever construction drew
     return model
 
 
@@ -96,11 +95,20 @@ def test_meta_build_then_init_matches_eager_build():
         lazy = Transformer(TINY)
     assert lazy.num_params() == eager.num_params()
     lazy.to_empty(device="cpu")
-    torch.manual_seed(3)
-    lazy.init_weights()
+    torch.manual_seed(12345)  # the global RNG state does not matter
+    lazy.init_weights(seed=3)
     for (name, a), b in zip(eager.state_dict().items(), lazy.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
     torch.testing.assert_close(eager.rope, lazy.rope)
+    assert not torch.equal(build(seed=4).layers["0"].attention.wq.weight,
+                           eager.layers["0"].attention.wq.weight)
+
+
+def test_each_unit_is_drawn_independently_of_the_others():
+    """A block's weights do not depend on how many other blocks exist (pipeline stages)."""
+    two, three = build(seed=5), build(replace(TINY, n_layers=3), seed=5)
+    for name, value in two.state_dict().items():
+        torch.testing.assert_close(three.state_dict()[name], value, rtol=0, atol=0, msg=name)
 
 
 @pytest.mark.parametrize("flavor, params", [

@@ -62,14 +62,10 @@ def _ddp_grads_match_single_process(rank: int, world_size: int) -> None:
     args = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=50, multiple_of=16,
                      max_seq_len=16)
     model = Transformer(args)
-    torch.manual_seed(rank)  # different local init: DDP must broadcast rank 0's weights
-    model.init_weights()
-    torch.manual_seed(0)
+    model.init_weights(seed=rank)  # different local init: DDP must broadcast rank 0's weights
     reference = Transformer(args)
-    reference.init_weights()
-    if rank == 0:
-        model.load_state_dict(reference.state_dict())
-    tokens = torch.randint(0, 50, (4, 17))
+    reference.init_weights(seed=0)
+    tokens = torch.randint(0, 50, (4, 17), generator=torch.Generator().manual_seed(0))
     mesh = build_mesh(ParallelDims(world_size, 1, 1, 1), "cpu", fsdp=False)
     ddp = apply_ddp(model, mesh)
     mine = tokens[rank::world_size]

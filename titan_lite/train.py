@@ -22,10 +22,10 @@ from torch.distributed.device_mesh import DeviceMesh
 from titan_lite.config import JobConfig, parse_or_exit
 from titan_lite.data import PackedDataLoader, tokenize_to_cache
 from titan_lite.distributed import DTYPES, DistEnv, barrier, init_distributed, shutdown_and_exit
+from titan_lite.memory import TensorMemoryTracker
 from titan_lite.metrics import MetricsLogger, peak_flops
 from titan_lite.models.llama3 import FLAVORS, Transformer
 from titan_lite.optim import build_lr_scheduler, build_optimizer, clip_gradients
-from titan_lite.memory import TensorMemoryTracker
 from titan_lite.parallel.accumulation import gradient_sync
 from titan_lite.parallel.activation_checkpoint import apply_activation_checkpointing
 from titan_lite.parallel.ddp import apply_ddp
@@ -201,7 +201,7 @@ def train(cfg: JobConfig, env: DistEnv) -> TrainResult:
               f"{peak_source}")
 
     losses: list[float] = []
-    interval_start, interval_tokens, optimizer_seconds = time.perf_counter(), 0, 0.0
+    interval_start, last_logged_step, optimizer_seconds = time.perf_counter(), 0, 0.0
     for step in range(1, cfg.training.steps + 1):
         with tracker or contextlib.nullcontext():
             step_loss = forward_backward(train_model, loader, env.device, accumulation, autocast,
@@ -219,13 +219,11 @@ def train(cfg: JobConfig, env: DistEnv) -> TrainResult:
             raise TrainingError(f"loss is {loss_value} at step {step}: stopping (try a lower "
                                 "optimizer.lr or training.max_norm)")
         losses.append(loss_value)
-        interval_tokens += tokens_per_step
         if step % cfg.metrics.log_freq == 0 or step == cfg.training.steps:
-            elapsed = time.perf_counter() - interval_start
-            steps_in_interval = interval_tokens // tokens_per_step
-            metrics.log(step, loss_value, grad_norm.item(), lr, interval_tokens, elapsed,
-                        optimizer_seconds / steps_in_interval)
-            interval_start, interval_tokens, optimizer_seconds = time.perf_counter(), 0, 0.0
+            steps = step - last_logged_step
+            metrics.log(step, loss_value, grad_norm.item(), lr, steps * tokens_per_step,
+                        time.perf_counter() - interval_start, optimizer_seconds / steps)
+            interval_start, last_logged_step, optimizer_seconds = time.perf_counter(), step, 0.0
     metrics.close()
     return TrainResult(losses, model, optimizer)
 
