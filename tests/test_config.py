@@ -3,8 +3,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO, python_env
+
 from titan_lite.config import ConfigError, JobConfig, check_job, help_text, load_config
 from titan_lite.parallel.dims import resolve_degrees
 

@@ -2,8 +2,8 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import TIKTOKEN_PATH
+
 from titan_lite.data import PackedDataLoader, iter_documents, tokenize_to_cache
 from titan_lite.tokenizer import build_tokenizer
 

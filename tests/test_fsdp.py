@@ -12,11 +12,11 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule
-from torch.distributed.tensor import DTensor
-
 from conftest import REPO, python_env
 from dist_helpers import run_distributed
+from torch.distributed.fsdp import CPUOffloadPolicy
+from torch.distributed.tensor import DTensor
+
 from titan_lite.config import Parallelism, Training, load_config
 from titan_lite.distributed import DistEnv
 from titan_lite.models.llama3 import ModelArgs, Transformer

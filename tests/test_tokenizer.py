@@ -1,6 +1,6 @@
 import pytest
-
 from conftest import SPM_PATH, TIKTOKEN_PATH
+
 from titan_lite.tokenizer import build_tokenizer, llama3_special_tokens, read_bpe_ranks
 
 TEXT = "In the beginning God created the heaven and the earth.\n  Ünïcode: 🙂, 1234567!"

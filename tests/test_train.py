@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-
 from conftest import REPO, python_env
 from dist_helpers import run_distributed
+
 from titan_lite.config import load_config
 from titan_lite.distributed import DistEnv
 from titan_lite.models.llama3 import ModelArgs, Transformer

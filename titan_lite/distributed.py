@@ -10,7 +10,6 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # config name -> dtype
 
 

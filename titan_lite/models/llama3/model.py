@@ -185,7 +185,8 @@ class Transformer(nn.Module):
         units: list[tuple[str, nn.Module, Callable[[], None]]] = [
             ("tok_embeddings", self.tok_embeddings,
              lambda: nn.init.normal_(self.tok_embeddings.weight, std=embed_std))]
-        units += [(f"layers.{key}", layer, layer.init_weights) for key, layer in self.layers.items()]
+        units += [(f"layers.{key}", block, block.init_weights)
+                  for key, block in self.layers.items()]
         units.append(("norm", self.norm, self.norm.reset_parameters))
         if self.output is not None:
             bound = 3 * self.args.dim**-0.5
