@@ -12,12 +12,16 @@ import os
 import sys
 import time
 import traceback
+from collections.abc import Callable
+from contextlib import AbstractContextManager as ContextManager
 from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel
 
 from titan_lite.config import JobConfig, parse_or_exit
 from titan_lite.data import PackedDataLoader, tokenize_to_cache
@@ -32,6 +36,7 @@ from titan_lite.parallel.ddp import apply_ddp
 from titan_lite.parallel.dims import ParallelDims, build_mesh, data_parallel_rank, resolve_degrees
 from titan_lite.parallel.fsdp import apply_fsdp
 from titan_lite.parallel.init import materialize
+from titan_lite.parallel.tp import apply_tp
 from titan_lite.tokenizer import Tokenizer, build_tokenizer
 
 # float32 weights + gradients + two AdamW moments, per parameter, before sharding.
@@ -88,6 +93,8 @@ def build_model(cfg: JobConfig, vocab_size: int, dims: ParallelDims, mesh: Devic
     with torch.device("meta"):
         model = Transformer(args)
     check_model_fits(model, cfg, dims, env)
+    if dims.tp > 1:
+        apply_tp(model, mesh["tp"], cfg.parallelism.enable_loss_parallel)
     apply_activation_checkpointing(model, cfg.activation_checkpoint)
     offload = cfg.training.enable_cpu_offload
     if dims.uses_fsdp(offload):
@@ -130,8 +137,9 @@ def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
 
 
 def forward_backward(train_model: torch.nn.Module, loader: PackedDataLoader,
-                     device: torch.device, accumulation: int,
-                     autocast: torch.autocast, reduce_every_micro: bool) -> torch.Tensor:
+                     device: torch.device, accumulation: int, autocast: torch.autocast,
+                     loss_context: Callable[[], ContextManager],
+                     reduce_every_micro: bool) -> torch.Tensor:
     """Forward and backward over one step's micro-batches, leaving the gradients of their mean
     loss in ``.grad``; returns that loss (this rank's)."""
     step_loss = torch.zeros((), device=device)
@@ -141,12 +149,18 @@ def forward_backward(train_model: torch.nn.Module, loader: PackedDataLoader,
         with gradient_sync(train_model, last or reduce_every_micro):
             with autocast:
                 logits = train_model(inputs)
-            # Equal micro-batches: the mean of their means is the mean over the batch.
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten()) / accumulation
-            del logits  # the biggest activation; free it before backward allocates gradients
-            loss.backward()
-        step_loss += loss.detach()
+            with loss_context():  # loss parallel: cross entropy on vocab-sharded logits
+                # Equal micro-batches: the mean of their means is the mean over the batch.
+                loss = F.cross_entropy(logits.flatten(0, 1).float(),
+                                       labels.flatten()) / accumulation
+                del logits  # the biggest activation; free it before backward allocates grads
+                loss.backward()
+        step_loss += _plain(loss.detach())
     return step_loss
+
+
+def _plain(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 def describe_layout(cfg: JobConfig, dims: ParallelDims, env: DistEnv) -> str:
@@ -184,7 +198,12 @@ def train(cfg: JobConfig, env: DistEnv) -> TrainResult:
                               enabled=compute_dtype != torch.float32 and not fsdp)
     accumulation = grad_accumulation_steps(cfg, dims)
     reduce_every_micro = not fsdp or cfg.parallelism.fsdp_reduce_every_microbatch
-    tokens_per_step = cfg.training.local_batch_size * cfg.training.seq_len * accumulation
+    loss_context = (loss_parallel if dims.tp > 1 and cfg.parallelism.enable_loss_parallel
+                    else contextlib.nullcontext)
+    # Each rank's share of the step's tokens (tensor-parallel peers work on the same tokens),
+    # so that tokens/s/rank x world size is the job's throughput in every layout.
+    tokens_per_step = (cfg.training.local_batch_size * cfg.training.seq_len * accumulation
+                       * dims.dp // env.world_size)
     peak, peak_source = peak_flops(env.device, compute_dtype, cfg.metrics)
     flops_per_token = model.flops_per_token(cfg.training.seq_len)
     tracker = None
@@ -205,7 +224,7 @@ def train(cfg: JobConfig, env: DistEnv) -> TrainResult:
     for step in range(1, cfg.training.steps + 1):
         with tracker or contextlib.nullcontext():
             step_loss = forward_backward(train_model, loader, env.device, accumulation, autocast,
-                                         reduce_every_micro)
+                                         loss_context, reduce_every_micro)
             optimizer_start = _synchronized_time(env.device)
             grad_norm = clip_gradients(list(model.parameters()), cfg.training.max_norm)
             lr = optimizer.param_groups[0]["lr"]

@@ -9,7 +9,9 @@ import sys
 
 from titan_lite.config.loader import ConfigError, help_text, load_config
 from titan_lite.config.schema import JobConfig
+from titan_lite.models.llama3 import FLAVORS
 from titan_lite.parallel.dims import resolve_degrees
+from titan_lite.parallel.tp import tp_problems
 
 
 def check_job(cfg: JobConfig, world_size: int) -> list[str]:
@@ -28,6 +30,8 @@ def check_job(cfg: JobConfig, world_size: int) -> list[str]:
     if option != "op" and not (option.isdigit() and int(option) >= 1):
         problems.append(f"activation_checkpoint.selective_ac_option: {option!r} is neither 'op' "
                         "nor a positive integer (checkpoint every k-th block)")
+    if dims is not None and dims.tp > 1:
+        problems += tp_problems(FLAVORS[cfg.model.flavor], dims.tp)
     if dims is not None and not dims.uses_fsdp(t.enable_cpu_offload):
         if t.mixed_precision_reduce != "float32":
             problems.append("training.mixed_precision_reduce: only FSDP reduces in another dtype;"

@@ -124,7 +124,11 @@ class Parallelism:
         True, "With gradient accumulation: reduce-scatter each micro-batch's gradients so only "
         "sharded gradients stay in memory; false: accumulate full-size gradients locally and "
         "reduce once on the last micro-batch (less communication, more memory).")
-    tensor_parallel_degree: int = opt(1, "Tensor-parallel degree. Only 1 until TP lands.", min=1)
+    tensor_parallel_degree: int = opt(1, "Tensor-parallel degree: heads, FFN width and vocab "
+                                      "split over this many ranks (sequence parallel on the "
+                                      "norms).", min=1)
+    enable_loss_parallel: bool = opt(True, "With tensor parallel: compute the loss on the "
+                                     "vocab-sharded logits instead of gathering them.")
     pipeline_parallel_degree: int = opt(1, "Pipeline-parallel degree. Only 1 until PP lands.",
                                         min=1)
 

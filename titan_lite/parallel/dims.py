@@ -12,7 +12,6 @@ if TYPE_CHECKING:
 
 # Degrees that a later milestone implements; a value other than 1 is refused, never ignored.
 _NOT_YET = {
-    "tensor_parallel_degree": "tensor parallel is not available yet",
     "pipeline_parallel_degree": "pipeline parallel is not available yet",
 }
 
@@ -80,8 +79,10 @@ def build_mesh(dims: ParallelDims, device_type: str, fsdp: bool) -> DeviceMesh |
     """One mesh with named dims for every degree > 1, plus ``dp_shard`` whenever FSDP is on
     (FSDP on one rank still needs a mesh to hold its sharding); None when there is no dim."""
     names, sizes = [], []
-    for name, size in (("dp_replicate", dims.dp_replicate), ("dp_shard", dims.dp_shard),
-                       ("tp", dims.tp), ("pp", dims.pp)):
+    # Outermost to innermost: pipeline stages talk least, tensor parallel most (keep it on
+    # neighbouring ranks, i.e. within a node).
+    for name, size in (("pp", dims.pp), ("dp_replicate", dims.dp_replicate),
+                       ("dp_shard", dims.dp_shard), ("tp", dims.tp)):
         if size > 1 or (name == "dp_shard" and fsdp):
             names.append(name)
             sizes.append(size)

@@ -151,15 +151,21 @@ class Transformer(nn.Module):
         self.register_buffer("rope", rope_table(args, args.max_seq_len), persistent=False)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens (batch, seq) int64 -> logits (batch, seq, vocab)."""
+        """tokens (batch, seq) int64 -> logits (batch, seq, vocab).
+
+        A pipeline stage holds only some of the modules (the others are None): without the
+        embedding it takes hidden states in, without the final norm it hands them on.
+        """
         if tokens.shape[1] > self.rope.shape[0]:
             raise ValueError(f"sequence length {tokens.shape[1]} exceeds max_seq_len "
                              f"{self.rope.shape[0]}")
-        h = self.tok_embeddings(tokens)
+        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         for layer in self.layers.values():
             h = layer(h, self.rope)
+        if self.norm is None:
+            return h
         h = self.norm(h)
-        if self.output is None:
+        if self.args.tie_word_embeddings:
             return F.linear(h, self.tok_embeddings.weight)
         return self.output(h)
 
@@ -181,17 +187,20 @@ class Transformer(nn.Module):
                 init()
 
     def _init_units(self) -> list[tuple[str, nn.Module, Callable[[], None]]]:
-        embed_std = self.args.dim**-0.5 if self.output is None else 1.0
-        units: list[tuple[str, nn.Module, Callable[[], None]]] = [
-            ("tok_embeddings", self.tok_embeddings,
-             lambda: nn.init.normal_(self.tok_embeddings.weight, std=embed_std))]
+        args = self.args
+        units: list[tuple[str, nn.Module, Callable[[], None]]] = []
+        if self.tok_embeddings is not None:
+            std = args.dim**-0.5 if args.tie_word_embeddings else 1.0
+            units.append(("tok_embeddings", self.tok_embeddings,
+                          lambda: nn.init.normal_(self.tok_embeddings.weight, std=std)))
         units += [(f"layers.{key}", block, block.init_weights)
                   for key, block in self.layers.items()]
-        units.append(("norm", self.norm, self.norm.reset_parameters))
+        if self.norm is not None:
+            units.append(("norm", self.norm, self.norm.reset_parameters))
         if self.output is not None:
-            bound = 3 * self.args.dim**-0.5
+            bound = 3 * args.dim**-0.5
             units.append(("output", self.output, lambda: nn.init.trunc_normal_(
-                self.output.weight, std=self.args.dim**-0.5, a=-bound, b=bound)))
+                self.output.weight, std=args.dim**-0.5, a=-bound, b=bound)))
         return units
 
     def num_params(self, exclude_embedding: bool = False) -> int:
