@@ -46,7 +46,7 @@ def _train_and_save(rank: int, world_size: int, argv: list[str], out: str) -> No
     os.chdir(REPO)
     env = DistEnv(rank, rank, world_size, world_size, torch.device("cpu"))
     result = train(load_config(argv), env)
-    params = {name: _full(p) for name, p in result.model.named_parameters()}
+    params = {name: _full(p) for name, p in result.model_parts[0].named_parameters()}
     if rank == 0:
         torch.save({"losses": result.losses, "params": params}, out)
 
@@ -108,7 +108,7 @@ def _offload_worker(rank: int, world_size: int, argv: list[str], out: str) -> No
     os.chdir(REPO)
     env = DistEnv(rank, rank, world_size, world_size, torch.device("cpu"))
     result = train(load_config(argv), env)
-    model = result.model
+    model = result.model_parts[0]
     params = {name: _full(p) for name, p in model.named_parameters()}  # a collective
     if rank == 0:
         torch.save({"losses": result.losses, "params": params}, out)

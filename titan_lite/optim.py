@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
@@ -23,13 +24,19 @@ def build_optimizer(model: nn.Module, cfg: Optimizer) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **impl)
 
 
-def clip_gradients(parameters: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+def clip_gradients(parameters: list[torch.Tensor], max_norm: float,
+                   pipeline_group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Scale gradients so their global L2 norm is at most ``max_norm`` (0: never); returns the
-    norm before clipping, over all ranks' shards when the gradients are sharded DTensors."""
+    norm before clipping, over all ranks' shards (DTensor gradients) and, given the pipeline's
+    group, over the other stages' parameters too."""
     grads = [p.grad for p in parameters if p.grad is not None]
     total_norm = torch.nn.utils.get_total_norm(grads, foreach=True)
     if isinstance(total_norm, DTensor):  # partial norms of the shards -> reduce across ranks
         total_norm = total_norm.full_tensor()
+    if pipeline_group is not None:  # each stage holds different parameters: add the squares
+        squared = total_norm**2
+        dist.all_reduce(squared, group=pipeline_group)
+        total_norm = squared.sqrt()
     if max_norm > 0:
         torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total_norm, foreach=True)
     return total_norm

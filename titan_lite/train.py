@@ -36,6 +36,7 @@ from titan_lite.parallel.ddp import apply_ddp
 from titan_lite.parallel.dims import ParallelDims, build_mesh, data_parallel_rank, resolve_degrees
 from titan_lite.parallel.fsdp import apply_fsdp
 from titan_lite.parallel.init import materialize
+from titan_lite.parallel.pp import Pipeline, cross_entropy
 from titan_lite.parallel.tp import apply_tp
 from titan_lite.tokenizer import Tokenizer, build_tokenizer
 
@@ -69,41 +70,50 @@ def check_model_fits(model: Transformer, cfg: JobConfig, dims: ParallelDims,
     """Refuse up front a model whose sharded weights, gradients and AdamW states alone exceed
     the memory that holds them (host memory under CPU offload)."""
     offload = cfg.training.enable_cpu_offload
-    shards = dims.dp_shard if dims.uses_fsdp(offload) else 1
+    shards = (dims.dp_shard if dims.uses_fsdp(offload) else 1) * dims.tp * dims.pp
     need = model.num_params() * BYTES_PER_PARAM // shards
     where = torch.device("cpu") if offload else env.device
     have = available_memory_per_rank(where, env.local_world_size)
     if need > have:
         raise FitError(f"model.flavor: {model.num_params() / 1e9:.2f}B parameters need "
                        f"{need / 2**30:.1f} GiB per rank for float32 weights, gradients and "
-                       f"AdamW states sharded {shards} way(s) (before activations), but "
+                       f"AdamW states split {shards} way(s) (before activations), but "
                        f"{'host memory' if offload else f'this {where.type} device'} has "
                        f"{have / 2**30:.1f} GiB per rank; shard over more ranks "
                        "(parallelism.dp_shard), turn on training.enable_cpu_offload, or pick a "
                        "smaller flavor")
 
 
-def build_model(cfg: JobConfig, vocab_size: int, dims: ParallelDims, mesh: DeviceMesh | None,
-                env: DistEnv) -> tuple[Transformer, torch.nn.Module]:
-    """Build on the meta device, apply activation checkpointing and FSDP there, then allocate
-    each rank's shard and draw the weights. Returns (model, module to call for training),
-    which differ only under DDP."""
-    args = replace(FLAVORS[cfg.model.flavor], vocab_size=vocab_size,
-                   max_seq_len=cfg.training.seq_len)
-    with torch.device("meta"):
-        model = Transformer(args)
-    check_model_fits(model, cfg, dims, env)
+def parallelize(model: Transformer, cfg: JobConfig, dims: ParallelDims, mesh: DeviceMesh | None,
+                env: DistEnv) -> torch.nn.Module:
+    """Apply TP, activation checkpointing and FSDP to a meta-device model (or pipeline stage),
+    then allocate this rank's shards and draw the weights. Returns the module to call, which is
+    ``model`` itself except under DDP."""
     if dims.tp > 1:
         apply_tp(model, mesh["tp"], cfg.parallelism.enable_loss_parallel)
     apply_activation_checkpointing(model, cfg.activation_checkpoint)
     offload = cfg.training.enable_cpu_offload
     if dims.uses_fsdp(offload):
-        apply_fsdp(model, mesh, cfg.training, cfg.parallelism)
+        apply_fsdp(model, mesh, cfg.training, cfg.parallelism, pipelined=dims.pp > 1)
     param_device = torch.device("cpu") if offload else env.device
     materialize(model, cfg.job.seed, env.device, param_device)
     if dims.dp_replicate > 1 and not dims.uses_fsdp(offload):
-        return model, apply_ddp(model, mesh)
-    return model, model
+        return apply_ddp(model, mesh)
+    return model
+
+
+def build_model(cfg: JobConfig, model: Transformer, dims: ParallelDims,
+                mesh: DeviceMesh | None, env: DistEnv
+                ) -> tuple[list[Transformer], torch.nn.Module | Pipeline]:
+    """Parallelise the meta-device ``model``: returns this rank's model parts (one, or its
+    pipeline stages) and what runs a training step (the module to call, or the pipeline)."""
+    check_model_fits(model, cfg, dims, env)
+    if dims.pp > 1:
+        pipeline = Pipeline(model, cfg.parallelism, mesh["pp"], env.device,
+                            cfg.training.local_batch_size,
+                            lambda stage: parallelize(stage, cfg, dims, mesh, env))
+        return pipeline.parts, pipeline
+    return [model], parallelize(model, cfg, dims, mesh, env)
 
 
 def build_data(cfg: JobConfig, env: DistEnv, tokenizer: Tokenizer, dims: ParallelDims,
@@ -127,32 +137,35 @@ def grad_accumulation_steps(cfg: JobConfig, dims: ParallelDims) -> int:
     return cfg.training.global_batch_size // (cfg.training.local_batch_size * dims.dp)
 
 
-def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
-    """Average a scalar over all ranks so every rank logs, and stops on, the same number."""
+def mean_over_ranks(value: torch.Tensor, holders: int) -> torch.Tensor:
+    """Sum a scalar over all ranks and divide by the ``holders`` that contribute to it (the
+    ranks with the last pipeline stage), so every rank logs, and stops on, the same number."""
     if dist.is_initialized():
         value = value.clone()
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
-        value /= dist.get_world_size()
-    return value
+    return value / holders
 
 
-def forward_backward(train_model: torch.nn.Module, loader: PackedDataLoader,
+def forward_backward(runner: torch.nn.Module | Pipeline, loader: PackedDataLoader,
                      device: torch.device, accumulation: int, autocast: torch.autocast,
                      loss_context: Callable[[], ContextManager],
                      reduce_every_micro: bool) -> torch.Tensor:
     """Forward and backward over one step's micro-batches, leaving the gradients of their mean
-    loss in ``.grad``; returns that loss (this rank's)."""
+    loss in ``.grad``; returns that loss (this rank's; 0 on pipeline ranks without the last
+    stage)."""
     step_loss = torch.zeros((), device=device)
     for micro in range(accumulation):
         inputs, labels = (t.to(device, non_blocking=True) for t in loader.next_batch())
+        if isinstance(runner, Pipeline):  # no accumulation: the schedule splits the batch
+            with autocast, loss_context():
+                return _plain(runner.step(inputs, labels))
         last = micro == accumulation - 1
-        with gradient_sync(train_model, last or reduce_every_micro):
+        with gradient_sync(runner, last or reduce_every_micro):
             with autocast:
-                logits = train_model(inputs)
+                logits = runner(inputs)
             with loss_context():  # loss parallel: cross entropy on vocab-sharded logits
                 # Equal micro-batches: the mean of their means is the mean over the batch.
-                loss = F.cross_entropy(logits.flatten(0, 1).float(),
-                                       labels.flatten()) / accumulation
+                loss = cross_entropy(logits, labels) / accumulation
                 del logits  # the biggest activation; free it before backward allocates grads
                 loss.backward()
         step_loss += _plain(loss.detach())
@@ -174,7 +187,7 @@ def describe_layout(cfg: JobConfig, dims: ParallelDims, env: DistEnv) -> str:
 @dataclass
 class TrainResult:
     losses: list[float]  # per step, averaged over ranks
-    model: Transformer  # trained; its parameters are DTensors under FSDP
+    model_parts: list[Transformer]  # this rank's: the model, or its pipeline stages; trained,
     optimizer: torch.optim.Optimizer
 
 
@@ -187,8 +200,14 @@ def train(cfg: JobConfig, env: DistEnv) -> TrainResult:
     if cfg.job.deterministic:
         torch.use_deterministic_algorithms(True)
     tokenizer = build_tokenizer(cfg.tokenizer.kind, cfg.tokenizer.path)
-    model, train_model = build_model(cfg, tokenizer.vocab_size, dims, mesh, env)
-    optimizer = build_optimizer(model, cfg.optimizer)
+    args = replace(FLAVORS[cfg.model.flavor], vocab_size=tokenizer.vocab_size,
+                   max_seq_len=cfg.training.seq_len)
+    with torch.device("meta"):
+        model = Transformer(args)
+    num_params, flops_per_token = model.num_params(), model.flops_per_token(args.max_seq_len)
+    parts, runner = build_model(cfg, model, dims, mesh, env)
+    modules = torch.nn.ModuleList(parts)  # one handle on this rank's parameters
+    optimizer = build_optimizer(modules, cfg.optimizer)
     scheduler = build_lr_scheduler(optimizer, cfg.lr_scheduler, cfg.training.steps)
     loader = build_data(cfg, env, tokenizer, dims, mesh)
 
@@ -205,14 +224,13 @@ def train(cfg: JobConfig, env: DistEnv) -> TrainResult:
     tokens_per_step = (cfg.training.local_batch_size * cfg.training.seq_len * accumulation
                        * dims.dp // env.world_size)
     peak, peak_source = peak_flops(env.device, compute_dtype, cfg.metrics)
-    flops_per_token = model.flops_per_token(cfg.training.seq_len)
     tracker = None
     if env.device.type == "cpu" and cfg.metrics.track_cpu_memory:
         tracker = TensorMemoryTracker()
-        tracker.track(list(model.parameters()) + list(model.buffers()))
+        tracker.track(list(modules.parameters()) + list(modules.buffers()))
     metrics = MetricsLogger(cfg.metrics, cfg.job.dump_folder, env.rank, env.device,
                             flops_per_token, peak, cfg.training.steps, tracker)
-    log0(env, f"{cfg.job.description}: llama3 {cfg.model.flavor}, {model.num_params():,} params, "
+    log0(env, f"{cfg.job.description}: llama3 {cfg.model.flavor}, {num_params:,} params, "
               f"vocab {tokenizer.vocab_size}, {flops_per_token / 1e6:.1f} MFLOP/token | "
               f"{describe_layout(cfg, dims, env)} | global batch "
               f"{cfg.training.local_batch_size * dims.dp * accumulation} x {cfg.training.seq_len} "
@@ -223,17 +241,18 @@ def train(cfg: JobConfig, env: DistEnv) -> TrainResult:
     interval_start, last_logged_step, optimizer_seconds = time.perf_counter(), 0, 0.0
     for step in range(1, cfg.training.steps + 1):
         with tracker or contextlib.nullcontext():
-            step_loss = forward_backward(train_model, loader, env.device, accumulation, autocast,
+            step_loss = forward_backward(runner, loader, env.device, accumulation, autocast,
                                          loss_context, reduce_every_micro)
             optimizer_start = _synchronized_time(env.device)
-            grad_norm = clip_gradients(list(model.parameters()), cfg.training.max_norm)
+            grad_norm = clip_gradients(list(modules.parameters()), cfg.training.max_norm,
+                                       mesh["pp"].get_group() if dims.pp > 1 else None)
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             optimizer_seconds += _synchronized_time(env.device) - optimizer_start
         scheduler.step()
 
-        loss_value = mean_over_ranks(step_loss).item()
+        loss_value = mean_over_ranks(step_loss, env.world_size // dims.pp).item()
         if not math.isfinite(loss_value):
             raise TrainingError(f"loss is {loss_value} at step {step}: stopping (try a lower "
                                 "optimizer.lr or training.max_norm)")
@@ -244,7 +263,7 @@ def train(cfg: JobConfig, env: DistEnv) -> TrainResult:
                         time.perf_counter() - interval_start, optimizer_seconds / steps)
             interval_start, last_logged_step, optimizer_seconds = time.perf_counter(), step, 0.0
     metrics.close()
-    return TrainResult(losses, model, optimizer)
+    return TrainResult(losses, parts, optimizer)
 
 
 def _synchronized_time(device: torch.device) -> float:

@@ -129,8 +129,20 @@ class Parallelism:
                                       "norms).", min=1)
     enable_loss_parallel: bool = opt(True, "With tensor parallel: compute the loss on the "
                                      "vocab-sharded logits instead of gathering them.")
-    pipeline_parallel_degree: int = opt(1, "Pipeline-parallel degree. Only 1 until PP lands.",
-                                        min=1)
+    pipeline_parallel_degree: int = opt(1, "Pipeline-parallel degree: the blocks are split into "
+                                        "stages on this many ranks.", min=1)
+    pipeline_parallel_schedule: str = opt("1F1B", "GPipe, 1F1B (one stage per rank) or "
+                                          "Interleaved1F1B (several stages per rank: 2 unless "
+                                          "the split says otherwise).",
+                                          choices=["GPipe", "1F1B", "Interleaved1F1B"])
+    pipeline_parallel_microbatch_size: int = opt(1, "Sequences per pipeline micro-batch; "
+                                                 "training.local_batch_size must be a multiple.",
+                                                 min=1)
+    pipeline_parallel_layers_per_stage: int = opt(-1, "Blocks per stage; -1: split the blocks "
+                                                  "evenly over the stages.", min=-1)
+    pipeline_parallel_split_points: list[str] = opt([], "Blocks that start a new stage, e.g. "
+                                                    "layers.4,layers.8 (overrides "
+                                                    "layers_per_stage).")
 
 
 @dataclass

@@ -10,12 +10,6 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 if TYPE_CHECKING:
     from titan_lite.config import Parallelism
 
-# Degrees that a later milestone implements; a value other than 1 is refused, never ignored.
-_NOT_YET = {
-    "pipeline_parallel_degree": "pipeline parallel is not available yet",
-}
-
-
 @dataclass(frozen=True)
 class ParallelDims:
     dp_replicate: int
@@ -66,11 +60,6 @@ def resolve_degrees(cfg: Parallelism, world_size: int) -> tuple[ParallelDims | N
                       f"{world_size} (dp_replicate {degrees['dp_replicate']} x dp_shard "
                       f"{degrees['dp_shard']} x tensor {degrees['tensor_parallel_degree']} x "
                       f"pipeline {degrees['pipeline_parallel_degree']})"]
-    for name, reason in _NOT_YET.items():
-        if degrees[name] != 1:
-            problems.append(f"parallelism.{name}: {degrees[name]} is not supported: {reason}")
-    if problems:
-        return None, problems
     return ParallelDims(degrees["dp_replicate"], degrees["dp_shard"],
                         degrees["tensor_parallel_degree"], degrees["pipeline_parallel_degree"]), []
 

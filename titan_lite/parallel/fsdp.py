@@ -18,11 +18,12 @@ from titan_lite.parallel.dims import data_parallel_mesh
 
 
 def apply_fsdp(model: Transformer, mesh: DeviceMesh, training: Training,
-               parallelism: Parallelism) -> None:
+               parallelism: Parallelism, pipelined: bool = False) -> None:
     """Shard ``model`` in place over the data-parallel dims of ``mesh`` (HSDP when replicated).
 
     Call it on the meta device, after activation checkpointing: each block becomes one
     all-gather / reduce-scatter unit, and the optimizer must be built on the resulting DTensors.
+    ``pipelined``: ``model`` is a pipeline stage.
     """
     param_dtype = DTYPES[training.mixed_precision_param]
     mp_policy = MixedPrecisionPolicy(
@@ -38,8 +39,10 @@ def apply_fsdp(model: Transformer, mesh: DeviceMesh, training: Training,
     blocks = list(model.layers.values())
     for index, block in enumerate(blocks):
         # The last block's backward starts right after the forward: resharding it would only
-        # buy an immediate second all-gather.
-        reshard = policy == "always" or (policy == "default" and index < len(blocks) - 1)
+        # buy an immediate second all-gather. A pipeline stage runs several micro-batches'
+        # forwards before their backwards, so by default it keeps its blocks gathered.
+        reshard = policy == "always" or (policy == "default" and not pipelined
+                                         and index < len(blocks) - 1)
         fully_shard(block, mesh=dp_mesh, mp_policy=mp_policy, offload_policy=offload_policy,
                     reshard_after_forward=reshard)
     # None lets FSDP keep the root's parameters gathered after forward (needed first in backward).

@@ -1,0 +1,134 @@
+"""Pipeline parallel over the ``pp`` mesh dim: split the blocks into stages, run a schedule.
+
+The meta-device model is copied once per stage this rank holds; each copy keeps its own blocks
+(names unchanged: ``layers.<i>``), the embedding only on the first stage and the final norm and
+output only on the last. Each stage is then parallelised (TP, AC, FSDP) and materialised like a
+whole model, and ``torch.distributed.pipelining`` moves activations between stages.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.pipelining import PipelineStage
+from torch.distributed.pipelining.schedules import (
+    PipelineScheduleMulti,
+    Schedule1F1B,
+    ScheduleGPipe,
+    ScheduleInterleaved1F1B,
+)
+
+from titan_lite.models.llama3 import Transformer
+
+if TYPE_CHECKING:  # titan_lite.config's checks import this module
+    from titan_lite.config import Parallelism
+
+SCHEDULES: dict[str, type] = {"GPipe": ScheduleGPipe, "1F1B": Schedule1F1B,
+                              "Interleaved1F1B": ScheduleInterleaved1F1B}
+MULTI_STAGE = {"Interleaved1F1B"}  # schedules that run several stages per rank
+
+
+def stage_layers(n_layers: int, cfg: Parallelism, pp_degree: int) -> list[list[int]]:
+    """The block indices of every stage, in order; ValueError names the key that is wrong."""
+    if cfg.pipeline_parallel_split_points:
+        starts = []
+        for point in cfg.pipeline_parallel_split_points:
+            index = int(point.removeprefix("layers.")) if point.removeprefix(
+                "layers.").isdigit() else -1
+            if not 0 < index < n_layers or (starts and index <= starts[-1]):
+                raise ValueError(f"parallelism.pipeline_parallel_split_points: {point!r} is not a "
+                                 f"block 'layers.<i>' with 0 < i < {n_layers}, after the "
+                                 "previous split point")
+            starts.append(index)
+        bounds = [0, *starts, n_layers]
+        stages = [list(range(a, b)) for a, b in zip(bounds, bounds[1:])]
+    else:
+        per_rank = 2 if cfg.pipeline_parallel_schedule in MULTI_STAGE else 1
+        if cfg.pipeline_parallel_layers_per_stage > 0:
+            per_stage = cfg.pipeline_parallel_layers_per_stage
+            if n_layers % per_stage:
+                raise ValueError(f"parallelism.pipeline_parallel_layers_per_stage: "
+                                 f"{per_stage} does not divide the model's {n_layers} layers")
+            count = n_layers // per_stage
+        else:
+            count = pp_degree * per_rank
+        if count > n_layers:
+            raise ValueError(f"parallelism.pipeline_parallel_degree: {count} stages need at "
+                             f"least {count} layers; the model has {n_layers}")
+        # Even split; the first stages take one more layer when it does not divide.
+        sizes = [n_layers // count + (i < n_layers % count) for i in range(count)]
+        bounds = [sum(sizes[:i]) for i in range(count + 1)]
+        stages = [list(range(a, b)) for a, b in zip(bounds, bounds[1:])]
+    if len(stages) % pp_degree:
+        raise ValueError(f"parallelism.pipeline_parallel_degree: {len(stages)} stages cannot be "
+                         f"spread evenly over {pp_degree} pipeline ranks")
+    if len(stages) > pp_degree and cfg.pipeline_parallel_schedule not in MULTI_STAGE:
+        raise ValueError(f"parallelism.pipeline_parallel_schedule: "
+                         f"{cfg.pipeline_parallel_schedule} runs one stage per rank, but the "
+                         f"split gives {len(stages)} stages for {pp_degree} ranks (use "
+                         "Interleaved1F1B)")
+    return stages
+
+
+def split_stage(model: Transformer, layers: list[int], first: bool, last: bool) -> Transformer:
+    """A copy of the meta-device ``model`` holding only one stage's modules."""
+    stage = copy.deepcopy(model)
+    keep = {str(i) for i in layers}
+    for key in list(stage.layers):
+        if key not in keep:
+            del stage.layers[key]
+    if not first:
+        stage.tok_embeddings = None
+    if not last:
+        stage.norm = None
+        stage.output = None
+    return stage
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
+
+
+class Pipeline:
+    """This rank's stages and the schedule that runs them for one optimizer step."""
+
+    def __init__(self, model: Transformer, cfg: Parallelism, pp_mesh: DeviceMesh,
+                 device: torch.device, local_batch_size: int,
+                 prepare_stage: Callable[[Transformer], torch.nn.Module]):
+        """``prepare_stage`` parallelises and materialises one stage's meta-device model."""
+        stages = stage_layers(model.args.n_layers, cfg, pp_mesh.size())
+        rank, size = pp_mesh.get_local_rank(), pp_mesh.size()
+        indices = list(range(rank, len(stages), size))  # round-robin ("loop") placement
+        self.parts: list[Transformer] = []
+        pipeline_stages = []
+        for index in indices:
+            part = split_stage(model, stages[index], index == 0, index == len(stages) - 1)
+            self.parts.append(part)
+            pipeline_stages.append(PipelineStage(prepare_stage(part), index, len(stages), device,
+                                                 group=pp_mesh.get_group()))
+        self.is_first = 0 in indices
+        self.is_last = len(stages) - 1 in indices
+        microbatches = local_batch_size // cfg.pipeline_parallel_microbatch_size
+        schedule_cls = SCHEDULES[cfg.pipeline_parallel_schedule]
+        self.schedule = schedule_cls(
+            pipeline_stages if issubclass(schedule_cls, PipelineScheduleMulti)
+            else pipeline_stages[0], n_microbatches=microbatches, loss_fn=cross_entropy)
+
+    def step(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Forward and backward of one batch through all stages; gradients are the batch mean's
+        (the schedule scales each micro-batch's by 1/n). Returns the batch's mean loss on the
+        rank holding the last stage, 0 elsewhere."""
+        losses: list[torch.Tensor] = []
+        target = labels if self.is_last else None
+        if self.is_first:
+            self.schedule.step(inputs, target=target, losses=losses)
+        else:
+            self.schedule.step(target=target, losses=losses)
+        if not self.is_last:
+            return torch.zeros((), device=labels.device)
+        return torch.stack([loss.detach() for loss in losses]).mean()
