@@ -26,3 +26,12 @@ def python_env(**extra: str) -> dict[str, str]:
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     return env
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory) -> dict:
+    """The debug model trained in one process on batch 4: what every layout must reproduce."""
+    from layouts import run_layout
+
+    return run_layout(tmp_path_factory.mktemp("reference"), "one", 1,
+                      "--training.local_batch_size", "4")

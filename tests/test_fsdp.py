@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from conftest import REPO, python_env
 from dist_helpers import run_distributed
+from layouts import BASE, _full, assert_matches, run_layout
 from torch.distributed.fsdp import CPUOffloadPolicy
 from torch.distributed.tensor import DTensor
 
@@ -26,52 +27,6 @@ from titan_lite.parallel.init import materialize
 from titan_lite.train import train
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
-
-# 4 sequences of 64 tokens per step over all ranks; the MFU reference is not measured.
-BASE = ["--training.seq_len", "64", "--training.steps", "3", "--metrics.log_freq", "100",
-        "--metrics.cpu_peak_tflops", "1", "--lr_scheduler.warmup_steps", "1"]
-# fp32 on CPU: sharding changes only the order of float additions (the reduce-scatter sums
-# per-rank gradients), so losses agree to rounding level over 3 steps (seen: <= 1e-6). AdamW
-# divides each gradient by its running RMS, which turns a rounding-level gradient difference on
-# a near-zero gradient into a visible update difference: parameters are held to 2e-5 (seen:
-# 6.4e-6), under 3% of one step's largest update (lr 8e-4).
-LOSS_ATOL, PARAM_ATOL = 2e-5, 2e-5
-
-
-def _full(tensor: torch.Tensor) -> torch.Tensor:
-    return (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach().clone()
-
-
-def _train_and_save(rank: int, world_size: int, argv: list[str], out: str) -> None:
-    os.chdir(REPO)
-    env = DistEnv(rank, rank, world_size, world_size, torch.device("cpu"))
-    result = train(load_config(argv), env)
-    params = {name: _full(p) for name, p in result.model_parts[0].named_parameters()}
-    if rank == 0:
-        torch.save({"losses": result.losses, "params": params}, out)
-
-
-def run_layout(tmp_path, name: str, world_size: int, *overrides: str) -> dict:
-    out = str(tmp_path / f"{name}.pt")
-    argv = [*BASE, "--job.dump_folder", str(tmp_path / name), *overrides]
-    run_distributed(_train_and_save, world_size, argv, out)
-    return torch.load(out, weights_only=True)
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> dict:
-    """One process, batch 4: the numbers every layout must reproduce."""
-    return run_layout(tmp_path_factory.mktemp("reference"), "one", 1,
-                      "--training.local_batch_size", "4")
-
-
-def assert_matches(result: dict, expected: dict) -> None:
-    torch.testing.assert_close(result["losses"], expected["losses"], rtol=0, atol=LOSS_ATOL)
-    assert result["params"].keys() == expected["params"].keys()
-    for name, value in expected["params"].items():
-        torch.testing.assert_close(result["params"][name], value, rtol=0, atol=PARAM_ATOL,
-                                   msg=lambda m, name=name: f"{name}: {m}")
-
 
 HALF = ["--training.local_batch_size", "2"]  # x 2 ranks = the reference's batch of 4
 # 2 ranks x 1 sequence x 2 micro-batches = the reference's 4 sequences per step.
@@ -97,6 +52,7 @@ def test_two_rank_layouts_match_one_process(tmp_path, reference, layout):
     assert result["losses"][-1] < result["losses"][0]  # it trained
 
 
+@pytest.mark.four_ranks
 def test_hsdp_replicate_and_shard_match_one_process(tmp_path, reference):
     result = run_layout(tmp_path, "hsdp", 4, "--training.local_batch_size", "1",
                         "--parallelism.dp_replicate", "2", "--parallelism.dp_shard", "2")

@@ -1,0 +1,59 @@
+"""Train a layout on N gloo ranks and compare it with one process: the parity harness."""
+
+import os
+
+import torch
+from conftest import REPO
+from dist_helpers import run_distributed
+from torch.distributed.tensor import DTensor
+
+from titan_lite.config import load_config
+from titan_lite.distributed import DistEnv
+from titan_lite.train import train
+
+# 4 sequences of 64 tokens per step over all ranks; the MFU reference is not measured.
+BASE = ["--training.seq_len", "64", "--training.steps", "3", "--metrics.log_freq", "100",
+        "--metrics.cpu_peak_tflops", "1", "--lr_scheduler.warmup_steps", "1"]
+# fp32 on CPU: sharding changes only the order of float additions (the reduce-scatter sums
+# per-rank gradients), so losses agree to rounding level over 3 steps (seen: <= 1e-6). AdamW
+# divides each gradient by its running RMS, which turns a rounding-level gradient difference on
+# a near-zero gradient into a visible update difference: parameters are held to 2e-5 (seen:
+# 6.4e-6), under 3% of one step's largest update (lr 8e-4).
+LOSS_ATOL, PARAM_ATOL = 2e-5, 2e-5
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    return (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach().clone()
+
+
+def _train_and_save(rank: int, world_size: int, argv: list[str], out: str) -> None:
+    os.chdir(REPO)
+    env = DistEnv(rank, rank, world_size, world_size, torch.device("cpu"))
+    result = train(load_config(argv), env)
+    params = {name: _full(p) for part in result.model_parts
+              for name, p in part.named_parameters()}  # full_tensor() is a collective
+    torch.save({"losses": result.losses, "params": params}, f"{out}.rank{rank}")
+
+
+def run_layout(tmp_path, name: str, world_size: int, *overrides: str) -> dict:
+    """Losses (as every rank logs them) and the full final parameters, merged over the ranks
+    (pipeline stages hold different blocks; sharded ones are gathered)."""
+    out = str(tmp_path / f"{name}.pt")
+    argv = [*BASE, "--job.dump_folder", str(tmp_path / name), *overrides]
+    run_distributed(_train_and_save, world_size, argv, out)
+    ranks = [torch.load(f"{out}.rank{r}", weights_only=True) for r in range(world_size)]
+    assert all(r["losses"] == ranks[0]["losses"] for r in ranks)  # every rank logs the same
+    params = {}
+    for r in ranks:
+        params.update(r["params"])
+    return {"losses": ranks[0]["losses"], "params": params}
+
+
+def assert_matches(result: dict, expected: dict) -> None:
+    torch.testing.assert_close(result["losses"], expected["losses"], rtol=0, atol=LOSS_ATOL)
+    assert result["params"].keys() == expected["params"].keys()
+    for name, value in expected["params"].items():
+        torch.testing.assert_close(result["params"][name], value, rtol=0, atol=PARAM_ATOL,
+                                   msg=lambda m, name=name: f"{name}: {m}")
+
+
