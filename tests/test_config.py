@@ -80,6 +80,40 @@ def test_missing_and_malformed_files(tmp_path):
     assert "must be a [section] table" in problems_of(["--config", write(tmp_path, "x = 1\n")])[0]
 
 
+@pytest.mark.parametrize("overrides, world, message", [
+    (["--parallelism.tensor_parallel_degree", "3"], 3,
+     "parallelism.tensor_parallel_degree: 3 does not divide the model's n_heads (16)"),
+    (["--parallelism.tensor_parallel_degree", "2", "--model.flavor", "3B"], 2,
+     "tied input/output embeddings (1B, 3B) are not supported with tensor parallel"),
+    (["--parallelism.pipeline_parallel_degree", "2",
+      "--parallelism.pipeline_parallel_layers_per_stage", "4"], 2,
+     "pipeline_parallel_layers_per_stage: 4 does not divide the model's 6 layers"),
+    (["--parallelism.pipeline_parallel_degree", "2",
+      "--parallelism.pipeline_parallel_layers_per_stage", "1",
+      "--parallelism.pipeline_parallel_schedule", "GPipe"], 2,
+     "GPipe runs one stage per rank, but the split gives 6 stages for 2 ranks"),
+    (["--parallelism.pipeline_parallel_degree", "4",
+      "--parallelism.pipeline_parallel_schedule", "Interleaved1F1B"], 4,
+     "8 stages need at least 8 layers; the model has 6"),
+    (["--parallelism.pipeline_parallel_degree", "4",
+      "--parallelism.pipeline_parallel_split_points", "layers.2"], 4,
+     "2 stages cannot be spread evenly over 4 pipeline ranks"),
+    (["--parallelism.pipeline_parallel_degree", "2",
+      "--parallelism.pipeline_parallel_split_points", "layers.4,layers.3"], 2,
+     "'layers.3' is not a block 'layers.<i>' with 0 < i < 6, after the previous split point"),
+    (["--parallelism.pipeline_parallel_degree", "2",
+      "--parallelism.pipeline_parallel_microbatch_size", "3"], 2,
+     "pipeline_parallel_microbatch_size: 3 does not divide training.local_batch_size (8)"),
+    (["--parallelism.pipeline_parallel_degree", "2", "--training.global_batch_size", "16"], 2,
+     "gradient accumulation is not supported with pipeline parallel"),
+    (["--parallelism.pipeline_parallel_degree", "2", "--model.flavor", "1B"], 2,
+     "tied input/output embeddings (1B, 3B) cannot be split across pipeline stages"),
+])
+def test_tp_and_pp_layouts_are_checked(repo_cwd, overrides, world, message):
+    problems = check_job(load_config(["--config", DEBUG, *overrides]), world_size=world)
+    assert any(message in p for p in problems), problems
+
+
 def test_cross_key_checks(repo_cwd):
     cfg = load_config(["--config", DEBUG, "--training.global_batch_size", "12",
                        "--activation_checkpoint.selective_ac_option", "-2",
@@ -103,8 +137,8 @@ def test_cross_key_checks(repo_cwd):
     ({"dp_replicate": 0}, 1, "parallelism.dp_replicate: 0 is not a degree"),
     ({"dp_shard": 3}, 2, "the degrees multiply to 3 but the world size is 2"),
     ({"dp_shard": -2}, 2, "parallelism.dp_shard: -2 is not a degree"),
-    ({"dp_replicate": 1, "tensor_parallel_degree": 2}, 2, "tensor parallel is not available"),
-    ({"dp_replicate": 1, "pipeline_parallel_degree": 2}, 2, "pipeline parallel is not available"),
+    ({"tensor_parallel_degree": 2, "pipeline_parallel_degree": 2}, 2,
+     "world size 2 is not divisible by the product of the fixed degrees (4)"),
 ])
 def test_bad_degrees_are_refused(overrides, world, message):
     cfg = dataclasses.replace(JobConfig().parallelism, **overrides)

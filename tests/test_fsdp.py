@@ -131,18 +131,26 @@ def test_sharded_init_and_gradients_equal_one_process_with_uneven_shards():
     run_distributed(_uneven_init_and_grads, 2)
 
 
-def test_bad_degrees_exit_2_on_every_rank_without_hanging(tmp_path):
+@pytest.mark.parametrize("overrides, message", [
+    (["--parallelism.dp_shard", "4"],
+     "parallelism: the degrees multiply to 4 but the world size is 2"),
+    (["--parallelism.tensor_parallel_degree", "2", "--model.flavor", "1B"],
+     "parallelism.tensor_parallel_degree: tied input/output embeddings"),
+    (["--parallelism.pipeline_parallel_degree", "2", "--training.local_batch_size", "3",
+      "--parallelism.pipeline_parallel_microbatch_size", "2"],
+     "parallelism.pipeline_parallel_microbatch_size: 2 does not divide"),
+], ids=["degrees", "tp-tied", "pp-microbatch"])
+def test_bad_layouts_exit_2_on_every_rank_without_hanging(tmp_path, overrides, message):
     """torchrun straight (no run_train.sh pre-check): each rank refuses before any collective."""
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
          "--tee", "3", "-m", "titan_lite.train", "--job.dump_folder", str(tmp_path),
-         "--parallelism.dp_shard", "4"],
+         *overrides],
         cwd=REPO, env=python_env(), capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     output = result.stdout + result.stderr
     for rank in (0, 1):
-        assert (f"[rank{rank}] config error: parallelism: the degrees multiply to 4 but the "
-                "world size is 2") in output, output[-3000:]
+        assert f"[rank{rank}] config error: {message}" in output, output[-3000:]
     # torchrun's summary: the first worker to fail exited 2; it then stops the others with
     # SIGTERM, which can land after a peer printed its message but before its own exit 2.
     codes = re.findall(r"exitcode  : (-?\d+)", output)
