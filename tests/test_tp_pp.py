@@ -41,6 +41,8 @@ FOUR_RANKS = {
                              "--training.enable_cpu_offload", "true",
                              "--activation_checkpoint.mode", "selective"],
     "fsdp2-pp2": [*PP2, "--training.local_batch_size", "2"],
+    "replicate2-pp2": [*PP2, "--training.local_batch_size", "2",
+                       "--parallelism.dp_replicate", "2", "--parallelism.dp_shard", "1"],
     "tp2-pp2-interleaved": [*TP2, *PP2, "--training.local_batch_size", "4",
                             "--parallelism.pipeline_parallel_schedule", "Interleaved1F1B"],
 }
@@ -55,3 +57,4 @@ def test_two_rank_tp_and_pp_layouts_match_one_process(tmp_path, reference, layou
 @pytest.mark.parametrize("layout", FOUR_RANKS)
 def test_four_rank_compositions_match_one_process(tmp_path, reference, layout):
     assert_matches(run_layout(tmp_path, layout, 4, *FOUR_RANKS[layout]), reference)
+

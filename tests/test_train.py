@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import subprocess
@@ -14,8 +15,8 @@ from titan_lite.distributed import DistEnv
 from titan_lite.models.llama3 import ModelArgs, Transformer
 from titan_lite.parallel.accumulation import gradient_sync
 from titan_lite.parallel.ddp import apply_ddp
-from titan_lite.parallel.dims import ParallelDims, build_mesh
-from titan_lite.train import TrainingError, train
+from titan_lite.parallel.dims import ParallelDims, build_mesh, resolve_degrees
+from titan_lite.train import TrainingError, tokens_per_rank_per_step, train
 
 CPU = DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device("cpu"))
 SHORT = ["--training.seq_len", "128", "--training.local_batch_size", "4",
@@ -126,3 +127,18 @@ def test_run_train_sh_refuses_a_bad_config_before_launching(tmp_path):
     assert result.stderr.strip() == ("config error: parallelism: the degrees multiply to 3 but the "
                                      "world size is 2 (dp_replicate 1 x dp_shard 3 x tensor 1 x "
                                      "pipeline 1)")
+
+
+@pytest.mark.parametrize("degrees, world, local_batch", [
+    ({}, 1, 4),
+    ({"dp_shard": 2}, 2, 2),  # data parallel: each rank its half of the batch
+    ({"dp_shard": 1, "tensor_parallel_degree": 2}, 2, 4),  # both ranks on the same 4 sequences
+    ({"dp_shard": 2, "pipeline_parallel_degree": 2}, 4, 2),
+])
+def test_tokens_per_rank_count_each_token_of_the_job_once(degrees, world, local_batch):
+    cfg = load_config(["--training.seq_len", "64", "--training.local_batch_size",
+                       str(local_batch)])
+    cfg.parallelism = dataclasses.replace(cfg.parallelism, **degrees)
+    dims, problems = resolve_degrees(cfg.parallelism, world)
+    assert not problems and local_batch * dims.dp == 4  # the job's batch: 4 x 64 tokens
+    assert tokens_per_rank_per_step(cfg, dims, world) == 4 * 64 // world

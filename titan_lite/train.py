@@ -136,6 +136,15 @@ def grad_accumulation_steps(cfg: JobConfig, dims: ParallelDims) -> int:
     return cfg.training.global_batch_size // (cfg.training.local_batch_size * dims.dp)
 
 
+def tokens_per_rank_per_step(cfg: JobConfig, dims: ParallelDims, world_size: int) -> int:
+    """Each rank's share of an optimizer step's tokens: tensor- and pipeline-parallel peers work
+    on the same tokens, so tokens/s/rank x world size is the job's throughput in every layout
+    (and per-rank MFU, against the whole model's FLOPs per token, stays right)."""
+    global_tokens = (cfg.training.local_batch_size * cfg.training.seq_len * dims.dp
+                     * grad_accumulation_steps(cfg, dims))
+    return global_tokens // world_size
+
+
 def mean_over_ranks(value: torch.Tensor, holders: int) -> torch.Tensor:
     """Sum a scalar over all ranks and divide by the ``holders`` that contribute to it (the
     ranks with the last pipeline stage), so every rank logs, and stops on, the same number."""
@@ -218,10 +227,7 @@ def train(cfg: JobConfig, env: DistEnv) -> TrainResult:
     reduce_every_micro = not fsdp or cfg.parallelism.fsdp_reduce_every_microbatch
     loss_context = (loss_parallel if dims.tp > 1 and cfg.parallelism.enable_loss_parallel
                     else contextlib.nullcontext)
-    # Each rank's share of the step's tokens (tensor-parallel peers work on the same tokens),
-    # so that tokens/s/rank x world size is the job's throughput in every layout.
-    tokens_per_step = (cfg.training.local_batch_size * cfg.training.seq_len * accumulation
-                       * dims.dp // env.world_size)
+    tokens_per_step = tokens_per_rank_per_step(cfg, dims, env.world_size)
     peak, peak_source = peak_flops(env.device, compute_dtype, cfg.metrics)
     tracker = None
     if env.device.type == "cpu" and cfg.metrics.track_cpu_memory:

@@ -27,8 +27,11 @@ class ParallelDims:
         return self.dp_replicate * self.dp_shard
 
     def uses_fsdp(self, cpu_offload: bool) -> bool:
-        """FSDP2 shards when dp_shard > 1; CPU offload is an FSDP2 policy, so it needs FSDP too."""
-        return self.dp_shard > 1 or cpu_offload
+        """FSDP2 shards when dp_shard > 1; CPU offload is an FSDP2 policy, so it needs FSDP too;
+        and replicas of a TP or PP model are FSDP2 replica groups (HSDP with shards of one
+        rank), since DDP does not take DTensor parameters or pipeline stages."""
+        return (self.dp_shard > 1 or cpu_offload
+                or (self.dp_replicate > 1 and (self.tp > 1 or self.pp > 1)))
 
 
 def resolve_degrees(cfg: Parallelism, world_size: int) -> tuple[ParallelDims | None, list[str]]:
