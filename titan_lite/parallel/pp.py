@@ -36,43 +36,49 @@ MULTI_STAGE = {"Interleaved1F1B"}  # schedules that run several stages per rank
 def stage_layers(n_layers: int, cfg: Parallelism, pp_degree: int) -> list[list[int]]:
     """The block indices of every stage, in order; ValueError names the key that is wrong."""
     if cfg.pipeline_parallel_split_points:
-        starts = []
-        for point in cfg.pipeline_parallel_split_points:
-            index = int(point.removeprefix("layers.")) if point.removeprefix(
-                "layers.").isdigit() else -1
-            if not 0 < index < n_layers or (starts and index <= starts[-1]):
-                raise ValueError(f"parallelism.pipeline_parallel_split_points: {point!r} is not a "
-                                 f"block 'layers.<i>' with 0 < i < {n_layers}, after the "
-                                 "previous split point")
-            starts.append(index)
-        bounds = [0, *starts, n_layers]
-        stages = [list(range(a, b)) for a, b in zip(bounds, bounds[1:])]
+        bounds = _split_point_bounds(n_layers, cfg.pipeline_parallel_split_points)
     else:
-        per_rank = 2 if cfg.pipeline_parallel_schedule in MULTI_STAGE else 1
-        if cfg.pipeline_parallel_layers_per_stage > 0:
-            per_stage = cfg.pipeline_parallel_layers_per_stage
-            if n_layers % per_stage:
-                raise ValueError(f"parallelism.pipeline_parallel_layers_per_stage: "
-                                 f"{per_stage} does not divide the model's {n_layers} layers")
-            count = n_layers // per_stage
-        else:
-            count = pp_degree * per_rank
-        if count > n_layers:
-            raise ValueError(f"parallelism.pipeline_parallel_degree: {count} stages need at "
-                             f"least {count} layers; the model has {n_layers}")
-        # Even split; the first stages take one more layer when it does not divide.
-        sizes = [n_layers // count + (i < n_layers % count) for i in range(count)]
-        bounds = [sum(sizes[:i]) for i in range(count + 1)]
-        stages = [list(range(a, b)) for a, b in zip(bounds, bounds[1:])]
-    if len(stages) % pp_degree:
-        raise ValueError(f"parallelism.pipeline_parallel_degree: {len(stages)} stages cannot be "
+        bounds = _even_bounds(n_layers, cfg, pp_degree)
+    count = len(bounds) - 1
+    if count % pp_degree:
+        raise ValueError(f"parallelism.pipeline_parallel_degree: {count} stages cannot be "
                          f"spread evenly over {pp_degree} pipeline ranks")
-    if len(stages) > pp_degree and cfg.pipeline_parallel_schedule not in MULTI_STAGE:
+    if count > pp_degree and cfg.pipeline_parallel_schedule not in MULTI_STAGE:
         raise ValueError(f"parallelism.pipeline_parallel_schedule: "
                          f"{cfg.pipeline_parallel_schedule} runs one stage per rank, but the "
-                         f"split gives {len(stages)} stages for {pp_degree} ranks (use "
+                         f"split gives {count} stages for {pp_degree} ranks (use "
                          "Interleaved1F1B)")
-    return stages
+    return [list(range(a, b)) for a, b in zip(bounds, bounds[1:])]
+
+
+def _split_point_bounds(n_layers: int, points: list[str]) -> list[int]:
+    bounds = [0]
+    for point in points:
+        number = point.removeprefix("layers.")
+        index = int(number) if number.isdigit() else -1
+        if not bounds[-1] < index < n_layers:
+            raise ValueError(f"parallelism.pipeline_parallel_split_points: {point!r} is not a "
+                             f"block 'layers.<i>' with 0 < i < {n_layers}, after the "
+                             "previous split point")
+        bounds.append(index)
+    return [*bounds, n_layers]
+
+
+def _even_bounds(n_layers: int, cfg: Parallelism, pp_degree: int) -> list[int]:
+    per_stage = cfg.pipeline_parallel_layers_per_stage
+    if per_stage > 0:
+        if n_layers % per_stage:
+            raise ValueError(f"parallelism.pipeline_parallel_layers_per_stage: {per_stage} "
+                             f"does not divide the model's {n_layers} layers")
+        count = n_layers // per_stage
+    else:
+        count = pp_degree * (2 if cfg.pipeline_parallel_schedule in MULTI_STAGE else 1)
+    if count > n_layers:
+        raise ValueError(f"parallelism.pipeline_parallel_degree: {count} stages need at least "
+                         f"{count} layers; the model has {n_layers}")
+    # The first stages take one more block when the split is not even.
+    sizes = [n_layers // count + (i < n_layers % count) for i in range(count)]
+    return [sum(sizes[:i]) for i in range(count + 1)]
 
 
 def split_stage(model: Transformer, layers: list[int], first: bool, last: bool) -> Transformer:
