@@ -4,12 +4,18 @@ import sys
 import pytest
 import torch
 
+from titan_lite.distributed import DistEnv
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIKTOKEN_PATH = os.path.join(REPO, "titan_lite/assets/tokenizers/test_tiktoken.model")
 SPM_PATH = os.path.join(REPO, "titan_lite/assets/tokenizers/test_spm.model")
 CORPUS = os.path.join(REPO, "titan_lite/assets/data/kjv_sample.jsonl")
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+# One process, no process group: how tests call train() directly.
+CPU_ENV = DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1,
+                  device=torch.device("cpu"))
 
 
 @pytest.fixture

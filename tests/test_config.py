@@ -117,7 +117,7 @@ def test_tp_and_pp_layouts_are_checked(repo_cwd, overrides, world, message):
 def test_cross_key_checks(repo_cwd):
     cfg = load_config(["--config", DEBUG, "--training.global_batch_size", "12",
                        "--activation_checkpoint.selective_ac_option", "-2",
-                       "--training.mixed_precision_reduce", "bfloat16", "--checkpoint.enable",
+                       "--training.mixed_precision_reduce", "bfloat16", "--checkpoint.load_step", "0",
                        "--tokenizer.path", "missing.model"])
     problems = "\n".join(check_job(cfg, world_size=2))
     assert "global_batch_size: 12 is not a multiple of local_batch_size x data-parallel " \
@@ -126,7 +126,7 @@ def test_cross_key_checks(repo_cwd):
     assert "training.mixed_precision_reduce: only FSDP reduces in another dtype" not in problems
     one_rank = "\n".join(check_job(cfg, world_size=1))  # no sharding, no offload: no FSDP
     assert "training.mixed_precision_reduce: only FSDP reduces in another dtype" in one_rank
-    assert "checkpoint.enable" in problems
+    assert "checkpoint.load_step: 0 is not a step" in problems
     assert "tokenizer.path: 'missing.model' does not exist" in problems
 
 

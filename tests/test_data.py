@@ -2,6 +2,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from conftest import TIKTOKEN_PATH
 
 from titan_lite.data import PackedDataLoader, iter_documents, tokenize_to_cache
@@ -92,8 +93,23 @@ def test_state_restore_gives_the_identical_next_batch(token_file):
     resumed.load_state_dict(state)
     got = resumed.next_batch()
     assert (got[0] == expected[0]).all() and (got[1] == expected[1]).all()
-    with pytest.raises(ValueError, match="dp_size=2, this run has 1"):
-        make_loader(token_file).load_state_dict(state)
+    with pytest.raises(ValueError, match="resume with the same global batch size"):
+        make_loader(token_file, batch=5).load_state_dict(state)  # 12 % 5
+
+
+def test_state_resumes_the_same_global_batches_with_another_number_of_ranks(token_file):
+    """2 ranks x 2 sequences save; 1 rank x 4 sequences resumes with the same samples."""
+    two = [make_loader(token_file, dp_rank=r, dp_size=2) for r in range(2)]
+    for _ in range(5):
+        for loader in two:
+            loader.next_batch()
+    state = two[0].state_dict()
+    assert state == two[1].state_dict()  # every rank agrees on the job's position
+    next_two = torch.cat([loader.next_batch()[0] for loader in two])
+    one = make_loader(token_file, batch=4)
+    one.load_state_dict(state)
+    next_one = one.next_batch()[0]
+    assert sorted(map(tuple, next_two.tolist())) == sorted(map(tuple, next_one.tolist()))
 
 
 def test_corpus_too_small_is_a_clear_error(tmp_path):

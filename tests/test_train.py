@@ -7,25 +7,23 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from conftest import REPO, python_env
+from conftest import CPU_ENV, REPO, python_env
 from dist_helpers import run_distributed
 
 from titan_lite.config import load_config
-from titan_lite.distributed import DistEnv
 from titan_lite.models.llama3 import ModelArgs, Transformer
 from titan_lite.parallel.accumulation import gradient_sync
 from titan_lite.parallel.ddp import apply_ddp
 from titan_lite.parallel.dims import ParallelDims, build_mesh, resolve_degrees
 from titan_lite.train import TrainingError, tokens_per_rank_per_step, train
 
-CPU = DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device("cpu"))
 SHORT = ["--training.seq_len", "128", "--training.local_batch_size", "4",
          "--metrics.log_freq", "10"]
 
 
 def run(repo_cwd, tmp_path, *overrides: str) -> list[float]:
     cfg = load_config([*SHORT, "--job.dump_folder", str(tmp_path), *overrides])
-    return train(cfg, CPU).losses
+    return train(cfg, CPU_ENV).losses
 
 
 def test_default_config_loss_falls(repo_cwd, tmp_path):

@@ -151,12 +151,23 @@ class PackedDataLoader:
             yield self.next_batch()
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                "num_samples": self.num_samples, "dp_size": self.dp_size, "seed": self.seed}
+        """The position as the whole job sees it: the samples of the epoch's order consumed by
+        all data-parallel ranks together, so a run can resume with another number of ranks."""
+        return {"epoch": self.epoch,
+                "samples_in_epoch": self.batch_in_epoch * self.batch_size * self.dp_size,
+                "num_samples": self.num_samples, "seed": self.seed}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        for key in ("num_samples", "dp_size", "seed"):
+        """Resume at the next batch; works with any split of the same global batch over ranks
+        (each step covers the same slice of the epoch's order whatever the split)."""
+        for key in ("num_samples", "seed"):
             if state[key] != getattr(self, key):
                 raise ValueError(f"data loader state was saved with {key}={state[key]}, "
                                  f"this run has {getattr(self, key)}")
-        self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
+        global_batch = self.batch_size * self.dp_size
+        if state["samples_in_epoch"] % global_batch:
+            raise ValueError(f"data loader state is {state['samples_in_epoch']} samples into the "
+                             f"epoch, not a whole number of this run's global batches of "
+                             f"{global_batch}: resume with the same global batch size")
+        self.epoch = state["epoch"]
+        self.batch_in_epoch = state["samples_in_epoch"] // global_batch

@@ -90,8 +90,10 @@ class MetricsLogger:
 
     def __init__(self, cfg: Metrics, dump_folder: str, rank: int, device: torch.device,
                  flops_per_token: int, peak: float | None, total_steps: int,
-                 memory_tracker: TensorMemoryTracker | None = None):
+                 memory_tracker: TensorMemoryTracker | None = None, first_step: int = 1):
+        """``first_step``: the step this run starts at (after a resume, for the ETA)."""
         self.cfg, self.rank, self.device = cfg, rank, device
+        self.first_step = first_step
         self.memory_tracker = memory_tracker
         self.flops_per_token, self.peak, self.total_steps = flops_per_token, peak, total_steps
         self.start = time.perf_counter()
@@ -121,7 +123,8 @@ class MetricsLogger:
             "optimizer_s": optimizer_seconds,
             "elapsed_s": time.perf_counter() - self.start,
         }
-        record["eta_s"] = record["elapsed_s"] / step * (self.total_steps - step)
+        steps_done = step - self.first_step + 1
+        record["eta_s"] = record["elapsed_s"] / steps_done * (self.total_steps - step)
         if self.rank == 0:
             mfu = f"{record['mfu_pct']:.1f}%" if record["mfu_pct"] is not None else "n/a"
             print(f"step {step:>5}/{self.total_steps}  loss {loss:.4f}  grad_norm "

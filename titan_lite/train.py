@@ -22,12 +22,14 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
+from titan_lite.checkpoint import Checkpointer, CheckpointError, Preemption
 from titan_lite.config import JobConfig, parse_or_exit
 from titan_lite.data import PackedDataLoader, tokenize_to_cache
 from titan_lite.distributed import DTYPES, DistEnv, barrier, init_distributed, shutdown_and_exit
+from titan_lite.hf import architecture_mismatches, args_from_hf_config, load_hf_weights
 from titan_lite.memory import TensorMemoryTracker
 from titan_lite.metrics import MetricsLogger, peak_flops
-from titan_lite.models.llama3 import FLAVORS, Transformer
+from titan_lite.models.llama3 import FLAVORS, ModelArgs, Transformer
 from titan_lite.optim import build_lr_scheduler, build_optimizer, clip_gradients
 from titan_lite.parallel.accumulation import gradient_sync
 from titan_lite.parallel.activation_checkpoint import apply_activation_checkpointing
@@ -113,6 +115,15 @@ def build_model(cfg: JobConfig, model: Transformer, dims: ParallelDims,
                             lambda stage: parallelize(stage, cfg, dims, mesh, env))
         return pipeline.parts, pipeline
     return [model], parallelize(model, cfg, dims, mesh, env)
+
+
+def load_pretrained(parts: list[Transformer], folder: str, args: ModelArgs) -> None:
+    """Overwrite the initial weights with a Hugging Face checkpoint of the same architecture."""
+    mismatches = architecture_mismatches(args, args_from_hf_config(folder))
+    if mismatches:
+        raise ValueError(f"model.init_from: {folder} is not this model: "
+                         f"{'; '.join(mismatches)}")
+    load_hf_weights(parts, folder, args)
 
 
 def build_data(cfg: JobConfig, env: DistEnv, tokenizer: Tokenizer, dims: ParallelDims,
@@ -214,6 +225,8 @@ def train(cfg: JobConfig, env: DistEnv) -> TrainResult:
         model = Transformer(args)
     num_params, flops_per_token = model.num_params(), model.flops_per_token(args.max_seq_len)
     parts, runner = build_model(cfg, model, dims, mesh, env)
+    if cfg.model.init_from:
+        load_pretrained(parts, cfg.model.init_from, args)
     modules = torch.nn.ModuleList(parts)  # one handle on this rank's parameters
     optimizer = build_optimizer(modules, cfg.optimizer)
     scheduler = build_lr_scheduler(optimizer, cfg.lr_scheduler, cfg.training.steps)
@@ -229,12 +242,21 @@ def train(cfg: JobConfig, env: DistEnv) -> TrainResult:
                     else contextlib.nullcontext)
     tokens_per_step = tokens_per_rank_per_step(cfg, dims, env.world_size)
     peak, peak_source = peak_flops(env.device, compute_dtype, cfg.metrics)
+    checkpointer, preemption, start_step = None, None, 0
+    if cfg.checkpoint.enable:
+        checkpointer = Checkpointer(cfg.checkpoint, cfg.job.dump_folder, parts, optimizer,
+                                    scheduler, loader)
+        start_step = checkpointer.restore()
+        preemption = Preemption(env.device)
+        log0(env, f"resumed from {checkpointer.folder}/step-{start_step}" if start_step else
+             f"no checkpoint in {checkpointer.folder}: starting from step 1")
     tracker = None
     if env.device.type == "cpu" and cfg.metrics.track_cpu_memory:
         tracker = TensorMemoryTracker()
-        tracker.track(list(modules.parameters()) + list(modules.buffers()))
+        optimizer_states = [v for state in optimizer.state.values() for v in state.values()]
+        tracker.track([*modules.parameters(), *modules.buffers(), *optimizer_states])
     metrics = MetricsLogger(cfg.metrics, cfg.job.dump_folder, env.rank, env.device,
-                            flops_per_token, peak, cfg.training.steps, tracker)
+                            flops_per_token, peak, cfg.training.steps, tracker, start_step + 1)
     log0(env, f"{cfg.job.description}: llama3 {cfg.model.flavor}, {num_params:,} params, "
               f"vocab {tokenizer.vocab_size}, {flops_per_token / 1e6:.1f} MFLOP/token | "
               f"{describe_layout(cfg, dims, env)} | global batch "
@@ -243,8 +265,8 @@ def train(cfg: JobConfig, env: DistEnv) -> TrainResult:
               f"{peak_source}")
 
     losses: list[float] = []
-    interval_start, last_logged_step, optimizer_seconds = time.perf_counter(), 0, 0.0
-    for step in range(1, cfg.training.steps + 1):
+    interval_start, last_logged_step, optimizer_seconds = time.perf_counter(), start_step, 0.0
+    for step in range(start_step + 1, cfg.training.steps + 1):
         with tracker or contextlib.nullcontext():
             step_loss = forward_backward(runner, loader, env.device, accumulation, autocast,
                                          loss_context, reduce_every_micro)
@@ -267,6 +289,13 @@ def train(cfg: JobConfig, env: DistEnv) -> TrainResult:
             metrics.log(step, loss_value, grad_norm.item(), lr, steps * tokens_per_step,
                         time.perf_counter() - interval_start, optimizer_seconds / steps)
             interval_start, last_logged_step, optimizer_seconds = time.perf_counter(), step, 0.0
+        stop = preemption is not None and preemption.requested()
+        if checkpointer and (step % cfg.checkpoint.interval == 0 or step == cfg.training.steps
+                             or stop):
+            checkpointer.save(step)
+        if stop:
+            log0(env, f"stopping after step {step} on a signal; checkpoint saved")
+            break
     metrics.close()
     return TrainResult(losses, parts, optimizer)
 
@@ -292,7 +321,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         save_config(cfg, env)
         train(cfg, env)
-    except (FitError, TrainingError, ValueError) as e:
+    except (FitError, TrainingError, CheckpointError, ValueError) as e:
         print(f"[rank{env.rank}] error: {e}", file=sys.stderr, flush=True)
         code = 2 if isinstance(e, (FitError, ValueError)) else 1
     except BaseException:  # noqa: BLE001 - report, then leave with a non-zero status

@@ -42,12 +42,17 @@ def check_job(cfg: JobConfig, world_size: int) -> list[str]:
     if cfg.metrics.enable_tensorboard and importlib.util.find_spec("tensorboard") is None:
         problems.append("metrics.enable_tensorboard: the tensorboard package is not installed "
                         "(pip install tensorboard)")
-    if cfg.checkpoint.enable:
-        problems.append("checkpoint.enable: checkpointing is not available yet; use false")
+    if cfg.checkpoint.load_step == 0:
+        problems.append("checkpoint.load_step: 0 is not a step (use -1 for the newest "
+                        "checkpoint, or a saved step >= 1)")
     if t.device == "cuda" and not _cuda_available():
         problems.append("training.device: 'cuda' was asked for but no CUDA device is visible")
     if not cfg.data.paths:
         problems.append("data.paths: empty; name at least one corpus file or folder")
+    if cfg.model.init_from and not os.path.isfile(os.path.join(cfg.model.init_from,
+                                                               "config.json")):
+        problems.append(f"model.init_from: {cfg.model.init_from!r} is not a folder with a "
+                        "config.json (a Hugging Face checkpoint)")
     for key, path in [("tokenizer.path", cfg.tokenizer.path)] + [
             ("data.paths", p) for p in cfg.data.paths]:
         if not os.path.exists(path):

@@ -39,6 +39,9 @@ class Model:
     name: str = opt("llama3", "Model family.", choices=["llama3"])
     flavor: str = opt("debugmodel", "Model size; the vocab size always comes from the tokenizer.",
                       choices=list(FLAVORS))
+    init_from: str = opt("", "A Hugging Face Llama folder (config.json + *.safetensors) to start "
+                         "from instead of random weights; its architecture must be the "
+                         "flavor's, with the tokenizer's vocab size.")
 
 
 @dataclass
@@ -158,7 +161,16 @@ class ActivationCheckpoint:
 
 @dataclass
 class Checkpoint:
-    enable: bool = opt(False, "Save and resume distributed checkpoints. Not available yet.")
+    enable: bool = opt(False, "Save distributed checkpoints and, on start, resume from the "
+                       "newest complete one in the folder.")
+    folder: str = opt("checkpoint", "Where checkpoints go: step-N folders, relative to "
+                      "job.dump_folder (or absolute).")
+    interval: int = opt(500, "Save every this many steps, and always after the last step.",
+                        min=1)
+    keep_latest_k: int = opt(3, "Keep only the newest k complete checkpoints; 0 keeps all.",
+                             min=0)
+    load_step: int = opt(-1, "Resume from this step's checkpoint; -1: the newest complete "
+                         "one (a fresh start when there is none).", min=-1)
 
 
 @dataclass

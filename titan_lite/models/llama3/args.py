@@ -24,6 +24,7 @@ class ModelArgs:
     vocab_size: int = 128256
     multiple_of: int = 256  # FFN hidden size is rounded up to a multiple of this
     ffn_dim_multiplier: float | None = None
+    ffn_hidden_size: int | None = None  # explicit FFN width (e.g. from a Hugging Face config)
     norm_eps: float = 1e-5
     rope_theta: float = 500000.0
     rope_scaling: RopeScaling | None = None
@@ -41,6 +42,8 @@ class ModelArgs:
     @property
     def ffn_hidden_dim(self) -> int:
         """SwiGLU hidden size as Meta computes it: 2/3 of 4*dim, scaled, rounded up."""
+        if self.ffn_hidden_size is not None:
+            return self.ffn_hidden_size
         hidden = int(2 * (4 * self.dim) / 3)
         if self.ffn_dim_multiplier is not None:
             hidden = int(self.ffn_dim_multiplier * hidden)

@@ -1,0 +1,199 @@
+"""Checkpoints: exact resume, crash safety, resharding, refusal of bad folders and pickles."""
+
+import json
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import CPU_ENV, REPO, python_env
+from layouts import run_layout
+
+from titan_lite.checkpoint import CheckpointError, complete_steps
+from titan_lite.config import load_config
+from titan_lite.train import train
+
+# 4 steps, a checkpoint every 2; warmup 1 then linear decay, so the LR differs every step.
+CKPT = ["--training.seq_len", "64", "--training.steps", "4", "--metrics.cpu_peak_tflops", "1",
+        "--lr_scheduler.warmup_steps", "1", "--checkpoint.enable", "true",
+        "--checkpoint.interval", "2", "--checkpoint.keep_latest_k", "0"]
+
+
+def run(folder, *overrides: str):
+    return train(load_config([*CKPT, "--job.dump_folder", str(folder), *overrides]), CPU_ENV)
+
+
+def copy_checkpoint(source, step: int, dest) -> None:
+    os.makedirs(dest / "checkpoint", exist_ok=True)
+    shutil.copytree(source / "checkpoint" / f"step-{step}", dest / "checkpoint" / f"step-{step}")
+
+
+def jsonl(folder) -> list[dict]:
+    with open(folder / "metrics" / "rank0.jsonl") as fh:
+        return [json.loads(line) for line in fh]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """One process, 4 steps straight through (saving step-2 and step-4 on the way)."""
+    folder = tmp_path_factory.mktemp("straight")
+    return folder, run(folder, "--training.local_batch_size", "4").losses
+
+
+def test_resume_continues_bit_for_bit(repo_cwd, straight, tmp_path):
+    folder, losses = straight
+    assert complete_steps(str(folder / "checkpoint")) == [2, 4]
+    copy_checkpoint(folder, 2, tmp_path)
+    resumed = run(tmp_path, "--training.local_batch_size", "4")
+    assert resumed.losses == losses[2:]  # bitwise: same batches, weights, moments, LR, RNG
+    before, after = jsonl(folder), jsonl(tmp_path)
+    assert [r["step"] for r in after] == [3, 4]
+    assert [r["lr"] for r in after] == [r["lr"] for r in before[2:]]
+
+
+def test_keep_latest_k_prunes_old_checkpoints(repo_cwd, tmp_path):
+    run(tmp_path, "--training.local_batch_size", "2", "--checkpoint.interval", "1",
+        "--checkpoint.keep_latest_k", "2")
+    assert complete_steps(str(tmp_path / "checkpoint")) == [3, 4]
+
+
+def test_partial_save_is_ignored_and_replaced(repo_cwd, straight, tmp_path):
+    """What a crash mid-save leaves: step-4.partial with some shards and no metadata."""
+    folder, losses = straight
+    copy_checkpoint(folder, 2, tmp_path)
+    partial = tmp_path / "checkpoint" / "step-4.partial"
+    shutil.copytree(folder / "checkpoint" / "step-4", partial)
+    os.remove(partial / ".metadata")
+    resumed = run(tmp_path, "--training.local_batch_size", "4")
+    assert resumed.losses == losses[2:]  # resumed from step-2, the newest complete one
+    assert complete_steps(str(tmp_path / "checkpoint")) == [2, 4]
+    assert not partial.exists()
+
+
+def test_corrupt_checkpoint_stops_with_its_name_and_keeps_the_others(repo_cwd, straight,
+                                                                     tmp_path):
+    folder, _ = straight
+    for step in (2, 4):
+        copy_checkpoint(folder, step, tmp_path)
+    shard = next((tmp_path / "checkpoint" / "step-4").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])  # truncated
+    with pytest.raises(CheckpointError, match=r"checkpoint .*step-4 cannot be loaded .*"
+                                              r"set checkpoint.load_step to an older step"):
+        run(tmp_path, "--training.local_batch_size", "4")
+    assert complete_steps(str(tmp_path / "checkpoint")) == [2, 4]  # nothing deleted
+    resumed = run(tmp_path, "--training.local_batch_size", "4", "--checkpoint.load_step", "2")
+    assert resumed.losses == straight[1][2:]
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_metadata_with_a_pickle_payload_is_refused(repo_cwd, straight, tmp_path):
+    copy_checkpoint(straight[0], 2, tmp_path)
+    with open(tmp_path / "checkpoint" / "step-2" / ".metadata", "wb") as fh:
+        pickle.dump(_Payload(), fh)
+    with pytest.raises(CheckpointError, match=r"refusing to load (posix|os)\.system"):
+        run(tmp_path, "--training.local_batch_size", "4")
+    assert not (tmp_path / "pwned").exists() and not os.path.exists(os.path.join(REPO, "pwned"))
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "titan_lite.train", *CKPT, "--training.steps", "1000",
+         "--checkpoint.interval", "1000", "--training.local_batch_size", "2",
+         "--metrics.log_freq", "1", "--job.dump_folder", str(tmp_path)],
+        cwd=REPO, env=python_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:  # wait until training is under way
+        if line.startswith("step     2/1000"):
+            break
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, output[-2000:]
+    steps = complete_steps(str(tmp_path / "checkpoint"))
+    assert len(steps) == 1 and steps[0] >= 2
+    assert f"stopping after step {steps[0]} on a signal; checkpoint saved" in output
+
+
+@pytest.mark.slow
+def test_two_rank_fsdp_resume_and_resharding(repo_cwd, straight, tmp_path):
+    """2-rank FSDP resumes its own checkpoint exactly; 2 -> 1 and 1 -> 2 continue with the
+    one-process losses (fp32 rounding of the other reduction order)."""
+    one_folder, one_losses = straight
+    two = run_layout(tmp_path, "two", 2, *CKPT, "--training.local_batch_size", "2")
+    two_folder = tmp_path / "two"
+    resumed = tmp_path / "two-resumed"
+    copy_checkpoint(two_folder, 2, resumed)
+    again = run_layout(tmp_path, "two-resumed", 2, *CKPT, "--training.local_batch_size", "2")
+    assert again["losses"] == two["losses"][2:]  # same layout: bit for bit
+    copy_checkpoint(two_folder, 2, tmp_path / "to-one")
+    to_one = run(tmp_path / "to-one", "--training.local_batch_size", "4").losses
+    torch.testing.assert_close(to_one, one_losses[2:], rtol=0, atol=2e-5)
+    copy_checkpoint(one_folder, 2, tmp_path / "to-two")
+    to_two = run_layout(tmp_path, "to-two", 2, *CKPT, "--training.local_batch_size", "2")
+    torch.testing.assert_close(to_two["losses"], one_losses[2:], rtol=0, atol=2e-5)
+
+
+def _train_process(folder, steps: int, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "titan_lite.train", *CKPT, "--training.steps", str(steps),
+         "--checkpoint.interval", "1", "--checkpoint.keep_latest_k", "2",
+         "--training.local_batch_size", "2", "--metrics.log_freq", "1",
+         "--job.dump_folder", str(folder), *extra],
+        cwd=REPO, env=python_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _saving(checkpoints) -> bool:
+    return checkpoints.exists() and any(n.endswith(".partial") for n in os.listdir(checkpoints))
+
+
+@pytest.mark.slow
+def test_sigkill_during_a_save_resumes_from_the_previous_checkpoint(tmp_path):
+    straight = _train_process(tmp_path / "straight", 8)
+    assert straight.wait(timeout=240) == 0
+    expected = {r["step"]: r["loss"] for r in jsonl(tmp_path / "straight")}
+
+    folder = tmp_path / "killed"
+    proc = _train_process(folder, 8)
+    checkpoints = folder / "checkpoint"
+    deadline, caught_mid_save = time.monotonic() + 120, False
+    while time.monotonic() < deadline and proc.poll() is None:
+        if not (_saving(checkpoints) and complete_steps(str(checkpoints))):
+            continue
+        proc.send_signal(signal.SIGSTOP)  # freeze it, then make sure the save is still open
+        if _saving(checkpoints):
+            proc.kill()  # SIGKILL while a later step's shards are being written
+            caught_mid_save = True
+            break
+        proc.send_signal(signal.SIGCONT)
+    proc.wait(timeout=60)
+    assert caught_mid_save, "the run ended before a save could be interrupted"
+    before = complete_steps(str(checkpoints))
+    assert _saving(checkpoints)  # the torn save is still there
+
+    resumed = _train_process(folder, 8)
+    output = resumed.communicate(timeout=240)[0]
+    assert resumed.returncode == 0, output[-2000:]
+    assert f"resumed from {checkpoints}/step-{before[-1]}" in output
+    after = [r for r in jsonl(folder) if r["step"] > before[-1]]
+    assert [r["step"] for r in after] == list(range(before[-1] + 1, 9))
+    assert all(r["loss"] == expected[r["step"]] for r in after)  # bit for bit
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [
+    ["--parallelism.tensor_parallel_degree", "2"],
+    ["--parallelism.pipeline_parallel_degree", "2",
+     "--parallelism.pipeline_parallel_schedule", "Interleaved1F1B"],  # 2 stages per rank
+], ids=["tp2", "pp2-interleaved"])
+def test_tp_and_pp_checkpoints_resume_in_one_process(repo_cwd, straight, tmp_path, layout):
+    run_layout(tmp_path, "saved", 2, *CKPT, "--training.local_batch_size", "4", *layout)
+    copy_checkpoint(tmp_path / "saved", 2, tmp_path / "one")
+    losses = run(tmp_path / "one", "--training.local_batch_size", "4").losses
+    torch.testing.assert_close(losses, straight[1][2:], rtol=0, atol=2e-5)

@@ -1,0 +1,234 @@
+"""Distributed checkpoints (torch.distributed.checkpoint) that resume exactly and survive crashes.
+
+A checkpoint is the folder ``<checkpoint.folder>/step-N``. Every rank writes its shards into
+``step-N.partial``; only when all ranks have finished does rank 0 rename it to ``step-N`` (an
+atomic rename), so a crash or ``kill -9`` during a save leaves the previous checkpoint as the
+newest complete one. Only tensors are stored (weights, AdamW moments and step counts, the
+schedule's step, the data position, the RNG state), keyed by parameter name, so checkpoints
+load into any layout and are read without unpickling anything but DCP's own metadata classes.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import shutil
+import signal
+from collections.abc import Iterable
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+
+from titan_lite.config import Checkpoint
+from titan_lite.data import PackedDataLoader
+
+_STEP_FOLDER = re.compile(r"step-(\d+)")
+_DATA_FIELDS = ("epoch", "samples_in_epoch", "num_samples", "seed")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that exists but cannot be used; the message names it."""
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP's .metadata and nothing else: only the classes DCP writes there, torch
+    sizes, dtypes and layouts, paths and plain containers, so a crafted file cannot run code."""
+
+    _ALLOWED = {
+        "torch.distributed.checkpoint.metadata": {
+            "Metadata", "MetadataIndex", "ChunkStorageMetadata", "TensorStorageMetadata",
+            "BytesStorageMetadata", "TensorProperties", "StorageMeta", "_MEM_FORMAT_ENCODING"},
+        "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+        "torch.serialization": {"_get_layout"},  # maps a layout's name to torch.layout
+        "pathlib": {"PosixPath", "PurePosixPath"},
+        "collections": {"OrderedDict"},
+        "builtins": {"dict", "list", "tuple", "set", "frozenset", "int", "float", "str",
+                     "bytes", "bool", "slice"},
+    }
+
+    def find_class(self, module: str, name: str) -> type:
+        if module == "torch" and (name == "Size" or isinstance(
+                getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format))):
+            return getattr(torch, name)
+        if name in self._ALLOWED.get(module, ()):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from checkpoint "
+                                     "metadata")
+
+
+class _SafeReader(FileSystemReader):
+    """FileSystemReader whose metadata goes through ``_MetadataUnpickler``."""
+
+    def read_metadata(self, *args: object, **kwargs: object) -> Metadata:
+        with open(self._get_metadata_path(kwargs.get("rank")), "rb") as fh:
+            metadata = _MetadataUnpickler(fh).load()
+        if not isinstance(metadata, Metadata):
+            raise pickle.UnpicklingError(".metadata does not hold DCP metadata")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+def _publish(partial: str, final: str) -> None:
+    """Rename ``partial`` to ``final`` atomically; an older ``final`` (a run that resumed from
+    an earlier step saves this step again) is moved aside first and deleted after."""
+    replaced = final + ".replaced"
+    if os.path.exists(final):
+        shutil.rmtree(replaced, ignore_errors=True)
+        os.replace(final, replaced)
+    os.replace(partial, final)
+    shutil.rmtree(replaced, ignore_errors=True)
+
+
+def complete_steps(folder: str) -> list[int]:
+    """Steps with a complete (published) checkpoint in ``folder``, oldest first."""
+    if not os.path.isdir(folder):
+        return []
+    steps = [int(m.group(1)) for m in map(_STEP_FOLDER.fullmatch, os.listdir(folder)) if m]
+    return sorted(steps)
+
+
+class Checkpointer:
+    """Saves and restores everything a run needs to continue exactly where it stopped."""
+
+    def __init__(self, cfg: Checkpoint, dump_folder: str, model_parts: Iterable[nn.Module],
+                 optimizer: torch.optim.Optimizer,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler, loader: PackedDataLoader):
+        self.cfg = cfg
+        self.folder = os.path.join(dump_folder, cfg.folder)
+        self.parts, self.optimizer = list(model_parts), optimizer
+        self.scheduler, self.loader = scheduler, loader
+
+    def _state(self) -> dict[str, torch.Tensor]:
+        state: dict[str, torch.Tensor] = {}
+        for part in self.parts:
+            for name, param in part.named_parameters():
+                state[f"model.{name}"] = param
+                for key, value in self.optimizer.state[param].items():
+                    state[f"optimizer.{name}.{key}"] = value
+        state["train.lr_step"] = torch.tensor(self.scheduler.last_epoch)
+        loader_state = self.loader.state_dict()
+        state["train.data"] = torch.tensor([loader_state[k] for k in _DATA_FIELDS])
+        state["train.rng"] = torch.get_rng_state()
+        return state
+
+    def save(self, step: int) -> None:
+        """Write ``step-<step>`` on every rank, publish it when all are done, prune old ones."""
+        final = os.path.join(self.folder, f"step-{step}")
+        partial = final + ".partial"
+        if _rank() == 0:
+            shutil.rmtree(partial, ignore_errors=True)  # left by a crash mid-save
+            os.makedirs(self.folder, exist_ok=True)
+        _barrier()
+        state = self._state()
+        state["train.step"] = torch.tensor(step)
+        dcp.save(state, storage_writer=FileSystemWriter(partial))
+        _barrier()  # every rank's shards are on disk
+        if _rank() == 0:
+            _publish(partial, final)
+            self._prune()
+        _barrier()
+
+    def _prune(self) -> None:
+        if self.cfg.keep_latest_k <= 0:
+            return
+        for step in complete_steps(self.folder)[:-self.cfg.keep_latest_k]:
+            shutil.rmtree(os.path.join(self.folder, f"step-{step}"), ignore_errors=True)
+
+    def restore(self) -> int:
+        """Load the checkpoint to resume from (checkpoint.load_step, or the newest complete
+        one); returns its step, or 0 when there is none to resume from."""
+        steps = complete_steps(self.folder)
+        if self.cfg.load_step > 0:
+            if self.cfg.load_step not in steps:
+                raise CheckpointError(f"checkpoint.load_step: no complete checkpoint step-"
+                                      f"{self.cfg.load_step} in {self.folder} (found: "
+                                      f"{', '.join(map(str, steps)) or 'none'})")
+            step = self.cfg.load_step
+        elif steps:
+            step = steps[-1]
+        else:
+            return 0
+        path = os.path.join(self.folder, f"step-{step}")
+        _materialize_optimizer_state(self.optimizer)
+        state = self._state()
+        state["train.step"] = torch.tensor(0)
+        try:
+            dcp.load(state, storage_reader=_SafeReader(path))
+        except (Exception, CheckpointException) as e:  # any failure: this folder is unusable
+            raise CheckpointError(f"checkpoint {path} cannot be loaded ({_first_cause(e)}); "
+                                  "delete it or set checkpoint.load_step to an older "
+                                  "step") from e
+        self._apply(state)
+        return int(state["train.step"])
+
+    def _apply(self, state: dict[str, torch.Tensor]) -> None:
+        """Hand the loaded non-parameter values back to their owners (parameters and optimizer
+        states were loaded in place)."""
+        data = dict(zip(_DATA_FIELDS, (int(v) for v in state["train.data"])))
+        self.loader.load_state_dict(data)
+        self.scheduler.last_epoch = int(state["train.lr_step"]) - 1
+        self.scheduler.step()  # sets each group's lr for the loaded step
+        torch.set_rng_state(state["train.rng"])
+
+
+def _first_cause(error: BaseException) -> str:
+    """One line on why a load failed (DCP wraps each rank's error with its traceback)."""
+    if isinstance(error, CheckpointException) and error.failures:
+        error = next(iter(error.failures.values()))[0]
+    lines = str(error).splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
+@torch.no_grad()
+def _materialize_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Create the optimizer's (lazily built) state with a step at lr 0 on zero gradients, so
+    there are tensors of the right shards for the checkpoint to be loaded into."""
+    if optimizer.state:
+        return
+    lrs = [group["lr"] for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+        for param in group["params"]:
+            param.grad = torch.zeros_like(param)
+    optimizer.step()
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+class Preemption:
+    """SIGTERM or SIGINT (a cluster's preemption, Ctrl-C) asks the run to checkpoint and stop
+    after the current step instead of dying mid-step."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device  # where the agreement's all-reduce runs (CUDA under nccl)
+        self._signalled = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self._signalled = True
+
+    def requested(self) -> bool:
+        """Whether any rank was signalled (all ranks must stop at the same step)."""
+        flag = torch.tensor(float(self._signalled), device=self.device)
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag)

@@ -1,0 +1,223 @@
+"""Hugging Face Llama checkpoints: read their config, load their safetensors into any layout,
+write a model back in their layout.
+
+Meta's checkpoints (and this model) rotate consecutive pairs of each head's q/k features; Hugging
+Face's ``LlamaForCausalLM`` rotates the two halves of each head, so its conversion script
+permutes the rows of q_proj and k_proj within every head. Loading undoes that permutation and
+writing redoes it; every other tensor only changes its name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable, Iterator
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+from titan_lite.models.llama3 import ModelArgs, RopeScaling
+
+_LAYER_NAMES = {
+    "attention.wq.weight": "self_attn.q_proj.weight",
+    "attention.wk.weight": "self_attn.k_proj.weight",
+    "attention.wv.weight": "self_attn.v_proj.weight",
+    "attention.wo.weight": "self_attn.o_proj.weight",
+    "feed_forward.w1.weight": "mlp.gate_proj.weight",
+    "feed_forward.w3.weight": "mlp.up_proj.weight",
+    "feed_forward.w2.weight": "mlp.down_proj.weight",
+    "attention_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+}
+_TOP_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight",
+              "norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
+
+
+def hf_name(name: str) -> str:
+    """The Hugging Face name of one of this model's parameters."""
+    if name in _TOP_NAMES:
+        return _TOP_NAMES[name]
+    match = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
+    if match is None or match.group(2) not in _LAYER_NAMES:
+        raise KeyError(f"no Hugging Face name for parameter {name!r}")
+    return f"model.layers.{match.group(1)}.{_LAYER_NAMES[match.group(2)]}"
+
+
+def _rotary_heads(name: str, args: ModelArgs) -> int:
+    """Heads whose rows Hugging Face permutes in this parameter (0: not permuted)."""
+    if name.endswith("attention.wq.weight"):
+        return args.n_heads
+    if name.endswith("attention.wk.weight"):
+        return args.kv_heads
+    return 0
+
+
+def to_hf_rows(rows: torch.Tensor, heads: int) -> torch.Tensor:
+    """Meta's interleaved-pair order of whole heads' rows -> Hugging Face's half-split order."""
+    head_dim = rows.shape[0] // heads
+    return rows.view(heads, head_dim // 2, 2, -1).transpose(1, 2).reshape(rows.shape)
+
+
+def from_hf_rows(rows: torch.Tensor, heads: int) -> torch.Tensor:
+    """Hugging Face's half-split order of whole heads' rows -> Meta's interleaved pairs."""
+    head_dim = rows.shape[0] // heads
+    return rows.view(heads, 2, head_dim // 2, -1).transpose(1, 2).reshape(rows.shape)
+
+
+def args_from_hf_config(folder: str) -> ModelArgs:
+    """ModelArgs of the Llama checkpoint in ``folder`` (its config.json)."""
+    with open(os.path.join(folder, "config.json")) as fh:
+        config = json.load(fh)
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
+    scaling = None
+    if rope.get("rope_type", rope.get("type")) == "llama3":
+        scaling = RopeScaling(
+            factor=rope["factor"], low_freq_factor=rope["low_freq_factor"],
+            high_freq_factor=rope["high_freq_factor"],
+            original_max_position_embeddings=rope["original_max_position_embeddings"])
+    args = ModelArgs(
+        dim=config["hidden_size"], n_layers=config["num_hidden_layers"],
+        n_heads=config["num_attention_heads"],
+        n_kv_heads=config.get("num_key_value_heads") or config["num_attention_heads"],
+        vocab_size=config["vocab_size"], ffn_hidden_size=config["intermediate_size"],
+        norm_eps=config["rms_norm_eps"], rope_theta=float(theta), rope_scaling=scaling,
+        max_seq_len=config.get("max_position_embeddings", 8192),
+        tie_word_embeddings=config.get("tie_word_embeddings", False))
+    head_dim = config.get("head_dim") or args.head_dim
+    if head_dim != args.head_dim:
+        raise ValueError(f"{folder}: head_dim {head_dim} != hidden_size / num_attention_heads "
+                         f"({args.head_dim}) is not supported")
+    return args
+
+
+def architecture_mismatches(expected: ModelArgs, found: ModelArgs) -> list[str]:
+    """The fields (other than the context length) in which two architectures differ."""
+    fields = {"dim": "dim", "n_layers": "n_layers", "n_heads": "n_heads",
+              "kv_heads": "n_kv_heads", "ffn_hidden_dim": "FFN width", "vocab_size": "vocab_size",
+              "norm_eps": "norm_eps", "rope_theta": "rope_theta",
+              "rope_scaling": "rope_scaling", "tie_word_embeddings": "tie_word_embeddings"}
+    return [f"{label} {getattr(found, name)} (expected {getattr(expected, name)})"
+            for name, label in fields.items() if getattr(found, name) != getattr(expected, name)]
+
+
+class _Safetensors:
+    """Tensors by name from one or many .safetensors files (with model.safetensors.index.json)."""
+
+    def __init__(self, folder: str):
+        index = os.path.join(folder, "model.safetensors.index.json")
+        if os.path.exists(index):
+            with open(index) as fh:
+                files = json.load(fh)["weight_map"]
+            self.file_of = {name: os.path.join(folder, f) for name, f in files.items()}
+        else:
+            single = os.path.join(folder, "model.safetensors")
+            if not os.path.exists(single):
+                raise FileNotFoundError(f"{folder}: no model.safetensors or "
+                                        "model.safetensors.index.json")
+            with safe_open(single, "pt") as f:
+                self.file_of = {name: single for name in f.keys()}
+
+    def rows(self, name: str, start: int, stop: int, columns: slice) -> torch.Tensor:
+        if name not in self.file_of:
+            raise KeyError(f"tensor {name!r} is missing from the checkpoint")
+        with safe_open(self.file_of[name], "pt") as f:
+            tensor = f.get_slice(name)
+            if len(tensor.get_shape()) == 1:
+                return tensor[start:stop]
+            return tensor[start:stop, columns]
+
+
+@torch.no_grad()
+def load_hf_weights(model_parts: Iterable[nn.Module], folder: str, args: ModelArgs) -> None:
+    """Copy the checkpoint in ``folder`` into the (possibly sharded) parameters in place.
+
+    Each rank reads only the rows and columns of its own shards (plus, for q/k, the rest of the
+    heads its rows fall in), so no rank ever holds a full copy of the model.
+    """
+    source = _Safetensors(folder)
+    for part in model_parts:
+        for name, param in part.named_parameters():
+            local = param.to_local() if isinstance(param, DTensor) else param
+            offset = [0] * param.ndim
+            if isinstance(param, DTensor):
+                _, offset = compute_local_shape_and_global_offset(
+                    param.shape, param.device_mesh, param.placements)
+            if local.numel() == 0:
+                continue
+            local.copy_(_read_local(source, name, args, local.shape, offset))
+
+
+def _read_local(source: _Safetensors, name: str, args: ModelArgs, shape: torch.Size,
+                offset: list[int]) -> torch.Tensor:
+    start, stop = offset[0], offset[0] + shape[0]
+    columns = slice(offset[1], offset[1] + shape[1]) if len(shape) == 2 else slice(None)
+    heads = _rotary_heads(name, args)
+    if not heads:
+        return source.rows(hf_name(name), start, stop, columns)
+    head_dim = args.head_dim  # permuted in whole heads: read the heads the rows fall in
+    first, last = start // head_dim, -(-stop // head_dim)
+    rows = source.rows(hf_name(name), first * head_dim, last * head_dim, columns)
+    rows = from_hf_rows(rows, last - first)
+    return rows[start - first * head_dim: stop - first * head_dim]
+
+
+def hf_config(args: ModelArgs) -> dict:
+    """config.json for ``LlamaForCausalLM`` with this architecture."""
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": args.dim, "intermediate_size": args.ffn_hidden_dim,
+        "num_hidden_layers": args.n_layers, "num_attention_heads": args.n_heads,
+        "num_key_value_heads": args.kv_heads, "head_dim": args.head_dim,
+        "vocab_size": args.vocab_size, "rms_norm_eps": args.norm_eps,
+        "max_position_embeddings": args.max_seq_len, "hidden_act": "silu",
+        "tie_word_embeddings": args.tie_word_embeddings, "rope_theta": args.rope_theta,
+        "attention_bias": False, "mlp_bias": False, "torch_dtype": "float32",
+    }
+    if args.rope_scaling is not None:
+        s = args.rope_scaling
+        config["rope_scaling"] = {
+            "rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
+            "high_freq_factor": s.high_freq_factor,
+            "original_max_position_embeddings": s.original_max_position_embeddings}
+    return config
+
+
+def hf_tensors(state_dict: dict[str, torch.Tensor], args: ModelArgs
+               ) -> Iterator[tuple[str, torch.Tensor]]:
+    """(Hugging Face name, tensor) for a full (unsharded) state dict of this model."""
+    for name, tensor in state_dict.items():
+        heads = _rotary_heads(name, args)
+        yield hf_name(name), (to_hf_rows(tensor, heads) if heads else tensor).contiguous()
+
+
+def save_hf(state_dict: dict[str, torch.Tensor], args: ModelArgs, folder: str,
+            max_shard_bytes: int = 5 * 2**30) -> None:
+    """Write ``folder`` as ``LlamaForCausalLM.from_pretrained`` reads it: config.json,
+    model-0000i-of-0000n.safetensors files of at most ``max_shard_bytes``, and their index."""
+    os.makedirs(folder, exist_ok=True)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in hf_tensors(state_dict, args):
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards, 1):
+        filename = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(folder, filename), metadata={"format": "pt"})
+        for name, tensor in shard.items():
+            weight_map[name] = filename
+            total += tensor.numel() * tensor.element_size()
+    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as fh:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, fh, indent=2)
+    with open(os.path.join(folder, "config.json"), "w") as fh:
+        json.dump(hf_config(args), fh, indent=2)
