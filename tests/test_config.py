@@ -117,8 +117,8 @@ def test_tp_and_pp_layouts_are_checked(repo_cwd, overrides, world, message):
 def test_cross_key_checks(repo_cwd):
     cfg = load_config(["--config", DEBUG, "--training.global_batch_size", "12",
                        "--activation_checkpoint.selective_ac_option", "-2",
-                       "--training.mixed_precision_reduce", "bfloat16", "--checkpoint.load_step", "0",
-                       "--tokenizer.path", "missing.model"])
+                       "--training.mixed_precision_reduce", "bfloat16",
+                       "--checkpoint.load_step", "0", "--tokenizer.path", "missing.model"])
     problems = "\n".join(check_job(cfg, world_size=2))
     assert "global_batch_size: 12 is not a multiple of local_batch_size x data-parallel " \
            "degree (8 x 2 = 16)" in problems

@@ -1,10 +1,12 @@
 """Hugging Face interop: import a transformers Llama, match its logits, export, load it back."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
-from conftest import CPU_ENV
+from conftest import CPU_ENV, REPO, python_env
 from dist_helpers import run_distributed
 
 from titan_lite.config import Parallelism, Training, load_config
@@ -143,3 +145,21 @@ def test_init_from_a_different_architecture_is_refused(repo_cwd, hf_folder, tmp_
     with pytest.raises(ValueError, match=r"model.init_from: .* is not this model: dim 64 "
                                          r"\(expected 256\); n_layers 2 \(expected 6\)"):
         train(cfg, CPU_ENV)
+
+
+def test_a_training_checkpoint_exports_to_transformers(repo_cwd, tmp_path):
+    """Train 2 steps with checkpoints, export the newest with the CLI, compare logits."""
+    job = ["--training.seq_len", "32", "--training.local_batch_size", "2", "--training.steps",
+           "2", "--metrics.cpu_peak_tflops", "1", "--checkpoint.enable", "true",
+           "--job.dump_folder", str(tmp_path / "run")]
+    trained = train(load_config(job), CPU_ENV).model_parts[0]
+    result = subprocess.run([sys.executable, "-m", "titan_lite.hf", "export", *job, "--out",
+                             str(tmp_path / "hf")], cwd=REPO, env=python_env(),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "wrote" in result.stdout and "step-2" in result.stdout
+    tokens = torch.randint(0, trained.args.vocab_size, (2, 32),
+                           generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(hf_logits(tmp_path / "hf", tokens), trained(tokens),
+                                   rtol=0, atol=LOGITS_ATOL)

@@ -232,3 +232,13 @@ class Preemption:
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag)
+
+
+@torch.no_grad()
+def load_model_weights(model: nn.Module, path: str) -> None:
+    """Load only the weights of the checkpoint folder ``path`` into ``model`` (any layout)."""
+    state = {f"model.{name}": param for name, param in model.named_parameters()}
+    try:
+        dcp.load(state, storage_reader=_SafeReader(path))
+    except (Exception, CheckpointException) as e:
+        raise CheckpointError(f"checkpoint {path} cannot be loaded ({_first_cause(e)})") from e

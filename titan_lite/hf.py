@@ -221,3 +221,51 @@ def save_hf(state_dict: dict[str, torch.Tensor], args: ModelArgs, folder: str,
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, fh, indent=2)
     with open(os.path.join(folder, "config.json"), "w") as fh:
         json.dump(hf_config(args), fh, indent=2)
+
+
+def export_checkpoint(argv: list[str] | None = None) -> None:
+    """``python -m titan_lite.hf export --config JOB.toml [--step N] --out FOLDER [overrides]``:
+    write a titan_lite checkpoint of that job as a Hugging Face Llama folder."""
+    import argparse
+    from dataclasses import replace
+
+    from titan_lite.checkpoint import complete_steps, load_model_weights
+    from titan_lite.config import ConfigError, load_config
+    from titan_lite.models.llama3 import FLAVORS, Transformer
+    from titan_lite.tokenizer import build_tokenizer
+
+    parser = argparse.ArgumentParser(prog="python -m titan_lite.hf export",
+                                     description=export_checkpoint.__doc__)
+    parser.add_argument("--out", required=True, help="folder to write (created)")
+    parser.add_argument("--step", type=int, default=-1, help="checkpoint step; -1: newest")
+    parser.add_argument("--max-shard-gb", type=float, default=5.0)
+    args, job_argv = parser.parse_known_args(argv)
+    try:
+        cfg = load_config(job_argv)
+    except ConfigError as e:
+        parser.exit(2, "".join(f"config error: {p}\n" for p in e.problems))
+    folder = os.path.join(cfg.job.dump_folder, cfg.checkpoint.folder)
+    steps = complete_steps(folder)
+    step = steps[-1] if args.step == -1 and steps else args.step
+    if step not in steps:
+        parser.exit(2, f"error: no complete checkpoint step-{step} in {folder} (found: "
+                       f"{', '.join(map(str, steps)) or 'none'})\n")
+    vocab = build_tokenizer(cfg.tokenizer.kind, cfg.tokenizer.path).vocab_size
+    model_args = replace(FLAVORS[cfg.model.flavor], vocab_size=vocab,
+                         max_seq_len=cfg.training.seq_len)
+    with torch.device("meta"):
+        model = Transformer(model_args)
+    model.to_empty(device="cpu")
+    load_model_weights(model, os.path.join(folder, f"step-{step}"))
+    save_hf(model.state_dict(), model_args, args.out, int(args.max_shard_gb * 2**30))
+    print(f"wrote {folder}/step-{step} as a Hugging Face Llama folder: {args.out}")
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:2] != ["export"]:
+        sys.exit("usage: python -m titan_lite.hf export --config JOB.toml [--step N] "
+                 "--out FOLDER [--section.key value ...]\n(importing needs no conversion: "
+                 "train with --model.init_from HF_FOLDER)")
+    export_checkpoint(sys.argv[2:])
