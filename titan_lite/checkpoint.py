@@ -10,12 +10,14 @@ load into any layout and are read without unpickling anything but DCP's own meta
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import re
 import shutil
 import signal
-from collections.abc import Iterable
+import warnings
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -129,7 +131,8 @@ class Checkpointer:
         _barrier()
         state = self._state()
         state["train.step"] = torch.tensor(step)
-        dcp.save(state, storage_writer=FileSystemWriter(partial))
+        with _quiet_single_process():
+            dcp.save(state, storage_writer=FileSystemWriter(partial), no_dist=_single())
         _barrier()  # every rank's shards are on disk
         if _rank() == 0:
             _publish(partial, final)
@@ -137,10 +140,12 @@ class Checkpointer:
         _barrier()
 
     def _prune(self) -> None:
-        if self.cfg.keep_latest_k <= 0:
-            return
-        for step in complete_steps(self.folder)[:-self.cfg.keep_latest_k]:
-            shutil.rmtree(os.path.join(self.folder, f"step-{step}"), ignore_errors=True)
+        """Drop torn saves of earlier crashes and all but the newest keep_latest_k."""
+        old = [f"step-{step}" for step in complete_steps(self.folder)]
+        old = old[:-self.cfg.keep_latest_k] if self.cfg.keep_latest_k > 0 else []
+        old += [name for name in os.listdir(self.folder) if name.endswith(".partial")]
+        for name in old:
+            shutil.rmtree(os.path.join(self.folder, name), ignore_errors=True)
 
     def restore(self) -> int:
         """Load the checkpoint to resume from (checkpoint.load_step, or the newest complete
@@ -161,7 +166,8 @@ class Checkpointer:
         state = self._state()
         state["train.step"] = torch.tensor(0)
         try:
-            dcp.load(state, storage_reader=_SafeReader(path))
+            with _quiet_single_process():
+                dcp.load(state, storage_reader=_SafeReader(path), no_dist=_single())
         except (Exception, CheckpointException) as e:  # any failure: this folder is unusable
             raise CheckpointError(f"checkpoint {path} cannot be loaded ({_first_cause(e)}); "
                                   "delete it or set checkpoint.load_step to an older "
@@ -208,6 +214,19 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
+def _single() -> bool:
+    """No process group: DCP runs without collectives."""
+    return not dist.is_initialized()
+
+
+@contextlib.contextmanager
+def _quiet_single_process() -> Iterator[None]:
+    """DCP warns on every single-process save and load that it is single-process; we know."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
@@ -239,6 +258,7 @@ def load_model_weights(model: nn.Module, path: str) -> None:
     """Load only the weights of the checkpoint folder ``path`` into ``model`` (any layout)."""
     state = {f"model.{name}": param for name, param in model.named_parameters()}
     try:
-        dcp.load(state, storage_reader=_SafeReader(path))
+        with _quiet_single_process():
+            dcp.load(state, storage_reader=_SafeReader(path), no_dist=_single())
     except (Exception, CheckpointException) as e:
         raise CheckpointError(f"checkpoint {path} cannot be loaded ({_first_cause(e)})") from e
