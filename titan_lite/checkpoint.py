@@ -165,13 +165,7 @@ class Checkpointer:
         _materialize_optimizer_state(self.optimizer)
         state = self._state()
         state["train.step"] = torch.tensor(0)
-        try:
-            with _quiet_single_process():
-                dcp.load(state, storage_reader=_SafeReader(path), no_dist=_single())
-        except (Exception, CheckpointException) as e:  # any failure: this folder is unusable
-            raise CheckpointError(f"checkpoint {path} cannot be loaded ({_first_cause(e)}); "
-                                  "delete it or set checkpoint.load_step to an older "
-                                  "step") from e
+        _load(state, path, "; delete it or set checkpoint.load_step to an older step")
         self._apply(state)
         return int(state["train.step"])
 
@@ -183,6 +177,18 @@ class Checkpointer:
         self.scheduler.last_epoch = int(state["train.lr_step"]) - 1
         self.scheduler.step()  # sets each group's lr for the loaded step
         torch.set_rng_state(state["train.rng"])
+
+
+def _load(state: dict[str, torch.Tensor], path: str, advice: str = "") -> None:
+    """Fill ``state``'s tensors in place from the checkpoint folder ``path``; any failure (a
+    missing or torn file, a refused pickle, a shape that does not fit) is a CheckpointError
+    naming the folder."""
+    try:
+        with _quiet_single_process():
+            dcp.load(state, storage_reader=_SafeReader(path), no_dist=_single())
+    except (Exception, CheckpointException) as e:  # DCP's own wraps every rank's failure
+        raise CheckpointError(f"checkpoint {path} cannot be loaded ({_first_cause(e)})"
+                              f"{advice}") from e
 
 
 def _first_cause(error: BaseException) -> str:
@@ -256,9 +262,4 @@ class Preemption:
 @torch.no_grad()
 def load_model_weights(model: nn.Module, path: str) -> None:
     """Load only the weights of the checkpoint folder ``path`` into ``model`` (any layout)."""
-    state = {f"model.{name}": param for name, param in model.named_parameters()}
-    try:
-        with _quiet_single_process():
-            dcp.load(state, storage_reader=_SafeReader(path), no_dist=_single())
-    except (Exception, CheckpointException) as e:
-        raise CheckpointError(f"checkpoint {path} cannot be loaded ({_first_cause(e)})") from e
+    _load({f"model.{name}": param for name, param in model.named_parameters()}, path)
