@@ -240,7 +240,7 @@ def _barrier() -> None:
 
 class Preemption:
     """SIGTERM or SIGINT (a cluster's preemption, Ctrl-C) asks the run to checkpoint and stop
-    after the current step instead of dying mid-step."""
+    after the current step instead of dying mid-step; a second one ends it at once."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device  # where the agreement's all-reduce runs (CUDA under nccl)
@@ -249,6 +249,9 @@ class Preemption:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: object) -> None:
+        if self._signalled:  # a second signal: the run may be stuck, leave the default way
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
         self._signalled = True
 
     def requested(self) -> bool:

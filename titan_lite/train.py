@@ -206,7 +206,7 @@ def describe_layout(cfg: JobConfig, dims: ParallelDims, env: DistEnv) -> str:
 @dataclass
 class TrainResult:
     losses: list[float]  # per step, averaged over ranks
-    model_parts: list[Transformer]  # this rank's: the model, or its pipeline stages; trained,
+    model_parts: list[Transformer]  # this rank's trained model, or its pipeline stages
     optimizer: torch.optim.Optimizer
 
 
