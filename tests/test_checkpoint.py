@@ -290,3 +290,24 @@ def test_uneven_shards_reshard_and_continue_identically(tmp_path, saver, loader)
     for name, value in saved["state"].items():
         torch.testing.assert_close(loaded["state"][name], value, rtol=1e-5, atol=1e-6,
                                    msg=name)
+
+
+ASYNC = ["--checkpoint.async_mode", "async", "--checkpoint.interval", "1"]
+
+
+def test_async_checkpoints_are_published_and_resume_bit_for_bit(repo_cwd, straight, tmp_path):
+    saved = run(tmp_path / "async", "--training.local_batch_size", "4", *ASYNC)
+    assert saved.losses == straight[1]  # writing in the background changes nothing
+    assert complete_steps(str(tmp_path / "async" / "checkpoint")) == [1, 2, 3, 4]
+    copy_checkpoint(tmp_path / "async", 2, tmp_path / "resumed")
+    resumed = run(tmp_path / "resumed", "--training.local_batch_size", "4")
+    assert resumed.losses == straight[1][2:]  # step-2 holds step 2's state, not a later one
+
+
+@pytest.mark.slow
+def test_async_checkpoints_on_two_fsdp_ranks(repo_cwd, tmp_path):
+    two = run_layout(tmp_path, "two", 2, *CKPT, "--training.local_batch_size", "2", *ASYNC)
+    assert complete_steps(str(tmp_path / "two" / "checkpoint")) == [1, 2, 3, 4]
+    copy_checkpoint(tmp_path / "two", 2, tmp_path / "again")
+    again = run_layout(tmp_path, "again", 2, *CKPT, "--training.local_batch_size", "2")
+    assert again["losses"] == two["losses"][2:]

@@ -10,14 +10,14 @@ load into any layout and are read without unpickling anything but DCP's own meta
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pickle
 import re
 import shutil
 import signal
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
+from concurrent.futures import Future
 
 import torch
 import torch.distributed as dist
@@ -31,6 +31,10 @@ from titan_lite.config import Checkpoint
 from titan_lite.data import PackedDataLoader
 
 _STEP_FOLDER = re.compile(r"step-(\d+)")
+# DCP warns on every save and load without a process group (also from the async writer's
+# thread) that it assumes a single process; that is what we mean.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or "
+                        "uninitialized")
 _DATA_FIELDS = ("epoch", "samples_in_epoch", "num_samples", "seed")
 
 
@@ -107,6 +111,12 @@ class Checkpointer:
         self.folder = os.path.join(dump_folder, cfg.folder)
         self.parts, self.optimizer = list(model_parts), optimizer
         self.scheduler, self.loader = scheduler, loader
+        self._pending: tuple[Future, str, str] | None = None  # async save: (future, from, to)
+        self._async_group = None
+        if cfg.async_mode == "async" and dist.is_initialized():
+            # The writer thread's collectives get their own group: sharing the training
+            # group with a background thread deadlocks.
+            self._async_group = dist.new_group(backend="gloo")
 
     def _state(self) -> dict[str, torch.Tensor]:
         state: dict[str, torch.Tensor] = {}
@@ -122,7 +132,9 @@ class Checkpointer:
         return state
 
     def save(self, step: int) -> None:
-        """Write ``step-<step>`` on every rank, publish it when all are done, prune old ones."""
+        """Write ``step-<step>`` on every rank; publish it when all are done (at once, or for an
+        async save at the next ``save``/``wait``), then prune old ones."""
+        self.wait()
         final = os.path.join(self.folder, f"step-{step}")
         partial = final + ".partial"
         if _rank() == 0:
@@ -131,8 +143,24 @@ class Checkpointer:
         _barrier()
         state = self._state()
         state["train.step"] = torch.tensor(step)
-        with _quiet_single_process():
-            dcp.save(state, storage_writer=FileSystemWriter(partial), no_dist=_single())
+        writer = FileSystemWriter(partial)
+        if self.cfg.async_mode == "async":
+            future = dcp.async_save(state, storage_writer=writer, no_dist=_single(),
+                                    process_group=self._async_group)
+            self._pending = (future, partial, final)
+            return
+        dcp.save(state, storage_writer=writer, no_dist=_single())
+        self._publish(partial, final)
+
+    def wait(self) -> None:
+        """Finish and publish a pending async save (call before the process ends)."""
+        if self._pending is not None:
+            future, partial, final = self._pending
+            self._pending = None
+            future.result()
+            self._publish(partial, final)
+
+    def _publish(self, partial: str, final: str) -> None:
         _barrier()  # every rank's shards are on disk
         if _rank() == 0:
             _publish(partial, final)
@@ -184,8 +212,7 @@ def _load(state: dict[str, torch.Tensor], path: str, advice: str = "") -> None:
     missing or torn file, a refused pickle, a shape that does not fit) is a CheckpointError
     naming the folder."""
     try:
-        with _quiet_single_process():
-            dcp.load(state, storage_reader=_SafeReader(path), no_dist=_single())
+        dcp.load(state, storage_reader=_SafeReader(path), no_dist=_single())
     except (Exception, CheckpointException) as e:  # DCP's own wraps every rank's failure
         raise CheckpointError(f"checkpoint {path} cannot be loaded ({_first_cause(e)})"
                               f"{advice}") from e
@@ -223,14 +250,6 @@ def _rank() -> int:
 def _single() -> bool:
     """No process group: DCP runs without collectives."""
     return not dist.is_initialized()
-
-
-@contextlib.contextmanager
-def _quiet_single_process() -> Iterator[None]:
-    """DCP warns on every single-process save and load that it is single-process; we know."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
 
 
 def _barrier() -> None:

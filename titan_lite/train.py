@@ -265,6 +265,7 @@ def train(cfg: JobConfig, env: DistEnv) -> TrainResult:
               f"{peak_source}")
 
     losses: list[float] = []
+    stop = False
     interval_start, last_logged_step, optimizer_seconds = time.perf_counter(), start_step, 0.0
     for step in range(start_step + 1, cfg.training.steps + 1):
         with tracker or contextlib.nullcontext():
@@ -294,8 +295,11 @@ def train(cfg: JobConfig, env: DistEnv) -> TrainResult:
                              or stop):
             checkpointer.save(step)
         if stop:
-            log0(env, f"stopping after step {step} on a signal; checkpoint saved")
             break
+    if checkpointer:
+        checkpointer.wait()  # an async save must be complete before the process ends
+        if stop:
+            log0(env, f"stopping after step {step} on a signal; checkpoint saved")
     metrics.close()
     return TrainResult(losses, parts, optimizer)
 

@@ -171,6 +171,11 @@ class Checkpoint:
                              min=0)
     load_step: int = opt(-1, "Resume from this step's checkpoint; -1: the newest complete "
                          "one (a fresh start when there is none).", min=-1)
+    async_mode: str = opt("disabled", "disabled: training waits while a checkpoint is written; "
+                          "async: the state is copied to host memory and written by a "
+                          "background thread (over its own gloo group) while training goes "
+                          "on; it is published once every rank has finished.",
+                          choices=["disabled", "async"])
 
 
 @dataclass
