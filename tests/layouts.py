@@ -5,10 +5,9 @@ import os
 import torch
 from conftest import REPO
 from dist_helpers import run_distributed
-from torch.distributed.tensor import DTensor
 
 from titan_lite.config import load_config
-from titan_lite.distributed import DistEnv
+from titan_lite.distributed import DistEnv, full_tensor
 from titan_lite.train import train
 
 # 4 sequences of 64 tokens per step over all ranks; the MFU reference is not measured.
@@ -23,7 +22,7 @@ LOSS_ATOL, PARAM_ATOL = 2e-5, 2e-5
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:
-    return (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach().clone()
+    return full_tensor(tensor).detach().clone()
 
 
 def _train_and_save(rank: int, world_size: int, argv: list[str], out: str) -> None:

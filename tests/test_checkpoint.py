@@ -251,13 +251,13 @@ def _step(model, optimizer, scheduler) -> float:
 
 
 def _full_state(model, optimizer) -> dict:
-    from titan_lite.train import _plain
+    from titan_lite.distributed import full_tensor
 
     state = {}
     for name, param in model.named_parameters():
-        state[name] = _plain(param.detach()).clone()
+        state[name] = full_tensor(param.detach()).clone()
         for key, value in optimizer.state[param].items():
-            state[f"{name}.{key}"] = _plain(value).clone()
+            state[f"{name}.{key}"] = full_tensor(value).clone()
     return state
 
 

@@ -29,6 +29,7 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
 from titan_lite.config import Checkpoint
 from titan_lite.data import PackedDataLoader
+from titan_lite.distributed import barrier
 
 _STEP_FOLDER = re.compile(r"step-(\d+)")
 # DCP warns on every save and load without a process group (also from the async writer's
@@ -140,7 +141,7 @@ class Checkpointer:
         if _rank() == 0:
             shutil.rmtree(partial, ignore_errors=True)  # left by a crash mid-save
             os.makedirs(self.folder, exist_ok=True)
-        _barrier()
+        barrier()
         state = self._state()
         state["train.step"] = torch.tensor(step)
         writer = FileSystemWriter(partial)
@@ -161,11 +162,11 @@ class Checkpointer:
             self._publish(partial, final)
 
     def _publish(self, partial: str, final: str) -> None:
-        _barrier()  # every rank's shards are on disk
+        barrier()  # every rank's shards are on disk
         if _rank() == 0:
             _publish(partial, final)
             self._prune()
-        _barrier()
+        barrier()
 
     def _prune(self) -> None:
         """Drop torn saves of earlier crashes and all but the newest keep_latest_k."""
@@ -250,11 +251,6 @@ def _rank() -> int:
 def _single() -> bool:
     """No process group: DCP runs without collectives."""
     return not dist.is_initialized()
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 class Preemption:

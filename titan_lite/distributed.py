@@ -9,6 +9,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # config name -> dtype
 
@@ -43,6 +44,11 @@ def init_distributed(device_choice: str, timeout_s: float = 600) -> DistEnv:
                                 timeout=timedelta(seconds=timeout_s),
                                 device_id=device if use_cuda else None)
     return DistEnv(rank, local_rank, world_size, local_world_size, device)
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole value of a possibly sharded (DTensor) tensor; a collective for DTensors."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 def barrier() -> None:

@@ -143,9 +143,9 @@ def load_hf_weights(model_parts: Iterable[nn.Module], folder: str, args: ModelAr
     source = _Safetensors(folder)
     for part in model_parts:
         for name, param in part.named_parameters():
-            local = param.to_local() if isinstance(param, DTensor) else param
-            offset = [0] * param.ndim
+            local, offset = param, [0] * param.ndim
             if isinstance(param, DTensor):
+                local = param.to_local()
                 _, offset = compute_local_shape_and_global_offset(
                     param.shape, param.device_mesh, param.placements)
             if local.numel() == 0:

@@ -19,13 +19,19 @@ from dataclasses import dataclass, replace
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
 from titan_lite.checkpoint import Checkpointer, CheckpointError, Preemption
 from titan_lite.config import JobConfig, parse_or_exit
 from titan_lite.data import PackedDataLoader, tokenize_to_cache
-from titan_lite.distributed import DTYPES, DistEnv, barrier, init_distributed, shutdown_and_exit
+from titan_lite.distributed import (
+    DTYPES,
+    DistEnv,
+    barrier,
+    full_tensor,
+    init_distributed,
+    shutdown_and_exit,
+)
 from titan_lite.hf import architecture_mismatches, args_from_hf_config, load_hf_weights
 from titan_lite.memory import TensorMemoryTracker
 from titan_lite.metrics import MetricsLogger, peak_flops
@@ -94,11 +100,12 @@ def parallelize(model: Transformer, cfg: JobConfig, dims: ParallelDims, mesh: De
         apply_tp(model, mesh["tp"], cfg.parallelism.enable_loss_parallel)
     apply_activation_checkpointing(model, cfg.activation_checkpoint)
     offload = cfg.training.enable_cpu_offload
-    if dims.uses_fsdp(offload):
+    fsdp = dims.uses_fsdp(offload)
+    if fsdp:
         apply_fsdp(model, mesh, cfg.training, cfg.parallelism, pipelined=dims.pp > 1)
     param_device = torch.device("cpu") if offload else env.device
     materialize(model, cfg.job.seed, env.device, param_device)
-    if dims.dp_replicate > 1 and not dims.uses_fsdp(offload):
+    if dims.dp_replicate > 1 and not fsdp:
         return apply_ddp(model, mesh)
     return model
 
@@ -177,7 +184,7 @@ def forward_backward(runner: torch.nn.Module | Pipeline, loader: PackedDataLoade
         inputs, labels = (t.to(device, non_blocking=True) for t in loader.next_batch())
         if isinstance(runner, Pipeline):  # no accumulation: the schedule splits the batch
             with autocast, loss_context():
-                return _plain(runner.step(inputs, labels))
+                return full_tensor(runner.step(inputs, labels))
         last = micro == accumulation - 1
         with gradient_sync(runner, last or reduce_every_micro):
             with autocast:
@@ -187,12 +194,8 @@ def forward_backward(runner: torch.nn.Module | Pipeline, loader: PackedDataLoade
                 loss = cross_entropy(logits, labels) / accumulation
                 del logits  # the biggest activation; free it before backward allocates grads
                 loss.backward()
-        step_loss += _plain(loss.detach())
+        step_loss += full_tensor(loss.detach())
     return step_loss
-
-
-def _plain(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 def describe_layout(cfg: JobConfig, dims: ParallelDims, env: DistEnv) -> str:

@@ -10,8 +10,9 @@ import sys
 from titan_lite.config.loader import ConfigError, help_text, load_config
 from titan_lite.config.schema import JobConfig
 from titan_lite.models.llama3 import FLAVORS
-from titan_lite.parallel.dims import ParallelDims, resolve_degrees
-from titan_lite.parallel.pp import stage_layers
+from titan_lite.parallel.activation_checkpoint import checkpoint_every
+from titan_lite.parallel.dims import resolve_degrees
+from titan_lite.parallel.pp import pp_problems
 from titan_lite.parallel.tp import tp_problems
 
 
@@ -27,14 +28,15 @@ def check_job(cfg: JobConfig, world_size: int) -> list[str]:
                             f"{dims.dp} = {per_micro_step})")
     if t.global_batch_size == 0:
         problems.append("training.global_batch_size: 0 is not a batch size (use -1 or >= 1)")
-    option = cfg.activation_checkpoint.selective_ac_option
-    if option != "op" and not (option.isdigit() and int(option) >= 1):
-        problems.append(f"activation_checkpoint.selective_ac_option: {option!r} is neither 'op' "
-                        "nor a positive integer (checkpoint every k-th block)")
+    try:
+        checkpoint_every(cfg.activation_checkpoint.selective_ac_option)
+    except ValueError as e:
+        problems.append(str(e))
     if dims is not None and dims.tp > 1:
         problems += tp_problems(FLAVORS[cfg.model.flavor], dims.tp)
     if dims is not None and dims.pp > 1:
-        problems += pp_problems(cfg, dims)
+        problems += pp_problems(FLAVORS[cfg.model.flavor], cfg.parallelism, cfg.training,
+                                dims)
     if dims is not None and not dims.uses_fsdp(t.enable_cpu_offload):
         if t.mixed_precision_reduce != "float32":
             problems.append("training.mixed_precision_reduce: only FSDP reduces in another dtype;"
@@ -58,28 +60,6 @@ def check_job(cfg: JobConfig, world_size: int) -> list[str]:
         if not os.path.exists(path):
             problems.append(f"{key}: {path!r} does not exist (relative paths are taken from "
                             f"{os.getcwd()})")
-    return problems
-
-
-def pp_problems(cfg: JobConfig, dims: ParallelDims) -> list[str]:
-    p, t = cfg.parallelism, cfg.training
-    args = FLAVORS[cfg.model.flavor]
-    problems = []
-    try:
-        stage_layers(args.n_layers, p, dims.pp)
-    except ValueError as e:
-        problems.append(str(e))
-    if t.local_batch_size % p.pipeline_parallel_microbatch_size:
-        problems.append(f"parallelism.pipeline_parallel_microbatch_size: "
-                        f"{p.pipeline_parallel_microbatch_size} does not divide "
-                        f"training.local_batch_size ({t.local_batch_size})")
-    if t.global_batch_size not in (-1, t.local_batch_size * dims.dp):
-        problems.append("training.global_batch_size: gradient accumulation is not supported with "
-                        "pipeline parallel; raise training.local_batch_size instead (the "
-                        "pipeline already splits it into micro-batches)")
-    if args.tie_word_embeddings:
-        problems.append("parallelism.pipeline_parallel_degree: tied input/output embeddings "
-                        "(1B, 3B) cannot be split across pipeline stages yet")
     return problems
 
 

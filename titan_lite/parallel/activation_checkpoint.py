@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -19,8 +19,10 @@ from torch.utils.checkpoint import (
     create_selective_checkpoint_contexts,
 )
 
-from titan_lite.config import ActivationCheckpoint
 from titan_lite.models.llama3 import Transformer
+
+if TYPE_CHECKING:  # titan_lite.config's checks import this module
+    from titan_lite.config import ActivationCheckpoint
 
 # Outputs worth keeping: matmuls and attention cost FLOPs to recompute; norms, SiLU, RoPE and
 # the residual adds are cheap and are recomputed in backward.
@@ -52,11 +54,22 @@ def _checkpoint_block(block: nn.Module, context_fn: Callable[[], Any] | None) ->
     block.forward = checkpointed_forward
 
 
+def checkpoint_every(option: str) -> int | None:
+    """``selective_ac_option`` as k (checkpoint every k-th block), or None for "op";
+    ValueError naming the key for anything else."""
+    if option == "op":
+        return None
+    if option.isdigit() and int(option) >= 1:
+        return int(option)
+    raise ValueError(f"activation_checkpoint.selective_ac_option: {option!r} is neither 'op' "
+                     "nor a positive integer (checkpoint every k-th block)")
+
+
 def apply_activation_checkpointing(model: Transformer, cfg: ActivationCheckpoint) -> None:
     """Make the blocks of ``model`` recompute activations in backward as ``cfg`` asks."""
     if cfg.mode == "none":
         return
-    every = int(cfg.selective_ac_option) if cfg.selective_ac_option.isdigit() else None
+    every = checkpoint_every(cfg.selective_ac_option)
     for index, block in enumerate(model.layers.values()):
         if cfg.mode == "full":
             _checkpoint_block(block, None)

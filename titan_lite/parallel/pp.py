@@ -23,10 +23,11 @@ from torch.distributed.pipelining.schedules import (
     ScheduleInterleaved1F1B,
 )
 
-from titan_lite.models.llama3 import Transformer
+from titan_lite.models.llama3 import ModelArgs, Transformer
 
 if TYPE_CHECKING:  # titan_lite.config's checks import this module
-    from titan_lite.config import Parallelism
+    from titan_lite.config import Parallelism, Training
+    from titan_lite.parallel.dims import ParallelDims
 
 SCHEDULES: dict[str, type] = {"GPipe": ScheduleGPipe, "1F1B": Schedule1F1B,
                               "Interleaved1F1B": ScheduleInterleaved1F1B}
@@ -79,6 +80,28 @@ def _even_bounds(n_layers: int, cfg: Parallelism, pp_degree: int) -> list[int]:
     # The first stages take one more block when the split is not even.
     sizes = [n_layers // count + (i < n_layers % count) for i in range(count)]
     return [sum(sizes[:i]) for i in range(count + 1)]
+
+
+def pp_problems(args: ModelArgs, cfg: Parallelism, training: Training,
+                dims: ParallelDims) -> list[str]:
+    """Why this pipeline layout cannot run (empty when it can)."""
+    problems = []
+    try:
+        stage_layers(args.n_layers, cfg, dims.pp)
+    except ValueError as e:
+        problems.append(str(e))
+    if training.local_batch_size % cfg.pipeline_parallel_microbatch_size:
+        problems.append(f"parallelism.pipeline_parallel_microbatch_size: "
+                        f"{cfg.pipeline_parallel_microbatch_size} does not divide "
+                        f"training.local_batch_size ({training.local_batch_size})")
+    if training.global_batch_size not in (-1, training.local_batch_size * dims.dp):
+        problems.append("training.global_batch_size: gradient accumulation is not supported with "
+                        "pipeline parallel; raise training.local_batch_size instead (the "
+                        "pipeline already splits it into micro-batches)")
+    if args.tie_word_embeddings:
+        problems.append("parallelism.pipeline_parallel_degree: tied input/output embeddings "
+                        "(1B, 3B) cannot be split across pipeline stages yet")
+    return problems
 
 
 def split_stage(model: Transformer, layers: list[int], first: bool, last: bool) -> Transformer:
