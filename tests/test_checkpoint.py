@@ -57,6 +57,18 @@ def test_resume_continues_bit_for_bit(repo_cwd, straight, tmp_path):
     assert [r["lr"] for r in after] == [r["lr"] for r in before[2:]]
 
 
+@pytest.mark.parametrize("ac", [["full"], ["selective", "op"]], ids=["full", "op"])
+def test_resume_with_another_activation_checkpointing_mode(repo_cwd, straight, tmp_path, ac):
+    """Saved without AC, resumed with it: the keys match (AC does not rename parameters) and the
+    numbers too (AC recomputes the same values)."""
+    folder, losses = straight
+    copy_checkpoint(folder, 2, tmp_path)
+    option = ["--activation_checkpoint.selective_ac_option", ac[1]] if len(ac) > 1 else []
+    resumed = run(tmp_path, "--training.local_batch_size", "4",
+                  "--activation_checkpoint.mode", ac[0], *option)
+    assert resumed.losses == losses[2:]
+
+
 def test_keep_latest_k_prunes_old_checkpoints(repo_cwd, tmp_path):
     run(tmp_path, "--training.local_batch_size", "2", "--checkpoint.interval", "1",
         "--checkpoint.keep_latest_k", "2")

@@ -21,7 +21,7 @@ from titan_lite.models.llama3 import Transformer
 from titan_lite.parallel.dims import ParallelDims, build_mesh
 from titan_lite.parallel.fsdp import apply_fsdp
 from titan_lite.parallel.tp import apply_tp
-from titan_lite.train import train
+from titan_lite.train import load_pretrained, train
 
 transformers = pytest.importorskip("transformers")
 
@@ -163,3 +163,57 @@ def test_a_training_checkpoint_exports_to_transformers(repo_cwd, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(hf_logits(tmp_path / "hf", tokens), trained(tokens),
                                    rtol=0, atol=LOGITS_ATOL)
+
+
+def pretrained(folder, args) -> Transformer:
+    """A model of ``args`` drawn at random, then overwritten as ``--model.init_from`` does."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.to_empty(device="cpu")
+    model.init_weights(seed=123)
+    load_pretrained([model], str(folder), args)
+    return model
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cli_import_writes_a_checkpoint_init_from_loads(hf_folder, tmp_path, dtype):
+    """HF folder -> `python -m titan_lite.hf import` -> DCP checkpoint in the stored dtype ->
+    the same weights as reading the HF folder directly (bf16 cast up on load)."""
+    source = hf_folder
+    if dtype == torch.bfloat16:
+        source = tmp_path / "hf_bf16"
+        transformers.LlamaForCausalLM.from_pretrained(hf_folder, dtype=dtype).save_pretrained(
+            source)
+    out = tmp_path / "imported"
+    result = subprocess.run([sys.executable, "-m", "titan_lite.hf", "import", "--hf",
+                             str(source), "--out", str(out)], cwd=REPO, env=python_env(),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (out / "config.json").exists() and not (tmp_path / "imported.partial").exists()
+    args = args_from_hf_config(str(source))
+    direct, converted = pretrained(source, args), pretrained(out, args)
+    for (name, a), b in zip(direct.state_dict().items(), converted.state_dict().values()):
+        assert b.dtype == torch.float32 and torch.equal(a, b), name
+    torch.testing.assert_close(converted(TOKENS), load(hf_folder)(TOKENS),
+                               rtol=0, atol=0.05 if dtype == torch.bfloat16 else 0)
+
+
+def test_cli_import_of_a_folder_without_weights_exits_2(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    result = subprocess.run([sys.executable, "-m", "titan_lite.hf", "import", "--hf",
+                             str(tmp_path), "--out", str(tmp_path / "out")], cwd=REPO,
+                            env=python_env(), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert f"error: cannot import {tmp_path}: {tmp_path}/config.json has no" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_init_from_a_training_checkpoint_loads_its_weights(repo_cwd, tmp_path):
+    """Warm start from another run's step-N (weights only): exactly the trained weights."""
+    job = ["--training.seq_len", "32", "--training.local_batch_size", "2", "--training.steps",
+           "2", "--metrics.cpu_peak_tflops", "1", "--checkpoint.enable", "true",
+           "--job.dump_folder", str(tmp_path / "run")]
+    trained = train(load_config(job), CPU_ENV).model_parts[0]
+    warm = pretrained(tmp_path / "run" / "checkpoint" / "step-2", trained.args)
+    for (name, a), b in zip(trained.state_dict().items(), warm.state_dict().values()):
+        assert torch.equal(a, b), name

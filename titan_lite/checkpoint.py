@@ -83,7 +83,7 @@ class _SafeReader(FileSystemReader):
         return metadata
 
 
-def _publish(partial: str, final: str) -> None:
+def publish(partial: str, final: str) -> None:
     """Rename ``partial`` to ``final`` atomically; an older ``final`` (a run that resumed from
     an earlier step saves this step again) is moved aside first and deleted after."""
     replaced = final + ".replaced"
@@ -151,7 +151,7 @@ class Checkpointer:
             self._pending = (future, partial, final)
             return
         dcp.save(state, storage_writer=writer, no_dist=_single())
-        self._publish(partial, final)
+        self.publish(partial, final)
 
     def wait(self) -> None:
         """Finish and publish a pending async save (call before the process ends)."""
@@ -159,12 +159,12 @@ class Checkpointer:
             future, partial, final = self._pending
             self._pending = None
             future.result()
-            self._publish(partial, final)
+            self.publish(partial, final)
 
-    def _publish(self, partial: str, final: str) -> None:
+    def publish(self, partial: str, final: str) -> None:
         barrier()  # every rank's shards are on disk
         if _rank() == 0:
-            _publish(partial, final)
+            publish(partial, final)
             self._prune()
         barrier()
 
@@ -278,6 +278,13 @@ class Preemption:
 
 
 @torch.no_grad()
-def load_model_weights(model: nn.Module, path: str) -> None:
-    """Load only the weights of the checkpoint folder ``path`` into ``model`` (any layout)."""
-    _load({f"model.{name}": param for name, param in model.named_parameters()}, path)
+def load_model_weights(model_parts: Iterable[nn.Module], path: str) -> None:
+    """Load only the weights of the checkpoint folder ``path`` into the model's parts (any
+    layout; each rank passes the parts it holds). Stored dtypes are cast to the parameters'."""
+    _load({f"model.{name}": param for part in model_parts
+           for name, param in part.named_parameters()}, path)
+
+
+def is_checkpoint(path: str) -> bool:
+    """Whether ``path`` is a DCP checkpoint folder (it has DCP's .metadata)."""
+    return os.path.isfile(os.path.join(path, ".metadata"))

@@ -73,6 +73,14 @@ def args_from_hf_config(folder: str) -> ModelArgs:
     """ModelArgs of the Llama checkpoint in ``folder`` (its config.json)."""
     with open(os.path.join(folder, "config.json")) as fh:
         config = json.load(fh)
+    try:
+        return _args_from(config, folder)
+    except KeyError as e:
+        raise ValueError(f"{folder}/config.json has no {e.args[0]!r}; is it a Llama "
+                         "model?") from None
+
+
+def _args_from(config: dict, folder: str) -> ModelArgs:
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
     theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
     scaling = None
@@ -223,6 +231,41 @@ def save_hf(state_dict: dict[str, torch.Tensor], args: ModelArgs, folder: str,
         json.dump(hf_config(args), fh, indent=2)
 
 
+def import_checkpoint(argv: list[str] | None = None) -> None:
+    """``python -m titan_lite.hf import --hf FOLDER --out FOLDER``: convert a Hugging Face Llama
+    folder into a titan_lite checkpoint of its weights (DCP, in their stored dtype, plus its
+    config.json) that ``--model.init_from`` loads into any layout, resharding as DCP does."""
+    import argparse
+    import shutil
+
+    import torch.distributed.checkpoint as dcp
+
+    from titan_lite.checkpoint import publish
+    from titan_lite.models.llama3 import Transformer
+
+    parser = argparse.ArgumentParser(prog="python -m titan_lite.hf import",
+                                     description=import_checkpoint.__doc__)
+    parser.add_argument("--hf", required=True, help="Hugging Face folder (config.json + "
+                        "model.safetensors or model.safetensors.index.json and its shards)")
+    parser.add_argument("--out", required=True, help="checkpoint folder to write (created)")
+    args = parser.parse_args(argv)
+    try:
+        model_args = args_from_hf_config(args.hf)
+        source = _Safetensors(args.hf)
+        with torch.device("meta"):
+            shapes = {name: p.shape for name, p in Transformer(model_args).named_parameters()}
+        state = {f"model.{name}": _read_local(source, name, model_args, shape, [0] * len(shape))
+                 for name, shape in shapes.items()}
+    except (OSError, KeyError, ValueError) as e:
+        parser.exit(2, f"error: cannot import {args.hf}: {e}\n")
+    partial = args.out.rstrip("/") + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    dcp.save(state, checkpoint_id=partial, no_dist=True)
+    shutil.copy(os.path.join(args.hf, "config.json"), partial)
+    publish(partial, args.out)  # a killed conversion leaves no folder that looks complete
+    print(f"wrote {args.hf} ({len(state)} tensors) as a titan_lite checkpoint: {args.out}")
+
+
 def export_checkpoint(argv: list[str] | None = None) -> None:
     """``python -m titan_lite.hf export --config JOB.toml [--step N] --out FOLDER [overrides]``:
     write a titan_lite checkpoint of that job as a Hugging Face Llama folder."""
@@ -256,16 +299,19 @@ def export_checkpoint(argv: list[str] | None = None) -> None:
     with torch.device("meta"):
         model = Transformer(model_args)
     model.to_empty(device="cpu")
-    load_model_weights(model, os.path.join(folder, f"step-{step}"))
+    load_model_weights([model], os.path.join(folder, f"step-{step}"))
     save_hf(model.state_dict(), model_args, args.out, int(args.max_shard_gb * 2**30))
     print(f"wrote {folder}/step-{step} as a Hugging Face Llama folder: {args.out}")
 
 
+_COMMANDS = {"import": import_checkpoint, "export": export_checkpoint}
+
 if __name__ == "__main__":
     import sys
 
-    if sys.argv[1:2] != ["export"]:
-        sys.exit("usage: python -m titan_lite.hf export --config JOB.toml [--step N] "
-                 "--out FOLDER [--section.key value ...]\n(importing needs no conversion: "
-                 "train with --model.init_from HF_FOLDER)")
-    export_checkpoint(sys.argv[2:])
+    if sys.argv[1:2] and sys.argv[1] in _COMMANDS:
+        _COMMANDS[sys.argv[1]](sys.argv[2:])
+    else:
+        sys.exit("usage: python -m titan_lite.hf import --hf HF_FOLDER --out CHECKPOINT_FOLDER\n"
+                 "       python -m titan_lite.hf export --config JOB.toml [--step N] "
+                 "--out HF_FOLDER [--section.key value ...]")

@@ -21,7 +21,13 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor.parallel import loss_parallel
 
-from titan_lite.checkpoint import Checkpointer, CheckpointError, Preemption
+from titan_lite.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    Preemption,
+    is_checkpoint,
+    load_model_weights,
+)
 from titan_lite.config import JobConfig, parse_or_exit
 from titan_lite.data import PackedDataLoader, tokenize_to_cache
 from titan_lite.distributed import (
@@ -125,12 +131,17 @@ def build_model(cfg: JobConfig, model: Transformer, dims: ParallelDims,
 
 
 def load_pretrained(parts: list[Transformer], folder: str, args: ModelArgs) -> None:
-    """Overwrite the initial weights with a Hugging Face checkpoint of the same architecture."""
-    mismatches = architecture_mismatches(args, args_from_hf_config(folder))
-    if mismatches:
-        raise ValueError(f"model.init_from: {folder} is not this model: "
-                         f"{'; '.join(mismatches)}")
-    load_hf_weights(parts, folder, args)
+    """Overwrite the initial weights with those in ``folder``: a Hugging Face checkpoint, or a
+    titan_lite one (a training step-N, or one made by ``python -m titan_lite.hf import``)."""
+    if os.path.isfile(os.path.join(folder, "config.json")):
+        mismatches = architecture_mismatches(args, args_from_hf_config(folder))
+        if mismatches:
+            raise ValueError(f"model.init_from: {folder} is not this model: "
+                             f"{'; '.join(mismatches)}")
+    if is_checkpoint(folder):
+        load_model_weights(parts, folder)  # shapes are checked by the load itself
+    else:
+        load_hf_weights(parts, folder, args)
 
 
 def build_data(cfg: JobConfig, env: DistEnv, tokenizer: Tokenizer, dims: ParallelDims,

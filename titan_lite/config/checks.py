@@ -51,10 +51,11 @@ def check_job(cfg: JobConfig, world_size: int) -> list[str]:
         problems.append("training.device: 'cuda' was asked for but no CUDA device is visible")
     if not cfg.data.paths:
         problems.append("data.paths: empty; name at least one corpus file or folder")
-    if cfg.model.init_from and not os.path.isfile(os.path.join(cfg.model.init_from,
-                                                               "config.json")):
-        problems.append(f"model.init_from: {cfg.model.init_from!r} is not a folder with a "
-                        "config.json (a Hugging Face checkpoint)")
+    if cfg.model.init_from and not any(
+            os.path.isfile(os.path.join(cfg.model.init_from, marker))
+            for marker in ("config.json", ".metadata")):
+        problems.append(f"model.init_from: {cfg.model.init_from!r} is neither a Hugging Face "
+                        "folder (config.json) nor a titan_lite checkpoint (.metadata)")
     for key, path in [("tokenizer.path", cfg.tokenizer.path)] + [
             ("data.paths", p) for p in cfg.data.paths]:
         if not os.path.exists(path):

@@ -39,9 +39,10 @@ class Model:
     name: str = opt("llama3", "Model family.", choices=["llama3"])
     flavor: str = opt("debugmodel", "Model size; the vocab size always comes from the tokenizer.",
                       choices=list(FLAVORS))
-    init_from: str = opt("", "A Hugging Face Llama folder (config.json + *.safetensors) to start "
-                         "from instead of random weights; its architecture must be the "
-                         "flavor's, with the tokenizer's vocab size.")
+    init_from: str = opt("", "Weights to start from instead of random ones: a Hugging Face "
+                         "Llama folder (config.json + *.safetensors) or a titan_lite checkpoint "
+                         "folder (a step-N, or `python -m titan_lite.hf import` output); its "
+                         "architecture must be the flavor's, with the tokenizer's vocab size.")
 
 
 @dataclass
