@@ -14,6 +14,8 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+from torch._guards import active_fake_mode
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -34,6 +36,7 @@ class TensorMemoryTracker(TorchDispatchMode):
         self._sizes: dict[int, int] = {}  # storage address key -> bytes counted
         self._refs: dict[int, weakref.ref] = {}
         self._original_resize = torch.UntypedStorage.resize_
+        self._fake_mode: FakeTensorMode | None = None
 
     def track(self, tensors: Iterable[Any]) -> None:
         """Count tensors created outside the tracker (DTensors count their local shard)."""
@@ -72,6 +75,7 @@ class TensorMemoryTracker(TorchDispatchMode):
             return result
 
         torch.UntypedStorage.resize_ = resize_  # resize_ bypasses the dispatcher
+        self._fake_mode = active_fake_mode()  # set when estimating under FakeTensorMode
         return super().__enter__()
 
     def __exit__(self, *args: Any) -> None:
@@ -81,7 +85,11 @@ class TensorMemoryTracker(TorchDispatchMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         if DTensor in types:
             return NotImplemented  # let DTensor unwrap; its local ops come back through here
+        if func is torch.ops._c10d_functional.wait_tensor.default and self._fake_mode:
+            return args[0]  # its fake kernel returns a new tensor; the real op waits in place
         out = func(*args, **(kwargs or {}))
+        if active_fake_mode() is not self._fake_mode:
+            return out  # DTensor's sharding propagation runs ops on fake copies: not memory
         for leaf in tree_leaves(out):
             if isinstance(leaf, torch.Tensor) and leaf.device.type != "meta":
                 self._count(leaf.untyped_storage())
