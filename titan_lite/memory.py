@@ -49,7 +49,9 @@ class TensorMemoryTracker(TorchDispatchMode):
     def reset_peak(self) -> None:
         self.peak_bytes = self.live_bytes
 
-    def _count(self, storage: torch.UntypedStorage) -> None:
+    def _count(self, storage: torch.UntypedStorage, origin: Any = None) -> None:
+        """Count a new storage, or a size change; ``origin`` is the op that produced it (or
+        "resize_"), for subclasses that label storages."""
         key = storage._cdata
         previous = self._sizes.get(key)
         size = storage.nbytes()
@@ -57,13 +59,21 @@ class TensorMemoryTracker(TorchDispatchMode):
             return
         if previous is None:
             self._refs[key] = weakref.ref(storage, functools.partial(self._forget, key))
+            self._on_new(key, origin)
         self._sizes[key] = size
-        self.live_bytes += size - (previous or 0)
+        self._change(key, size - (previous or 0))
+
+    def _on_new(self, key: int, origin: Any) -> None:
+        """Hook: a storage is counted for the first time."""
+
+    def _change(self, key: int, delta: int) -> None:
+        self.live_bytes += delta
         self.peak_bytes = max(self.peak_bytes, self.live_bytes)
 
     def _forget(self, key: int, _ref: weakref.ref) -> None:
-        self.live_bytes -= self._sizes.pop(key, 0)
         self._refs.pop(key, None)
+        if key in self._sizes:
+            self._change(key, -self._sizes.pop(key))
 
     def __enter__(self) -> TensorMemoryTracker:
         tracker, original = self, self._original_resize
@@ -71,7 +81,7 @@ class TensorMemoryTracker(TorchDispatchMode):
         def resize_(storage: torch.UntypedStorage, size: int) -> Any:
             result = original(storage, size)
             if storage._cdata in tracker._sizes or size > 0:
-                tracker._count(storage)
+                tracker._count(storage, "resize_")
             return result
 
         torch.UntypedStorage.resize_ = resize_  # resize_ bypasses the dispatcher
@@ -92,5 +102,5 @@ class TensorMemoryTracker(TorchDispatchMode):
             return out  # DTensor's sharding propagation runs ops on fake copies: not memory
         for leaf in tree_leaves(out):
             if isinstance(leaf, torch.Tensor) and leaf.device.type != "meta":
-                self._count(leaf.untyped_storage())
+                self._count(leaf.untyped_storage(), func)
         return out

@@ -98,7 +98,7 @@ def check_model_fits(model: Transformer, cfg: JobConfig, dims: ParallelDims,
 
 
 def parallelize(model: Transformer, cfg: JobConfig, dims: ParallelDims, mesh: DeviceMesh | None,
-                env: DistEnv) -> torch.nn.Module:
+                env: DistEnv, draw_weights: bool = True) -> torch.nn.Module:
     """Apply TP, activation checkpointing and FSDP to a meta-device model (or pipeline stage),
     then allocate this rank's shards and draw the weights. Returns the module to call, which is
     ``model`` itself except under DDP."""
@@ -110,24 +110,23 @@ def parallelize(model: Transformer, cfg: JobConfig, dims: ParallelDims, mesh: De
     if fsdp:
         apply_fsdp(model, mesh, cfg.training, cfg.parallelism, pipelined=dims.pp > 1)
     param_device = torch.device("cpu") if offload else env.device
-    materialize(model, cfg.job.seed, env.device, param_device)
+    materialize(model, cfg.job.seed, env.device, param_device, draw_weights)
     if dims.dp_replicate > 1 and not fsdp:
         return apply_ddp(model, mesh)
     return model
 
 
 def build_model(cfg: JobConfig, model: Transformer, dims: ParallelDims,
-                mesh: DeviceMesh | None, env: DistEnv
+                mesh: DeviceMesh | None, env: DistEnv, draw_weights: bool = True
                 ) -> tuple[list[Transformer], torch.nn.Module | Pipeline]:
     """Parallelise the meta-device ``model``: returns this rank's model parts (one, or its
     pipeline stages) and what runs a training step (the module to call, or the pipeline)."""
-    check_model_fits(model, cfg, dims, env)
     if dims.pp > 1:
         pipeline = Pipeline(model, cfg.parallelism, mesh["pp"], env.device,
                             cfg.training.local_batch_size,
-                            lambda stage: parallelize(stage, cfg, dims, mesh, env))
+                            lambda stage: parallelize(stage, cfg, dims, mesh, env, draw_weights))
         return pipeline.parts, pipeline
-    return [model], parallelize(model, cfg, dims, mesh, env)
+    return [model], parallelize(model, cfg, dims, mesh, env, draw_weights)
 
 
 def load_pretrained(parts: list[Transformer], folder: str, args: ModelArgs) -> None:
@@ -183,30 +182,60 @@ def mean_over_ranks(value: torch.Tensor, holders: int) -> torch.Tensor:
     return value / holders
 
 
-def forward_backward(runner: torch.nn.Module | Pipeline, loader: PackedDataLoader,
-                     device: torch.device, accumulation: int, autocast: torch.autocast,
-                     loss_context: Callable[[], ContextManager],
-                     reduce_every_micro: bool) -> torch.Tensor:
+@dataclass
+class StepRecipe:
+    """How one optimizer step runs in this layout (shared by training and the estimator)."""
+    accumulation: int  # micro-batches per optimizer step
+    autocast: torch.autocast
+    loss_context: Callable[[], ContextManager]  # loss parallel under TP, else nothing
+    reduce_every_micro: bool
+
+
+def step_recipe(cfg: JobConfig, dims: ParallelDims, device: torch.device) -> StepRecipe:
+    fsdp = dims.uses_fsdp(cfg.training.enable_cpu_offload)
+    compute_dtype = DTYPES[cfg.training.mixed_precision_param]
+    return StepRecipe(
+        accumulation=grad_accumulation_steps(cfg, dims),
+        # FSDP casts parameters itself (MixedPrecisionPolicy); without it, autocast does.
+        autocast=torch.autocast(device.type, dtype=compute_dtype,
+                                enabled=compute_dtype != torch.float32 and not fsdp),
+        loss_context=(loss_parallel if dims.tp > 1 and cfg.parallelism.enable_loss_parallel
+                      else contextlib.nullcontext),
+        reduce_every_micro=not fsdp or cfg.parallelism.fsdp_reduce_every_microbatch)
+
+
+def forward_backward(runner: torch.nn.Module | Pipeline, next_batch: Callable[[], tuple],
+                     device: torch.device, recipe: StepRecipe) -> torch.Tensor:
     """Forward and backward over one step's micro-batches, leaving the gradients of their mean
     loss in ``.grad``; returns that loss (this rank's; 0 on pipeline ranks without the last
     stage)."""
     step_loss = torch.zeros((), device=device)
+    accumulation = recipe.accumulation
     for micro in range(accumulation):
-        inputs, labels = (t.to(device, non_blocking=True) for t in loader.next_batch())
+        inputs, labels = (t.to(device, non_blocking=True) for t in next_batch())
         if isinstance(runner, Pipeline):  # no accumulation: the schedule splits the batch
-            with autocast, loss_context():
+            with recipe.autocast, recipe.loss_context():
                 return full_tensor(runner.step(inputs, labels))
         last = micro == accumulation - 1
-        with gradient_sync(runner, last or reduce_every_micro):
-            with autocast:
+        with gradient_sync(runner, last or recipe.reduce_every_micro):
+            with recipe.autocast:
                 logits = runner(inputs)
-            with loss_context():  # loss parallel: cross entropy on vocab-sharded logits
+            with recipe.loss_context():  # loss parallel: cross entropy on vocab-sharded logits
                 # Equal micro-batches: the mean of their means is the mean over the batch.
                 loss = cross_entropy(logits, labels) / accumulation
                 del logits  # the biggest activation; free it before backward allocates grads
                 loss.backward()
         step_loss += full_tensor(loss.detach())
     return step_loss
+
+
+def optimizer_step(parameters: list[torch.Tensor], optimizer: torch.optim.Optimizer,
+                   max_norm: float, pipeline_group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Clip, step and free the gradients; returns the gradient norm before clipping."""
+    grad_norm = clip_gradients(parameters, max_norm, pipeline_group)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
 
 
 def describe_layout(cfg: JobConfig, dims: ParallelDims, env: DistEnv) -> str:
@@ -238,6 +267,7 @@ def train(cfg: JobConfig, env: DistEnv) -> TrainResult:
     with torch.device("meta"):
         model = Transformer(args)
     num_params, flops_per_token = model.num_params(), model.flops_per_token(args.max_seq_len)
+    check_model_fits(model, cfg, dims, env)
     parts, runner = build_model(cfg, model, dims, mesh, env)
     if cfg.model.init_from:
         load_pretrained(parts, cfg.model.init_from, args)
@@ -247,13 +277,8 @@ def train(cfg: JobConfig, env: DistEnv) -> TrainResult:
     loader = build_data(cfg, env, tokenizer, dims, mesh)
 
     compute_dtype = DTYPES[cfg.training.mixed_precision_param]
-    # FSDP casts parameters itself (MixedPrecisionPolicy); without it, autocast does.
-    autocast = torch.autocast(env.device.type, dtype=compute_dtype,
-                              enabled=compute_dtype != torch.float32 and not fsdp)
-    accumulation = grad_accumulation_steps(cfg, dims)
-    reduce_every_micro = not fsdp or cfg.parallelism.fsdp_reduce_every_microbatch
-    loss_context = (loss_parallel if dims.tp > 1 and cfg.parallelism.enable_loss_parallel
-                    else contextlib.nullcontext)
+    recipe = step_recipe(cfg, dims, env.device)
+    pipeline_group = mesh["pp"].get_group() if dims.pp > 1 else None
     tokens_per_step = tokens_per_rank_per_step(cfg, dims, env.world_size)
     peak, peak_source = peak_flops(env.device, compute_dtype, cfg.metrics)
     checkpointer, preemption, start_step = None, None, 0
@@ -274,23 +299,20 @@ def train(cfg: JobConfig, env: DistEnv) -> TrainResult:
     log0(env, f"{cfg.job.description}: llama3 {cfg.model.flavor}, {num_params:,} params, "
               f"vocab {tokenizer.vocab_size}, {flops_per_token / 1e6:.1f} MFLOP/token | "
               f"{describe_layout(cfg, dims, env)} | global batch "
-              f"{cfg.training.local_batch_size * dims.dp * accumulation} x {cfg.training.seq_len} "
-              f"({accumulation} accumulation step(s)) | {compute_dtype} compute | MFU peak: "
-              f"{peak_source}")
+              f"{cfg.training.local_batch_size * dims.dp * recipe.accumulation} x "
+              f"{cfg.training.seq_len} ({recipe.accumulation} accumulation step(s)) | "
+              f"{compute_dtype} compute | MFU peak: {peak_source}")
 
     losses: list[float] = []
     stop = False
     interval_start, last_logged_step, optimizer_seconds = time.perf_counter(), start_step, 0.0
     for step in range(start_step + 1, cfg.training.steps + 1):
         with tracker or contextlib.nullcontext():
-            step_loss = forward_backward(runner, loader, env.device, accumulation, autocast,
-                                         loss_context, reduce_every_micro)
+            step_loss = forward_backward(runner, loader.next_batch, env.device, recipe)
             optimizer_start = _synchronized_time(env.device)
-            grad_norm = clip_gradients(list(modules.parameters()), cfg.training.max_norm,
-                                       mesh["pp"].get_group() if dims.pp > 1 else None)
             lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm = optimizer_step(list(modules.parameters()), optimizer,
+                                       cfg.training.max_norm, pipeline_group)
             optimizer_seconds += _synchronized_time(env.device) - optimizer_start
         scheduler.step()
 

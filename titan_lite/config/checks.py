@@ -16,8 +16,10 @@ from titan_lite.parallel.pp import pp_problems
 from titan_lite.parallel.tp import tp_problems
 
 
-def check_job(cfg: JobConfig, world_size: int) -> list[str]:
-    """Cross-key checks that need the world size; one line per problem (empty when fine)."""
+def check_job(cfg: JobConfig, world_size: int, training_here: bool = True) -> list[str]:
+    """Cross-key checks that need the world size; one line per problem (empty when fine).
+    ``training_here`` false (the memory estimator) skips what only this machine's training
+    needs: the files and the device."""
     dims, problems = resolve_degrees(cfg.parallelism, world_size)
     t = cfg.training
     if dims is not None and t.global_batch_size != -1:
@@ -47,7 +49,15 @@ def check_job(cfg: JobConfig, world_size: int) -> list[str]:
     if cfg.checkpoint.load_step == 0:
         problems.append("checkpoint.load_step: 0 is not a step (use -1 for the newest "
                         "checkpoint, or a saved step >= 1)")
-    if t.device == "cuda" and not _cuda_available():
+    if training_here:
+        problems += _local_problems(cfg)
+    return problems
+
+
+def _local_problems(cfg: JobConfig) -> list[str]:
+    """What training on this machine needs: the device, the corpus and tokenizer files."""
+    problems = []
+    if cfg.training.device == "cuda" and not _cuda_available():
         problems.append("training.device: 'cuda' was asked for but no CUDA device is visible")
     if not cfg.data.paths:
         problems.append("data.paths: empty; name at least one corpus file or folder")

@@ -195,6 +195,19 @@ class Metrics:
 
 
 @dataclass
+class Estimate:
+    num_gpus: int = opt(0, "Ranks to estimate for (`--estimate`): 0 = NGPU / WORLD_SIZE, else 1.",
+                        min=0)
+    gpu: str = opt("", "GPU model whose memory (and speed, for the planner) to assume, e.g. "
+                   "H100, A100-40GB, RTX 4090 (see titan_lite/estimate.py GPUS).")
+    device_memory_gb: float = opt(0.0, "Memory per GPU in GiB for the fit verdict; 0 = the "
+                                  "GPU's (estimate.gpu), or no verdict.", min=0)
+    plan: bool = opt(False, "Search CPU offload, AC mode, local batch (same global batch) and "
+                     "FSDP degree for the fastest configs that fit.")
+    plan_top: int = opt(5, "How many fitting configs the planner prints.", min=1)
+
+
+@dataclass
 class JobConfig:
     job: Job = field(default_factory=Job)
     model: Model = field(default_factory=Model)
@@ -207,6 +220,7 @@ class JobConfig:
     activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)
     checkpoint: Checkpoint = field(default_factory=Checkpoint)
     metrics: Metrics = field(default_factory=Metrics)
+    estimate: Estimate = field(default_factory=Estimate)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)

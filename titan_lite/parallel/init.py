@@ -43,12 +43,14 @@ def full_tensors(module: nn.Module, device: torch.device) -> Iterator[None]:
 
 
 def materialize(model: Transformer, seed: int, compute_device: torch.device,
-                param_device: torch.device) -> None:
+                param_device: torch.device, draw_weights: bool = True) -> None:
     """Allocate the parameters on ``param_device`` (host memory under CPU offload) and the
-    buffers on ``compute_device``, then initialise the weights from ``seed``."""
+    buffers on ``compute_device``, then initialise the weights from ``seed`` (unless
+    ``draw_weights`` is false: the memory estimator only needs the storage)."""
     model.to_empty(device=param_device)
     for module in model.modules():
         for name, buffer in module._buffers.items():
             if buffer is not None:
                 module._buffers[name] = buffer.to(compute_device)
-    model.init_weights(seed, unit_context=partial(full_tensors, device=compute_device))
+    if draw_weights:
+        model.init_weights(seed, unit_context=partial(full_tensors, device=compute_device))

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import (
@@ -106,7 +107,8 @@ def pp_problems(args: ModelArgs, cfg: Parallelism, training: Training,
 
 def split_stage(model: Transformer, layers: list[int], first: bool, last: bool) -> Transformer:
     """A copy of the meta-device ``model`` holding only one stage's modules."""
-    stage = copy.deepcopy(model)
+    with unset_fake_temporarily():  # a plain meta copy, also while the estimator traces
+        stage = copy.deepcopy(model)
     keep = {str(i) for i in layers}
     for key in list(stage.layers):
         if key not in keep:
@@ -140,9 +142,11 @@ class Pipeline:
             self.parts.append(part)
             pipeline_stages.append(PipelineStage(prepare_stage(part), index, len(stages), device,
                                                  group=pp_mesh.get_group()))
+        self.stages = dict(zip(indices, pipeline_stages))  # stage index -> PipelineStage
         self.is_first = 0 in indices
         self.is_last = len(stages) - 1 in indices
-        microbatches = local_batch_size // cfg.pipeline_parallel_microbatch_size
+        self.num_stages = len(stages)
+        self.microbatches = microbatches = local_batch_size // cfg.pipeline_parallel_microbatch_size
         schedule_cls = SCHEDULES[cfg.pipeline_parallel_schedule]
         self.schedule = schedule_cls(
             pipeline_stages if issubclass(schedule_cls, PipelineScheduleMulti)
