@@ -283,9 +283,9 @@ def _pipeline_step(pipeline: Pipeline, next_batch: Callable[[], tuple], recipe: 
     """One step of this rank's pipeline stages in the schedule's own order of forwards and
     backwards. A fake process group carries no data (nor the schedule's start-up handshake), so
     what the neighbours would send is a buffer of its shape, kept in ``received`` from one step
-    to the next as the stages keep their receive buffers; FSDP stages keep unsharded gradients until the schedule's final reduction, as
-    torch's PipelineStage does. Returns the last stage's outputs, which the schedule keeps
-    (to return them) until its next step."""
+    to the next as the stages keep their receive buffers; FSDP stages keep unsharded gradients
+    until the schedule's final reduction, as torch's PipelineStage does. Returns the last
+    stage's outputs, which the schedule keeps (to return them) until its next step."""
     inputs, labels = next_batch()
     count = pipeline.microbatches
     micro_inputs, micro_labels = inputs.chunk(count), labels.chunk(count)
