@@ -2,6 +2,7 @@
 # Launch titan_lite on this machine: NGPU=2 ./run_train.sh --config train_configs/llama3_8b.toml
 #   NGPU      processes (GPUs, or CPU ranks with gloo when there is no GPU); default 1
 #   LOG_RANK  which ranks' output to show (comma-separated); default 0
+# --estimate: print the per-rank memory estimate for NGPU ranks instead of training.
 # Other arguments go to the trainer, e.g. --training.steps 20.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -15,6 +16,7 @@ while [[ $# -gt 0 ]]; do
   case "$1" in
     --config) CONFIG_FILE="$2"; shift 2 ;;
     --config=*) CONFIG_FILE="${1#--config=}"; shift ;;
+    --estimate) ESTIMATE=1; shift ;;
     *) overrides+=("$1"); shift ;;
   esac
 done
@@ -22,6 +24,10 @@ done
 if ! python -c "import torch" 2>/dev/null; then
   echo "run_train.sh: torch is not importable; see README.md (pip install torch==2.13.0 && pip install -e .)" >&2
   exit 2
+fi
+if [[ -n "${ESTIMATE:-}" ]]; then  # memory estimate for NGPU ranks: no training, no GPU needed
+  exec python -m titan_lite.estimate --config "$CONFIG_FILE" --estimate.num_gpus "$NGPU" \
+    "${overrides[@]}"
 fi
 for arg in "${overrides[@]}"; do
   if [[ "$arg" == "--help" || "$arg" == "-h" ]]; then exec python -m titan_lite.train --help; fi

@@ -448,12 +448,15 @@ def main(argv: list[str] | None = None) -> None:
         if problems:
             raise ConfigError(problems)
     except ConfigError as e:
-        sys.exit("".join(f"config error: {p}\n" for p in e.problems).rstrip())
+        for problem in e.problems:
+            print(f"config error: {problem}", file=sys.stderr)
+        sys.exit(2)
     capacity, source = device_capacity(cfg)
     if cfg.estimate.plan:
         from titan_lite.planner import format_plan, plan
 
-        print(format_plan(plan(cfg, num_gpus, capacity or 0.0, source), cfg))
+        print(format_plan(plan(cfg, num_gpus, capacity or 0.0, source), cfg, num_gpus,
+                          capacity or 0.0, cfg.estimate.gpu))
         return
     print(format_estimate(estimate_memory(cfg, num_gpus), capacity, source))
 

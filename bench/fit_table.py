@@ -1,0 +1,64 @@
+"""The README's "Will it fit?" tables: the planner's fastest fitting layout for the 8B and 70B
+configs on common GPUs, 1, 2 and 8 of them. Runs on CPU (fake tensors), ~10 minutes.
+
+    python bench/fit_table.py [--configs train_configs/llama3_8b.toml] [--gpus "RTX 4090,H100"]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from titan_lite.config import load_config  # noqa: E402
+from titan_lite.estimate import GIB, GPUS  # noqa: E402
+from titan_lite.parallel.dims import resolve_degrees  # noqa: E402
+from titan_lite.planner import plan  # noqa: E402
+
+
+def layout(cfg, count: int) -> str:
+    t, ac = cfg.training, cfg.activation_checkpoint
+    dims, _ = resolve_degrees(cfg.parallelism, count)
+    if not dims.uses_fsdp(t.enable_cpu_offload):
+        data = f"DDP {dims.dp_replicate}" if dims.dp_replicate > 1 else "1 rank"
+    else:
+        data = f"FSDP {dims.dp_shard}" + (f" x {dims.dp_replicate} replicas"
+                                          if dims.dp_replicate > 1 else "")
+    accumulation = ("" if t.global_batch_size == -1 else
+                    f" x {t.global_batch_size // (t.local_batch_size * dims.dp)} accumulated")
+    return (f"{data}, AC {ac.mode}, offload {'on' if t.enable_cpu_offload else 'off'}, "
+            f"micro-batch {t.local_batch_size}{accumulation}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", default="train_configs/llama3_8b.toml,"
+                                              "train_configs/llama3_70b.toml")
+    parser.add_argument("--gpus", default="RTX 4090,A100-40GB,H100")
+    parser.add_argument("--counts", default="1,2,8")
+    args = parser.parse_args()
+    os.chdir(REPO)
+    print("| model | GPUs | best layout that fits (planner) | needs GiB/GPU | host GiB/rank | "
+          "tokens/s/GPU (cost model) |")
+    print("|---|---|---|---|---|---|")
+    for config in args.configs.split(","):
+        for gpu in args.gpus.split(","):
+            for count in map(int, args.counts.split(",")):
+                cfg = load_config(["--config", config, "--estimate.plan_top", "1"])
+                best = plan(cfg, count, GPUS[gpu].memory_gib, gpu)
+                name = f"llama3 {cfg.model.flavor}"
+                if not best:
+                    print(f"| {name} | {count} x {gpu} | does not fit | | | |", flush=True)
+                    continue
+                c = best[0]
+                tokens = cfg.training.seq_len * cfg.training.local_batch_size * count
+                print(f"| {name} | {count} x {gpu} | {layout(c.cfg, count)} | "
+                      f"{c.estimate.required_gib():.1f} | {c.estimate.worst.host_peak / GIB:.0f} | "
+                      f"{tokens / c.step_seconds / count:,.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

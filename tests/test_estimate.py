@@ -1,0 +1,149 @@
+"""The memory estimator: agrees with measured peaks, reproduces the published arithmetic, plans,
+and refuses bad input."""
+
+import glob
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import CPU_ENV, REPO, python_env
+
+from titan_lite.config import load_config
+from titan_lite.estimate import (
+    GIB,
+    GPUS,
+    GRADS,
+    OPTIM,
+    PARAMS,
+    estimate_memory,
+)
+from titan_lite.planner import _toml, format_plan, plan
+from titan_lite.train import train
+
+# The estimator traces the trainer's own step with the same tensor tracker the trainer reports
+# on CPU; bench/estimate_accuracy.py sees 0-3% differences. The tests allow 10% (the target).
+TOLERANCE = 0.10
+SHAPE = ["--training.local_batch_size", "4", "--training.seq_len", "256",
+         "--metrics.cpu_peak_tflops", "1", "--metrics.jsonl_all_ranks", "true"]
+
+
+def measured_peak_gib(folder) -> float:
+    peaks = []
+    for path in glob.glob(str(folder / "metrics" / "rank*.jsonl")):
+        with open(path) as fh:
+            peaks += [json.loads(line)["peak_memory_gib"] for line in fh]
+    return max(peaks)
+
+
+def estimated_peak_gib(overrides: list[str], ranks: int) -> float:
+    estimate = estimate_memory(load_config(overrides), ranks)
+    return max(r.total_peak for r in estimate.ranks) / GIB
+
+
+@pytest.mark.parametrize("overrides", [
+    [], ["--activation_checkpoint.mode", "full"],
+    ["--activation_checkpoint.mode", "selective"], ["--training.global_batch_size", "8"],
+], ids=["no-ac", "ac-full", "ac-op", "accumulation"])
+def test_one_process_estimate_matches_the_measured_peak(repo_cwd, tmp_path, overrides):
+    job = [*SHAPE, "--training.steps", "2", "--job.dump_folder", str(tmp_path), *overrides]
+    train(load_config(job), CPU_ENV)
+    measured = measured_peak_gib(tmp_path)
+    assert estimated_peak_gib(job, 1) == pytest.approx(measured, rel=TOLERANCE)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides", [
+    [], ["--parallelism.pipeline_parallel_degree", "2",
+         "--parallelism.pipeline_parallel_microbatch_size", "1",
+         "--parallelism.pipeline_parallel_schedule", "1F1B"],
+    ["--parallelism.tensor_parallel_degree", "2"],
+    ["--training.enable_cpu_offload", "true", "--training.global_batch_size", "16"],
+], ids=["fsdp", "pp-1f1b", "tp", "fsdp-offload-accumulation"])
+def test_two_rank_estimate_matches_the_measured_peak(repo_cwd, tmp_path, overrides):
+    job = [*SHAPE, "--training.steps", "2", "--job.dump_folder", str(tmp_path), *overrides]
+    result = subprocess.run(["./run_train.sh", *job], cwd=REPO, env=python_env(NGPU="2"),
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-2000:]
+    measured = measured_peak_gib(tmp_path)
+    assert estimated_peak_gib(job, 2) == pytest.approx(measured, rel=TOLERANCE)
+
+
+def test_8b_breakdown_is_the_published_arithmetic():
+    """8.03e9 params, fp32 weights and AdamW sharded over 2 GPUs: 8.03e9 x 4 B x 3 / 2 = 48 GB
+    of weights + AdamW states, 64 GB with the fp32 gradients; exact to the byte (plus AdamW's
+    per-tensor step counters)."""
+    cfg = load_config(["--config", "train_configs/llama3_8b.toml", "--training.seq_len", "64",
+                       "--tokenizer.path", "not-needed"])
+    estimate = estimate_memory(cfg, 2)
+    state, n = estimate.worst.state, estimate.num_params
+    assert n == 8_030_261_248
+    step_counters = 4 * 291  # one float32 step per parameter tensor
+    assert state[PARAMS] == n * 4 // 2 and state[GRADS] == n * 4 // 2
+    assert state[OPTIM] == n * 4 * 2 // 2 + step_counters
+    assert (state[PARAMS] + state[OPTIM]) / 1e9 == pytest.approx(48.18, abs=0.01)
+    assert (state[PARAMS] + state[GRADS] + state[OPTIM]) / 1e9 == pytest.approx(64.24, abs=0.01)
+    assert estimate.worst.device[PARAMS] == state[PARAMS]  # on the device without offload
+
+    offloaded = estimate_memory(load_config(
+        ["--config", "train_configs/llama3_8b.toml", "--training.seq_len", "64",
+         "--training.enable_cpu_offload", "true"]), 2)
+    device, host = offloaded.worst.device, offloaded.worst.host
+    assert PARAMS not in device and OPTIM not in device and GRADS not in device
+    assert host[PARAMS] + host[OPTIM] == state[PARAMS] + state[OPTIM]
+    assert offloaded.worst.device_peak < estimate.worst.device_peak - 40e9
+
+
+def test_planner_finds_what_fits_and_prints_pasteable_toml(repo_cwd, tmp_path):
+    """The debug model at 8 x 2048 needs ~3.7 GiB; at 2.5 GiB per GPU only memory-saving
+    layouts (AC, smaller micro-batches with accumulation, offload) fit, fastest first."""
+    cfg = load_config(["--training.local_batch_size", "8", "--training.seq_len", "2048",
+                       "--estimate.plan_top", "3"])
+    assert estimate_memory(cfg, 2).required_gib() > 2.5
+    found = plan(cfg, 2, 2.5, "RTX 4090")
+    assert 1 <= len(found) <= 3
+    assert all(c.estimate.required_gib() <= 2.5 for c in found)
+    assert [c.step_seconds for c in found] == sorted(c.step_seconds for c in found)
+    assert found[0].overrides  # the job as configured does not fit
+    text = format_plan(found, cfg, 2, 2.5, "RTX 4090")
+    assert "| 1 |" in text and " ".join(found[0].overrides) in text
+    toml = tmp_path / "best.toml"
+    toml.write_text("\n".join(_toml(found[0].cfg)) + "\n")
+    loaded = load_config(["--config", str(toml)])
+    assert loaded.activation_checkpoint == found[0].cfg.activation_checkpoint
+    assert loaded.training.enable_cpu_offload == found[0].cfg.training.enable_cpu_offload
+
+
+def run_estimate(*args: str, ngpu: str = "1") -> subprocess.CompletedProcess:
+    return subprocess.run(["./run_train.sh", "--estimate", *args], cwd=REPO,
+                          env=python_env(NGPU=ngpu), capture_output=True, text=True, timeout=120)
+
+
+def test_run_train_estimate_gives_a_verdict_without_training(tmp_path):
+    result = run_estimate("--estimate.gpu", "RTX 4090", "--job.dump_folder", str(tmp_path),
+                          ngpu="2")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "2 rank(s): FSDP 2" in result.stdout
+    assert f"FITS on RTX 4090 ({GPUS['RTX 4090'].memory_gib:.1f} GiB)" in result.stdout
+    assert not (tmp_path / "metrics").exists()  # nothing trained
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--estimate.gpu", "H1000"], "config error: estimate.gpu: unknown GPU 'H1000'; known: H200"),
+    (["--estimate.device_memory_gb", "-1"],
+     "config error: --estimate.device_memory_gb: -1.0 is below the minimum 0"),
+    (["--estimate.plan", "true"], "config error: estimate.plan: needs estimate.gpu or"),
+], ids=["unknown-gpu", "negative-memory", "plan-without-memory"])
+def test_bad_estimate_input_exits_2_with_the_key(args, message):
+    result = run_estimate(*args)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_estimate_cli_is_also_a_module(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "titan_lite.estimate", "--estimate.num_gpus",
+                             "2", "--parallelism.tensor_parallel_degree", "2",
+                             "--estimate.device_memory_gb", "1"], cwd=REPO, env=python_env(),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "2 rank(s): TP 2" in result.stdout and "DOES NOT FIT" in result.stdout

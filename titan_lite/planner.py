@@ -1,0 +1,251 @@
+"""The fastest layouts that fit: ``--estimate.plan true`` searches the memory knobs.
+
+Candidates: CPU offload off/on x activation checkpointing none / selective op / full x local
+batch (with gradient accumulation keeping the configured global batch) x FSDP degree (the rest
+of the data-parallel ranks become HSDP replicas). Tensor and pipeline degrees, the sequence
+length and dtypes stay as configured. Each candidate gets a predicted step time from the cost
+model below; they are traced (``titan_lite.estimate``) fastest first until ``plan_top`` fit,
+skipping those that cannot: weights + gradients + AdamW states alone over the memory, or more
+memory-hungry than one already traced too big (less AC, a larger local batch, same sharding).
+
+Cost model, per step and GPU (an explained ranking, not a promise of speed):
+- compute: FLOPs of the step's tokens x (1 + recompute) / (GPU peak x ``ASSUMED_MFU``), where
+  recompute is 0 (no AC), ``SELECTIVE_OP_RECOMPUTE`` (op-level: elementwise ops only), 1/3k
+  (every k-th block: one more forward of those) or 1/3 (full: one more forward), plus kernel
+  launches per micro-batch and block (``LAUNCH_SECONDS_PER_LAYER``: more, smaller
+  micro-batches cost time);
+- FSDP traffic: per micro-batch, all-gathers of the weights in the compute dtype for forward
+  and backward plus a reduce-scatter of gradients in the reduce dtype, x (d-1)/d, over the
+  GPU's peer bandwidth; overlapped with compute (the step takes the longer of the two);
+- CPU offload: weights copied to the GPU per micro-batch and gradients back, over PCIe
+  (``PCIE_GB_S``), and the AdamW step on the host (``HOST_ADAM_PARAMS_PER_S``), not overlapped.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, replace
+
+import torch
+
+from titan_lite.config import ActivationCheckpoint, JobConfig, check_job
+from titan_lite.distributed import DTYPES
+from titan_lite.estimate import GIB, GPUS, MemoryEstimate, estimate_memory, model_args
+from titan_lite.metrics import gpu_peak_flops
+from titan_lite.models.llama3 import FLAVORS, Transformer
+from titan_lite.parallel.activation_checkpoint import checkpoint_every
+from titan_lite.parallel.dims import resolve_degrees
+
+ASSUMED_MFU = 0.4
+LAUNCH_SECONDS_PER_LAYER = 3e-4  # ~30 kernels per block forward + backward, ~10 us each
+SELECTIVE_OP_RECOMPUTE = 0.05
+PCIE_GB_S = 25.0
+HOST_ADAM_PARAMS_PER_S = 1e9
+DEFAULT_GPU = "H100"  # speeds assumed when only estimate.device_memory_gb is given
+AC_CHOICES = (("none", "op"), ("selective", "op"), ("full", "op"))
+
+
+@dataclass
+class Candidate:
+    cfg: JobConfig
+    overrides: list[str]  # what differs from the configured job, as CLI flags
+    step_seconds: float
+    estimate: MemoryEstimate | None = None
+
+
+def plan(cfg: JobConfig, num_gpus: int, capacity_gib: float, gpu_name: str) -> list[Candidate]:
+    """The fastest ``cfg.estimate.plan_top`` candidates that fit, fastest first."""
+    gpu = gpu_name if gpu_name in GPUS else DEFAULT_GPU
+    candidates = sorted(_candidates(cfg, num_gpus, gpu), key=lambda c: c.step_seconds)
+    fitting: list[Candidate] = []
+    too_big: list[Candidate] = []
+    for candidate in candidates:
+        if len(fitting) == cfg.estimate.plan_top:
+            break
+        if _state_bytes(candidate.cfg, num_gpus) / GIB > capacity_gib or any(
+                _needs_at_least(candidate, big) for big in too_big):
+            continue
+        candidate.estimate = estimate_memory(candidate.cfg, num_gpus)
+        if candidate.estimate.required_gib() <= capacity_gib:
+            fitting.append(candidate)
+        else:
+            too_big.append(candidate)
+    return fitting
+
+
+def _candidates(cfg: JobConfig, num_gpus: int, gpu: str) -> list[Candidate]:
+    dims, _ = resolve_degrees(cfg.parallelism, num_gpus)
+    assert dims is not None
+    t = cfg.training
+    samples_per_rank = (t.local_batch_size if t.global_batch_size == -1
+                        else t.global_batch_size // dims.dp)
+    local_batches = [b for b in _divisors(samples_per_rank)
+                     if dims.pp == 1 or b == t.local_batch_size]  # PP: its micro-batching
+    found = []
+    for shard in _divisors(dims.dp):
+        for offload in (False, True):
+            for mode, option in AC_CHOICES:
+                for local in local_batches:
+                    candidate = _candidate(cfg, num_gpus, gpu, shard, dims.dp // shard,
+                                           (dims.dp_shard, dims.dp_replicate), offload, mode,
+                                           option, local, samples_per_rank)
+                    if not check_job(candidate.cfg, num_gpus, training_here=False):
+                        found.append(candidate)
+    return found
+
+
+def _candidate(cfg: JobConfig, num_gpus: int, gpu: str, shard: int, replicas: int,
+               configured: tuple[int, int], offload: bool, mode: str, option: str, local: int,
+               samples_per_rank: int) -> Candidate:
+    global_batch = samples_per_rank * shard * replicas
+    training = replace(cfg.training, enable_cpu_offload=offload, local_batch_size=local,
+                       global_batch_size=global_batch if local != samples_per_rank else
+                       cfg.training.global_batch_size)
+    parallelism = (cfg.parallelism if (shard, replicas) == configured
+                   else replace(cfg.parallelism, dp_shard=shard, dp_replicate=replicas))
+    ac = ActivationCheckpoint(mode=mode, selective_ac_option=option)
+    new = replace(cfg, training=training, parallelism=parallelism, activation_checkpoint=ac)
+    if not _uses_fsdp(new, num_gpus) and new.training.mixed_precision_reduce != "float32":
+        new = replace(new, training=replace(new.training, mixed_precision_reduce="float32"))
+    return Candidate(new, _overrides(cfg, new), step_seconds(new, num_gpus, gpu))
+
+
+def step_seconds(cfg: JobConfig, num_gpus: int, gpu: str) -> float:
+    """Predicted seconds per optimizer step on ``gpu`` (see the module's cost model)."""
+    dims, _ = resolve_degrees(cfg.parallelism, num_gpus)
+    assert dims is not None
+    t = cfg.training
+    params, flops_per_token = _model_stats(cfg)
+    micro_batches = (1 if t.global_batch_size == -1
+                     else t.global_batch_size // (t.local_batch_size * dims.dp))
+    tokens = t.local_batch_size * t.seq_len * micro_batches  # this rank's data-parallel share
+    peak = gpu_peak_flops(gpu, DTYPES[t.mixed_precision_param]) or 1e14
+    launches = micro_batches * FLAVORS[cfg.model.flavor].n_layers * LAUNCH_SECONDS_PER_LAYER
+    compute = tokens * flops_per_token * (1 + _recompute(cfg)) / (dims.tp * dims.pp) / (
+        peak * ASSUMED_MFU) + launches
+    state_params = params / (dims.tp * dims.pp)
+    communication = 0.0
+    if dims.dp_shard > 1 and _uses_fsdp(cfg, num_gpus):
+        per_micro = state_params * (2 * _bytes(t.mixed_precision_param)
+                                    + _bytes(t.mixed_precision_reduce))
+        communication = micro_batches * per_micro * (dims.dp_shard - 1) / dims.dp_shard / (
+            GPUS[gpu].link_gb_s * 1e9)
+    offload = 0.0
+    if t.enable_cpu_offload:
+        shard = state_params / max(dims.dp_shard, 1)
+        offload = (shard * 4 * (2 * micro_batches + 1) / (PCIE_GB_S * 1e9)
+                   + shard / HOST_ADAM_PARAMS_PER_S)
+    return max(compute, communication) + offload
+
+
+def _recompute(cfg: JobConfig) -> float:
+    ac = cfg.activation_checkpoint
+    if ac.mode == "full":
+        return 1 / 3
+    if ac.mode == "selective":
+        every = checkpoint_every(ac.selective_ac_option)
+        return SELECTIVE_OP_RECOMPUTE if every is None else 1 / (3 * every)
+    return 0.0
+
+
+def _state_bytes(cfg: JobConfig, num_gpus: int) -> float:
+    """float32 weights + gradients + AdamW states per rank on the device (0 under offload)."""
+    if cfg.training.enable_cpu_offload:
+        return 0.0
+    dims, _ = resolve_degrees(cfg.parallelism, num_gpus)
+    assert dims is not None
+    params, _ = _model_stats(cfg)
+    shards = (dims.dp_shard if _uses_fsdp(cfg, num_gpus) else 1) * dims.tp * dims.pp
+    return params * 16 / shards
+
+
+def _needs_at_least(candidate: Candidate, too_big: Candidate) -> bool:
+    """Whether ``candidate`` needs at least the memory of ``too_big`` (same sharding and
+    offload, no more activation checkpointing, no smaller local batch)."""
+    a, b = candidate.cfg, too_big.cfg
+    order = [mode for mode, _ in AC_CHOICES][::-1]  # full, selective, none: more memory
+    return (a.parallelism == b.parallelism
+            and a.training.enable_cpu_offload == b.training.enable_cpu_offload
+            and order.index(a.activation_checkpoint.mode)
+            >= order.index(b.activation_checkpoint.mode)
+            and a.training.local_batch_size >= b.training.local_batch_size)
+
+
+def _overrides(base: JobConfig, new: JobConfig) -> list[str]:
+    flags = []
+    for section in ("training", "parallelism", "activation_checkpoint"):
+        for key, value in vars(getattr(new, section)).items():
+            if getattr(getattr(base, section), key) != value:
+                text = str(value).lower() if isinstance(value, bool) else str(value)
+                flags.append(f"--{section}.{key} {text}")
+    return flags
+
+
+def format_plan(candidates: list[Candidate], cfg: JobConfig, num_gpus: int,
+                capacity_gib: float, gpu_name: str) -> str:
+    """The planner's table, and the best candidate as TOML to paste into the job's file."""
+    head = (f"llama3 {cfg.model.flavor} on {num_gpus} x {gpu_name or 'GPU'} "
+            f"({capacity_gib:.1f} GiB each); speeds assume "
+            f"{gpu_name if gpu_name in GPUS else DEFAULT_GPU} at {ASSUMED_MFU:.0%} MFU")
+    if not candidates:
+        return (f"{head}\nnothing fits: no combination of CPU offload, activation "
+                "checkpointing, local batch and FSDP degree; add GPUs or pick a smaller flavor")
+    tokens = cfg.training.seq_len * _global_samples(candidates[0].cfg, num_gpus)
+    lines = [head, "| # | tokens/s/GPU | needs GiB | margin GiB | host GiB/rank | overrides |",
+             "|---|---|---|---|---|---|"]
+    for i, c in enumerate(candidates, 1):
+        assert c.estimate is not None
+        need = c.estimate.required_gib()
+        lines.append(f"| {i} | {tokens / c.step_seconds / num_gpus:,.0f} | {need:.1f} | "
+                     f"{capacity_gib - need:+.1f} | {c.estimate.worst.host_peak / GIB:.1f} | "
+                     f"{' '.join(c.overrides) or '(as configured)'} |")
+    lines += ["", "# the fastest, as TOML:"] + _toml(candidates[0].cfg)
+    return "\n".join(lines)
+
+
+def _toml(cfg: JobConfig) -> list[str]:
+    t, p, ac = cfg.training, cfg.parallelism, cfg.activation_checkpoint
+    return ["[training]", f"local_batch_size = {t.local_batch_size}",
+            f"global_batch_size = {t.global_batch_size}",
+            f"enable_cpu_offload = {str(t.enable_cpu_offload).lower()}",
+            f'mixed_precision_reduce = "{t.mixed_precision_reduce}"',
+            "[parallelism]", f"dp_replicate = {p.dp_replicate}", f"dp_shard = {p.dp_shard}",
+            "[activation_checkpoint]", f'mode = "{ac.mode}"',
+            f'selective_ac_option = "{ac.selective_ac_option}"']
+
+
+def _global_samples(cfg: JobConfig, num_gpus: int) -> int:
+    dims, _ = resolve_degrees(cfg.parallelism, num_gpus)
+    assert dims is not None
+    t = cfg.training
+    return t.local_batch_size * dims.dp if t.global_batch_size == -1 else t.global_batch_size
+
+
+def _uses_fsdp(cfg: JobConfig, num_gpus: int) -> bool:
+    dims, _ = resolve_degrees(cfg.parallelism, num_gpus)
+    assert dims is not None
+    return dims.uses_fsdp(cfg.training.enable_cpu_offload)
+
+
+def _bytes(dtype_name: str) -> int:
+    return DTYPES[dtype_name].itemsize
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _model_stats(cfg: JobConfig) -> tuple[int, int]:
+    """(parameters, FLOPs per token) of the job's model."""
+    return _stats(cfg.model.flavor, cfg.tokenizer.kind, cfg.tokenizer.path, cfg.training.seq_len)
+
+
+@functools.cache
+def _stats(flavor: str, kind: str, path: str, seq_len: int) -> tuple[int, int]:
+    from titan_lite.config import load_config
+
+    cfg = load_config(["--model.flavor", flavor, "--tokenizer.kind", kind, "--tokenizer.path",
+                       path, "--training.seq_len", str(seq_len)])
+    with torch.device("meta"):
+        model = Transformer(model_args(cfg))
+    return model.num_params(), model.flops_per_token(seq_len)
