@@ -33,7 +33,7 @@ from torch.distributed.pipelining.schedules import ScheduleGPipe
 from torch.distributed.tensor import DTensor
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
-from titan_lite.config import ConfigError, JobConfig, check_job, load_config
+from titan_lite.config import ConfigError, JobConfig, check_job, help_text, load_config
 from titan_lite.distributed import DTYPES, DistEnv
 from titan_lite.memory import TensorMemoryTracker
 from titan_lite.models.llama3 import FLAVORS, ModelArgs, Transformer
@@ -441,6 +441,10 @@ def num_gpus_of(cfg: JobConfig) -> int:
 def main(argv: list[str] | None = None) -> None:
     """``python -m titan_lite.estimate --config JOB.toml [--estimate.* ...] [overrides]``"""
     argv = sys.argv[1:] if argv is None else argv
+    if "--help" in argv or "-h" in argv:
+        print(f"{__doc__}\nKeys (the [estimate] section and every training key):\n"
+              f"{help_text()}")
+        return
     try:
         cfg = load_config(argv)
         num_gpus = num_gpus_of(cfg)

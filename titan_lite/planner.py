@@ -15,8 +15,10 @@ Cost model, per step and GPU (an explained ranking, not a promise of speed):
   launches per micro-batch and block (``LAUNCH_SECONDS_PER_LAYER``: more, smaller
   micro-batches cost time);
 - FSDP traffic: per micro-batch, all-gathers of the weights in the compute dtype for forward
-  and backward plus a reduce-scatter of gradients in the reduce dtype, x (d-1)/d, over the
-  GPU's peer bandwidth; overlapped with compute (the step takes the longer of the two);
+  and backward plus a reduce-scatter of gradients in the reduce dtype, x (d-1)/d, and for
+  replicas (DDP, HSDP) an all-reduce of the gradients (shards), over the GPU's peer bandwidth;
+  overlapped with compute (the step takes the longer of the two); equal times put the layout
+  with the smaller per-rank state first (more margin);
 - CPU offload: weights copied to the GPU per micro-batch and gradients back, over PCIe
   (``PCIE_GB_S``), and the AdamW step on the host (``HOST_ADAM_PARAMS_PER_S``), not overlapped.
 """
@@ -56,7 +58,9 @@ class Candidate:
 def plan(cfg: JobConfig, num_gpus: int, capacity_gib: float, gpu_name: str) -> list[Candidate]:
     """The fastest ``cfg.estimate.plan_top`` candidates that fit, fastest first."""
     gpu = gpu_name if gpu_name in GPUS else DEFAULT_GPU
-    candidates = sorted(_candidates(cfg, num_gpus, gpu), key=lambda c: c.step_seconds)
+    # Equal predicted times (compute-bound layouts): the smaller per-rank state first, for margin.
+    candidates = sorted(_candidates(cfg, num_gpus, gpu),
+                        key=lambda c: (c.step_seconds, _state_bytes(c.cfg, num_gpus)))
     fitting: list[Candidate] = []
     too_big: list[Candidate] = []
     for candidate in candidates:
@@ -128,8 +132,12 @@ def step_seconds(cfg: JobConfig, num_gpus: int, gpu: str) -> float:
     if dims.dp_shard > 1 and _uses_fsdp(cfg, num_gpus):
         per_micro = state_params * (2 * _bytes(t.mixed_precision_param)
                                     + _bytes(t.mixed_precision_reduce))
-        communication = micro_batches * per_micro * (dims.dp_shard - 1) / dims.dp_shard / (
-            GPUS[gpu].link_gb_s * 1e9)
+        communication = micro_batches * per_micro * (dims.dp_shard - 1) / dims.dp_shard
+    if dims.dp_replicate > 1:  # DDP, or HSDP's all-reduce of the gradient shards
+        shards = dims.dp_shard if _uses_fsdp(cfg, num_gpus) else 1
+        communication += (state_params / shards * 2 * _bytes(t.mixed_precision_reduce)
+                          * (dims.dp_replicate - 1) / dims.dp_replicate)
+    communication /= GPUS[gpu].link_gb_s * 1e9
     offload = 0.0
     if t.enable_cpu_offload:
         shard = state_params / max(dims.dp_shard, 1)
