@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.pipelining.schedules import ScheduleGPipe
 from torch.distributed.tensor import DTensor
@@ -218,8 +219,8 @@ def _trace_rank(cfg: JobConfig, args: ModelArgs, world: int, rank: int,
         dist.destroy_process_group()
 
 
-def _trace_steps(cfg: JobConfig, args: ModelArgs, dims: ParallelDims, mesh: Any, env: DistEnv,
-                 model: Transformer, ddp_buckets: bool) -> RankEstimate:
+def _trace_steps(cfg: JobConfig, args: ModelArgs, dims: ParallelDims, mesh: DeviceMesh | None,
+                 env: DistEnv, model: Transformer, ddp_buckets: bool) -> RankEstimate:
     parts, runner = build_model(cfg, model, dims, mesh, env, draw_weights=False)
     modules = torch.nn.ModuleList(parts)
     params = list(modules.parameters())
@@ -253,8 +254,9 @@ def _trace_steps(cfg: JobConfig, args: ModelArgs, dims: ParallelDims, mesh: Any,
     tracker.label(modules.buffers(), BUFFERS)
     tracker.label(received.values(), COMM)
     tracker.label((s for state in optimizer.state.values() for s in state.values()), OPTIM)
-    if ddp_buckets:  # DDP's flat gradient buckets, allocated at construction
-        tracker.label([torch.empty(sum(p.numel() for p in params), dtype=torch.float32)], COMM)
+    # DDP's flat gradient buckets (allocated when it wraps the model), alive for the trace
+    buckets = [torch.empty(sum(p.numel() for p in params))] if ddp_buckets else []
+    tracker.label(buckets, COMM)
     state = {PARAMS: tracker.live[PARAMS], OPTIM: tracker.live[OPTIM]}
     grad_bytes: dict[int, int] = {}
 
