@@ -18,7 +18,7 @@ from titan_lite.estimate import (
     PARAMS,
     estimate_memory,
 )
-from titan_lite.planner import _toml, format_plan, plan
+from titan_lite.planner import _candidates, _toml, format_plan, plan
 from titan_lite.train import train
 
 # The estimator traces the trainer's own step with the same tensor tracker the trainer reports
@@ -111,6 +111,18 @@ def test_planner_finds_what_fits_and_prints_pasteable_toml(repo_cwd, tmp_path):
     loaded = load_config(["--config", str(toml)])
     assert loaded.activation_checkpoint == found[0].cfg.activation_checkpoint
     assert loaded.training.enable_cpu_offload == found[0].cfg.training.enable_cpu_offload
+
+
+def test_planner_tries_shorter_sequences_only_when_allowed_and_keeps_the_tokens():
+    base = ["--training.local_batch_size", "2", "--training.seq_len", "2048"]
+    for allowed, lengths in (("false", {2048}), ("true", {2048, 1024, 512})):
+        cfg = load_config([*base, "--estimate.plan_shorter_seq_len", allowed])
+        candidates = _candidates(cfg, 2, "H100")
+        assert {c.cfg.training.seq_len for c in candidates} == lengths
+        for c in candidates:
+            t = c.cfg.training
+            samples = 2 * 2 if t.global_batch_size == -1 else t.global_batch_size
+            assert samples * t.seq_len == 2 * 2 * 2048  # the tokens of one optimizer step
 
 
 def run_estimate(*args: str, ngpu: str = "1") -> subprocess.CompletedProcess:

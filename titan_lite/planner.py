@@ -2,8 +2,9 @@
 
 Candidates: CPU offload off/on x activation checkpointing none / selective op / full x local
 batch (with gradient accumulation keeping the configured global batch) x FSDP degree (the rest
-of the data-parallel ranks become HSDP replicas). Tensor and pipeline degrees, the sequence
-length and dtypes stay as configured. Each candidate gets a predicted step time from the cost
+of the data-parallel ranks become HSDP replicas), and with ``estimate.plan_shorter_seq_len``
+the sequence length / 2 and / 4 (same tokens per step: more samples). Tensor and pipeline
+degrees and dtypes stay as configured. Each candidate gets a predicted step time from the cost
 model below; they are traced (``titan_lite.estimate``) fastest first until ``plan_top`` fit,
 skipping those that cannot: weights + gradients + AdamW states alone over the memory, or more
 memory-hungry than one already traced too big (less AC, a larger local batch, same sharding).
@@ -83,32 +84,39 @@ def _candidates(cfg: JobConfig, num_gpus: int, gpu: str) -> list[Candidate]:
     t = cfg.training
     samples_per_rank = (t.local_batch_size if t.global_batch_size == -1
                         else t.global_batch_size // dims.dp)
-    local_batches = [b for b in _divisors(samples_per_rank)
-                     if dims.pp == 1 or b == t.local_batch_size]  # PP: its micro-batching
+    # Shorter sequences (only when allowed) keep the tokens per step: more, shorter samples.
+    shorter = [2, 4] if cfg.estimate.plan_shorter_seq_len and dims.pp == 1 else []
     found = []
-    for shard in _divisors(dims.dp):
-        for offload in (False, True):
-            for mode, option in AC_CHOICES:
-                for local in local_batches:
-                    candidate = _candidate(cfg, num_gpus, gpu, shard, dims.dp // shard,
-                                           (dims.dp_shard, dims.dp_replicate), offload, mode,
-                                           option, local, samples_per_rank)
-                    if not check_job(candidate.cfg, num_gpus, training_here=False):
-                        found.append(candidate)
+    for factor in [1] + [f for f in shorter if t.seq_len % f == 0]:
+        sequences = replace(cfg, training=replace(t, seq_len=t.seq_len // factor))
+        local_batches = [b for b in _divisors(samples_per_rank * factor)
+                         if dims.pp == 1 or b == t.local_batch_size]  # PP: its micro-batching
+        for shard in _divisors(dims.dp):
+            for offload in (False, True):
+                for mode, option in AC_CHOICES:
+                    for local in local_batches:
+                        candidate = _candidate(
+                            cfg, sequences, num_gpus, gpu, shard, dims.dp // shard,
+                            (dims.dp_shard, dims.dp_replicate), offload, mode, option, local,
+                            samples_per_rank * factor)
+                        if not check_job(candidate.cfg, num_gpus, training_here=False):
+                            found.append(candidate)
     return found
 
 
-def _candidate(cfg: JobConfig, num_gpus: int, gpu: str, shard: int, replicas: int,
-               configured: tuple[int, int], offload: bool, mode: str, option: str, local: int,
-               samples_per_rank: int) -> Candidate:
+def _candidate(cfg: JobConfig, base: JobConfig, num_gpus: int, gpu: str, shard: int,
+               replicas: int, configured: tuple[int, int], offload: bool, mode: str,
+               option: str, local: int, samples_per_rank: int) -> Candidate:
+    """``base`` (``cfg`` or it with a shorter sequence) with these knobs; overrides vs ``cfg``."""
     global_batch = samples_per_rank * shard * replicas
-    training = replace(cfg.training, enable_cpu_offload=offload, local_batch_size=local,
-                       global_batch_size=global_batch if local != samples_per_rank else
-                       cfg.training.global_batch_size)
+    keep = local == samples_per_rank and base.training.seq_len == cfg.training.seq_len
+    training = replace(base.training, enable_cpu_offload=offload, local_batch_size=local,
+                       global_batch_size=cfg.training.global_batch_size if keep
+                       else global_batch)
     parallelism = (cfg.parallelism if (shard, replicas) == configured
                    else replace(cfg.parallelism, dp_shard=shard, dp_replicate=replicas))
     ac = ActivationCheckpoint(mode=mode, selective_ac_option=option)
-    new = replace(cfg, training=training, parallelism=parallelism, activation_checkpoint=ac)
+    new = replace(base, training=training, parallelism=parallelism, activation_checkpoint=ac)
     if not _uses_fsdp(new, num_gpus) and new.training.mixed_precision_reduce != "float32":
         new = replace(new, training=replace(new.training, mixed_precision_reduce="float32"))
     return Candidate(new, _overrides(cfg, new), step_seconds(new, num_gpus, gpu))
@@ -198,12 +206,12 @@ def format_plan(candidates: list[Candidate], cfg: JobConfig, num_gpus: int,
     if not candidates:
         return (f"{head}\nnothing fits: no combination of CPU offload, activation "
                 "checkpointing, local batch and FSDP degree; add GPUs or pick a smaller flavor")
-    tokens = cfg.training.seq_len * _global_samples(candidates[0].cfg, num_gpus)
     lines = [head, "| # | tokens/s/GPU | needs GiB | margin GiB | host GiB/rank | overrides |",
              "|---|---|---|---|---|---|"]
     for i, c in enumerate(candidates, 1):
         assert c.estimate is not None
         need = c.estimate.required_gib()
+        tokens = c.cfg.training.seq_len * _global_samples(c.cfg, num_gpus)
         lines.append(f"| {i} | {tokens / c.step_seconds / num_gpus:,.0f} | {need:.1f} | "
                      f"{capacity_gib - need:+.1f} | {c.estimate.worst.host_peak / GIB:.1f} | "
                      f"{' '.join(c.overrides) or '(as configured)'} |")
@@ -213,7 +221,7 @@ def format_plan(candidates: list[Candidate], cfg: JobConfig, num_gpus: int,
 
 def _toml(cfg: JobConfig) -> list[str]:
     t, p, ac = cfg.training, cfg.parallelism, cfg.activation_checkpoint
-    return ["[training]", f"local_batch_size = {t.local_batch_size}",
+    return ["[training]", f"seq_len = {t.seq_len}", f"local_batch_size = {t.local_batch_size}",
             f"global_batch_size = {t.global_batch_size}",
             f"enable_cpu_offload = {str(t.enable_cpu_offload).lower()}",
             f'mixed_precision_reduce = "{t.mixed_precision_reduce}"',

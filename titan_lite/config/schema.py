@@ -205,6 +205,9 @@ class Estimate:
     plan: bool = opt(False, "Search CPU offload, AC mode, local batch (same global batch) and "
                      "FSDP degree for the fastest configs that fit.")
     plan_top: int = opt(5, "How many fitting configs the planner prints.", min=1)
+    plan_shorter_seq_len: bool = opt(False, "Let the planner also try training.seq_len / 2 and "
+                                     "/ 4 (same tokens per step), if shorter samples are "
+                                     "acceptable for the model.")
 
 
 @dataclass
