@@ -1,5 +1,5 @@
 """The README's "Will it fit?" tables: the planner's fastest fitting layout for the 8B and 70B
-configs on common GPUs, 1, 2 and 8 of them. Runs on CPU (fake tensors), ~10 minutes.
+configs on common GPUs, 1, 2 and 8 of them. Runs on CPU (fake tensors), ~20 minutes here.
 
     python bench/fit_table.py [--configs train_configs/llama3_8b.toml] [--gpus "RTX 4090,H100"]
 """

@@ -151,7 +151,7 @@ class Checkpointer:
             self._pending = (future, partial, final)
             return
         dcp.save(state, storage_writer=writer, no_dist=_single())
-        self.publish(partial, final)
+        self._publish(partial, final)
 
     def wait(self) -> None:
         """Finish and publish a pending async save (call before the process ends)."""
@@ -159,9 +159,9 @@ class Checkpointer:
             future, partial, final = self._pending
             self._pending = None
             future.result()
-            self.publish(partial, final)
+            self._publish(partial, final)
 
-    def publish(self, partial: str, final: str) -> None:
+    def _publish(self, partial: str, final: str) -> None:
         barrier()  # every rank's shards are on disk
         if _rank() == 0:
             publish(partial, final)
