@@ -198,7 +198,7 @@ def test_cli_import_writes_a_checkpoint_init_from_loads(hf_folder, tmp_path, dty
                                rtol=0, atol=0.05 if dtype == torch.bfloat16 else 0)
 
 
-def test_cli_import_of_a_folder_without_weights_exits_2(tmp_path):
+def test_cli_import_of_a_folder_that_is_not_a_llama_exits_2(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     result = subprocess.run([sys.executable, "-m", "titan_lite.hf", "import", "--hf",
                              str(tmp_path), "--out", str(tmp_path / "out")], cwd=REPO,
