@@ -2,6 +2,7 @@
 configs on common GPUs, 1, 2 and 8 of them. Runs on CPU (fake tensors), ~20 minutes here.
 
     python bench/fit_table.py [--configs train_configs/llama3_8b.toml] [--gpus "RTX 4090,H100"]
+    python bench/fit_table.py --knobs     # what offload, bf16 and AC do to the 8B on 2 GPUs
 """
 
 from __future__ import annotations
@@ -14,7 +15,18 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from titan_lite.config import load_config  # noqa: E402
-from titan_lite.estimate import GIB, GPUS  # noqa: E402
+from titan_lite.estimate import (  # noqa: E402
+    ACTIVATIONS,
+    BACKWARD,
+    COMM,
+    GATHERED,
+    GIB,
+    GPUS,
+    GRADS,
+    OPTIM,
+    PARAMS,
+    estimate_memory,
+)
 from titan_lite.parallel.dims import resolve_degrees  # noqa: E402
 from titan_lite.planner import plan  # noqa: E402
 
@@ -33,14 +45,44 @@ def layout(cfg, count: int) -> str:
             f"micro-batch {t.local_batch_size}{accumulation}")
 
 
+KNOBS = {  # what each memory knob does to llama3 8B on 2 GPUs (1 x 8192 tokens per GPU)
+    "fp32, no AC": ["--training.mixed_precision_param", "float32",
+                    "--activation_checkpoint.mode", "none"],
+    "bf16, no AC": ["--activation_checkpoint.mode", "none"],
+    "bf16, selective (op) AC": [],
+    "bf16, full AC": ["--activation_checkpoint.mode", "full"],
+    "bf16, full AC, CPU offload": ["--activation_checkpoint.mode", "full",
+                                   "--training.enable_cpu_offload", "true"],
+}
+
+
+def knobs_table(config: str) -> None:
+    """Device and host memory of one rank for each memory knob, broken down."""
+    print("| 8B on 2 GPUs | weights + grads + AdamW on GPU | gathered + comm | activations | "
+          "backward temporaries | device peak | host (offload) |")
+    print("|---|---|---|---|---|---|---|")
+    for name, overrides in KNOBS.items():
+        worst = estimate_memory(load_config(["--config", config, *overrides]), 2).worst
+        d = {k: v / GIB for k, v in worst.device.items()}
+        print(f"| {name} | {d.get(PARAMS, 0) + d.get(GRADS, 0) + d.get(OPTIM, 0):.1f} | "
+              f"{d.get(GATHERED, 0) + d.get(COMM, 0):.1f} | {d.get(ACTIVATIONS, 0):.1f} | "
+              f"{d.get(BACKWARD, 0):.1f} | {worst.device_peak / GIB:.1f} | "
+              f"{worst.host_peak / GIB:.1f} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--knobs", action="store_true",
+                        help="instead: what each memory knob does to the 8B on 2 GPUs")
     parser.add_argument("--configs", default="train_configs/llama3_8b.toml,"
                                               "train_configs/llama3_70b.toml")
     parser.add_argument("--gpus", default="RTX 4090,A100-40GB,H100")
     parser.add_argument("--counts", default="1,2,8")
     args = parser.parse_args()
     os.chdir(REPO)
+    if args.knobs:
+        knobs_table("train_configs/llama3_8b.toml")
+        return
     print("| model | GPUs | best layout that fits (planner) | needs GiB/GPU | host GiB/rank | "
           "tokens/s/GPU (cost model) |")
     print("|---|---|---|---|---|---|")
