@@ -19,6 +19,7 @@ an allowance (``CUDA_CONTEXT_GIB``, ``ALLOCATOR_SLACK``).
 
 from __future__ import annotations
 
+import os
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -169,8 +170,6 @@ class MemoryEstimate:
 
 def model_args(cfg: JobConfig) -> ModelArgs:
     """The flavor with the tokenizer's vocab when its file is at hand, else the flavor's own."""
-    import os
-
     args = FLAVORS[cfg.model.flavor]
     if os.path.exists(cfg.tokenizer.path):
         from titan_lite.tokenizer import build_tokenizer
@@ -435,8 +434,6 @@ def estimate_problems(cfg: JobConfig) -> list[str]:
 
 
 def num_gpus_of(cfg: JobConfig) -> int:
-    import os
-
     return cfg.estimate.num_gpus or int(os.environ.get("WORLD_SIZE", "1"))
 
 
