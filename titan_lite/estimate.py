@@ -43,6 +43,7 @@ from titan_lite.optim import build_optimizer
 from titan_lite.parallel.dims import ParallelDims, build_mesh, resolve_degrees
 from titan_lite.parallel.pp import Pipeline, cross_entropy
 from titan_lite.train import (
+    BYTES_PER_PARAM,
     StepRecipe,
     build_model,
     forward_backward,
@@ -179,12 +180,18 @@ def model_args(cfg: JobConfig) -> ModelArgs:
     return replace(args, max_seq_len=cfg.training.seq_len)
 
 
+def job_dims(cfg: JobConfig, num_gpus: int) -> ParallelDims:
+    """The job's degrees on ``num_gpus`` ranks; ConfigError when they do not fit."""
+    dims, problems = resolve_degrees(cfg.parallelism, num_gpus)
+    if dims is None:
+        raise ConfigError(problems)
+    return dims
+
+
 def estimate_memory(cfg: JobConfig, num_gpus: int) -> MemoryEstimate:
     """Trace the job on ``num_gpus`` fake ranks; one rank per pipeline stage (else rank 0, which
     holds the largest shards when a dimension does not split evenly)."""
-    dims, problems = resolve_degrees(cfg.parallelism, num_gpus)
-    if problems or dims is None:
-        raise ConfigError(problems)
+    dims = job_dims(cfg, num_gpus)
     args = model_args(cfg)
     traced_cfg, traced_world, ddp_buckets = cfg, num_gpus, False
     if dims.dp_replicate > 1 and not dims.uses_fsdp(cfg.training.enable_cpu_offload):
@@ -205,8 +212,7 @@ def _trace_rank(cfg: JobConfig, args: ModelArgs, world: int, rank: int,
                 ddp_buckets: bool) -> RankEstimate:
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
     try:
-        dims, _ = resolve_degrees(cfg.parallelism, world)
-        assert dims is not None
+        dims = job_dims(cfg, world)
         offload = cfg.training.enable_cpu_offload
         mesh = build_mesh(dims, "cpu", dims.uses_fsdp(offload))  # outside fake mode: real ranks
         env = DistEnv(rank, rank % 8, world, min(world, 8), torch.device("cpu"))
@@ -348,9 +354,8 @@ def _schedule_actions(pipeline: Pipeline, pp_rank: int) -> Iterator[tuple[str, i
 
 
 def describe_job(cfg: JobConfig, num_gpus: int) -> str:
-    t, p, ac = cfg.training, cfg.parallelism, cfg.activation_checkpoint
-    dims, _ = resolve_degrees(p, num_gpus)
-    assert dims is not None
+    t, ac = cfg.training, cfg.activation_checkpoint
+    dims = job_dims(cfg, num_gpus)
     layout = " x ".join(f"{name} {size}" for name, size in (
         ("replicas", dims.dp_replicate), ("FSDP", dims.dp_shard), ("TP", dims.tp),
         ("PP", dims.pp)) if size > 1) or "one rank"
@@ -402,12 +407,9 @@ def _table(breakdown: dict[str, int], total: int, total_name: str) -> list[str]:
 
 def closed_form_line(estimate: MemoryEstimate) -> str:
     """The traced weights, gradients and AdamW states next to the published arithmetic."""
-    state, dims = estimate.worst.state, resolve_degrees(estimate.cfg.parallelism,
-                                                         estimate.num_gpus)[0]
-    assert dims is not None
-    shards = (dims.dp_shard if dims.uses_fsdp(estimate.cfg.training.enable_cpu_offload)
-              else 1) * dims.tp * dims.pp
-    formula = estimate.num_params * 4 * 4 / shards
+    state, dims = estimate.worst.state, job_dims(estimate.cfg, estimate.num_gpus)
+    shards = dims.state_shards(estimate.cfg.training.enable_cpu_offload)
+    formula = estimate.num_params * BYTES_PER_PARAM / shards
     traced = state[PARAMS] + state[GRADS] + state[OPTIM]
     return (f"weights + gradients + AdamW states per rank: {state[PARAMS] / GIB:.3f} + "
             f"{state[GRADS] / GIB:.3f} + {state[OPTIM] / GIB:.3f} = {traced / GIB:.3f} GiB traced; "

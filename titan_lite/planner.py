@@ -33,11 +33,18 @@ import torch
 
 from titan_lite.config import ActivationCheckpoint, JobConfig, check_job
 from titan_lite.distributed import DTYPES
-from titan_lite.estimate import GIB, GPUS, MemoryEstimate, estimate_memory, model_args
+from titan_lite.estimate import (
+    GIB,
+    GPUS,
+    MemoryEstimate,
+    estimate_memory,
+    job_dims,
+    model_args,
+)
 from titan_lite.metrics import gpu_peak_flops
 from titan_lite.models.llama3 import FLAVORS, Transformer
 from titan_lite.parallel.activation_checkpoint import checkpoint_every
-from titan_lite.parallel.dims import resolve_degrees
+from titan_lite.train import BYTES_PER_PARAM
 
 ASSUMED_MFU = 0.4
 LAUNCH_SECONDS_PER_LAYER = 3e-4  # ~30 kernels per block forward + backward, ~10 us each
@@ -53,6 +60,7 @@ class Candidate:
     cfg: JobConfig
     overrides: list[str]  # what differs from the configured job, as CLI flags
     step_seconds: float
+    state_bytes: float  # weights + gradients + AdamW states per rank on the device
     estimate: MemoryEstimate | None = None
 
 
@@ -61,13 +69,13 @@ def plan(cfg: JobConfig, num_gpus: int, capacity_gib: float, gpu_name: str) -> l
     gpu = gpu_name if gpu_name in GPUS else DEFAULT_GPU
     # Equal predicted times (compute-bound layouts): the smaller per-rank state first, for margin.
     candidates = sorted(_candidates(cfg, num_gpus, gpu),
-                        key=lambda c: (c.step_seconds, _state_bytes(c.cfg, num_gpus)))
+                        key=lambda c: (c.step_seconds, c.state_bytes))
     fitting: list[Candidate] = []
     too_big: list[Candidate] = []
     for candidate in candidates:
         if len(fitting) == cfg.estimate.plan_top:
             break
-        if _state_bytes(candidate.cfg, num_gpus) / GIB > capacity_gib or any(
+        if candidate.state_bytes / GIB > capacity_gib or any(
                 _needs_at_least(candidate, big) for big in too_big):
             continue
         candidate.estimate = estimate_memory(candidate.cfg, num_gpus)
@@ -79,8 +87,7 @@ def plan(cfg: JobConfig, num_gpus: int, capacity_gib: float, gpu_name: str) -> l
 
 
 def _candidates(cfg: JobConfig, num_gpus: int, gpu: str) -> list[Candidate]:
-    dims, _ = resolve_degrees(cfg.parallelism, num_gpus)
-    assert dims is not None
+    dims = job_dims(cfg, num_gpus)
     t = cfg.training
     samples_per_rank = (t.local_batch_size if t.global_batch_size == -1
                         else t.global_batch_size // dims.dp)
@@ -119,13 +126,13 @@ def _candidate(cfg: JobConfig, base: JobConfig, num_gpus: int, gpu: str, shard: 
     new = replace(base, training=training, parallelism=parallelism, activation_checkpoint=ac)
     if not _uses_fsdp(new, num_gpus) and new.training.mixed_precision_reduce != "float32":
         new = replace(new, training=replace(new.training, mixed_precision_reduce="float32"))
-    return Candidate(new, _overrides(cfg, new), step_seconds(new, num_gpus, gpu))
+    return Candidate(new, _overrides(cfg, new), step_seconds(new, num_gpus, gpu),
+                     _state_bytes(new, num_gpus))
 
 
 def step_seconds(cfg: JobConfig, num_gpus: int, gpu: str) -> float:
     """Predicted seconds per optimizer step on ``gpu`` (see the module's cost model)."""
-    dims, _ = resolve_degrees(cfg.parallelism, num_gpus)
-    assert dims is not None
+    dims = job_dims(cfg, num_gpus)
     t = cfg.training
     params, flops_per_token = _model_stats(cfg)
     micro_batches = (1 if t.global_batch_size == -1
@@ -168,11 +175,9 @@ def _state_bytes(cfg: JobConfig, num_gpus: int) -> float:
     """float32 weights + gradients + AdamW states per rank on the device (0 under offload)."""
     if cfg.training.enable_cpu_offload:
         return 0.0
-    dims, _ = resolve_degrees(cfg.parallelism, num_gpus)
-    assert dims is not None
+    dims = job_dims(cfg, num_gpus)
     params, _ = _model_stats(cfg)
-    shards = (dims.dp_shard if _uses_fsdp(cfg, num_gpus) else 1) * dims.tp * dims.pp
-    return params * 16 / shards
+    return params * BYTES_PER_PARAM / dims.state_shards(cfg.training.enable_cpu_offload)
 
 
 def _needs_at_least(candidate: Candidate, too_big: Candidate) -> bool:
@@ -231,15 +236,13 @@ def _toml(cfg: JobConfig) -> list[str]:
 
 
 def _global_samples(cfg: JobConfig, num_gpus: int) -> int:
-    dims, _ = resolve_degrees(cfg.parallelism, num_gpus)
-    assert dims is not None
+    dims = job_dims(cfg, num_gpus)
     t = cfg.training
     return t.local_batch_size * dims.dp if t.global_batch_size == -1 else t.global_batch_size
 
 
 def _uses_fsdp(cfg: JobConfig, num_gpus: int) -> bool:
-    dims, _ = resolve_degrees(cfg.parallelism, num_gpus)
-    assert dims is not None
+    dims = job_dims(cfg, num_gpus)
     return dims.uses_fsdp(cfg.training.enable_cpu_offload)
 
 

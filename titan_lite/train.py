@@ -83,7 +83,7 @@ def check_model_fits(model: Transformer, cfg: JobConfig, dims: ParallelDims,
     """Refuse up front a model whose sharded weights, gradients and AdamW states alone exceed
     the memory that holds them (host memory under CPU offload)."""
     offload = cfg.training.enable_cpu_offload
-    shards = (dims.dp_shard if dims.uses_fsdp(offload) else 1) * dims.tp * dims.pp
+    shards = dims.state_shards(offload)
     need = model.num_params() * BYTES_PER_PARAM // shards
     where = torch.device("cpu") if offload else env.device
     have = available_memory_per_rank(where, env.local_world_size)

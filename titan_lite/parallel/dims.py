@@ -33,6 +33,11 @@ class ParallelDims:
         return (self.dp_shard > 1 or cpu_offload
                 or (self.dp_replicate > 1 and (self.tp > 1 or self.pp > 1)))
 
+    def state_shards(self, cpu_offload: bool) -> int:
+        """Into how many pieces the weights, gradients and optimizer states are split, i.e.
+        each rank holds 1/state_shards of them: FSDP's shards x TP x PP (replicas copy)."""
+        return (self.dp_shard if self.uses_fsdp(cpu_offload) else 1) * self.tp * self.pp
+
 
 def resolve_degrees(cfg: Parallelism, world_size: int) -> tuple[ParallelDims | None, list[str]]:
     """Return the resolved degrees, or None and one problem line per mistake."""
