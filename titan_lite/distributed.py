@@ -51,6 +51,11 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
+def local_shard(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a possibly sharded (DTensor) tensor; no communication."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

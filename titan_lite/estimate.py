@@ -32,11 +32,10 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.pipelining.schedules import ScheduleGPipe
-from torch.distributed.tensor import DTensor
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from titan_lite.config import ConfigError, JobConfig, check_job, help_text, load_config
-from titan_lite.distributed import DTYPES, DistEnv
+from titan_lite.distributed import DTYPES, DistEnv, local_shard
 from titan_lite.memory import TensorMemoryTracker
 from titan_lite.models.llama3 import FLAVORS, ModelArgs, Transformer
 from titan_lite.optim import build_optimizer
@@ -95,7 +94,7 @@ class LabelledTracker(TensorMemoryTracker):
         for tensor in tensors:
             if not isinstance(tensor, torch.Tensor):
                 continue
-            storage = _local(tensor).untyped_storage()
+            storage = local_shard(tensor).untyped_storage()
             key = storage._cdata
             if key not in self._sizes:
                 self._labels[key] = name
@@ -267,7 +266,7 @@ def _trace_steps(cfg: JobConfig, args: ModelArgs, dims: ParallelDims, mesh: Devi
 
     def on_grad(param: torch.Tensor) -> None:  # the gradient is assigned (or accumulated)
         tracker.label([param.grad], GRADS)
-        grad_bytes[id(param)] = _local(param.grad).numel() * param.grad.element_size()
+        grad_bytes[id(param)] = local_shard(param.grad).numel() * param.grad.element_size()
 
     hooks = [p.register_post_accumulate_grad_hook(on_grad) for p in params]
     tracker.reset_peak()
@@ -278,10 +277,6 @@ def _trace_steps(cfg: JobConfig, args: ModelArgs, dims: ParallelDims, mesh: Devi
     state[GRADS] = sum(grad_bytes.values())
     return RankEstimate(env.rank, tracker.peak_bytes, tracker.device_peak, tracker.device_at_peak,
                         tracker.host_peak, tracker.host_at_peak, state)
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def _pipeline_step(pipeline: Pipeline, next_batch: Callable[[], tuple], recipe: StepRecipe,

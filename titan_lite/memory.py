@@ -20,6 +20,8 @@ from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from titan_lite.distributed import local_shard
+
 
 class TensorMemoryTracker(TorchDispatchMode):
     """Live and peak bytes of the tensor storages created under it or registered with ``track``.
@@ -41,10 +43,8 @@ class TensorMemoryTracker(TorchDispatchMode):
     def track(self, tensors: Iterable[Any]) -> None:
         """Count tensors created outside the tracker (DTensors count their local shard)."""
         for tensor in tensors:
-            if isinstance(tensor, DTensor):
-                tensor = tensor.to_local()
             if isinstance(tensor, torch.Tensor) and tensor.device.type != "meta":
-                self._count(tensor.untyped_storage())
+                self._count(local_shard(tensor).untyped_storage())
 
     def reset_peak(self) -> None:
         self.peak_bytes = self.live_bytes
