@@ -27,8 +27,8 @@ from titan_lite.estimate import (  # noqa: E402
     PARAMS,
     estimate_memory,
 )
+from titan_lite.estimate.planner import plan  # noqa: E402
 from titan_lite.parallel.dims import resolve_degrees  # noqa: E402
-from titan_lite.planner import plan  # noqa: E402
 
 
 def layout(cfg, count: int) -> str:

@@ -18,7 +18,7 @@ from titan_lite.estimate import (
     PARAMS,
     estimate_memory,
 )
-from titan_lite.planner import _candidates, _toml, format_plan, plan
+from titan_lite.estimate.planner import _candidates, _toml, format_plan, plan
 from titan_lite.train import train
 
 # The estimator traces the trainer's own step with the same tensor tracker the trainer reports

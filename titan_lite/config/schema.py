@@ -199,7 +199,7 @@ class Estimate:
     num_gpus: int = opt(0, "Ranks to estimate for (`--estimate`): 0 = NGPU / WORLD_SIZE, else 1.",
                         min=0)
     gpu: str = opt("", "GPU model whose memory (and speed, for the planner) to assume, e.g. "
-                   "H100, A100-40GB, RTX 4090 (see titan_lite/estimate.py GPUS).")
+                   "H100, A100-40GB, RTX 4090 (see titan_lite/estimate/gpus.py).")
     device_memory_gb: float = opt(0.0, "Memory per GPU in GiB for the fit verdict; 0 = the "
                                   "GPU's (estimate.gpu), or no verdict.", min=0)
     plan: bool = opt(False, "Search CPU offload, AC mode, local batch (same global batch) and "

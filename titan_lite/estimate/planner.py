@@ -33,9 +33,9 @@ import torch
 
 from titan_lite.config import ActivationCheckpoint, JobConfig, check_job
 from titan_lite.distributed import DTYPES
-from titan_lite.estimate import (
+from titan_lite.estimate.gpus import GPUS
+from titan_lite.estimate.trace import (
     GIB,
-    GPUS,
     MemoryEstimate,
     estimate_memory,
     job_dims,

@@ -1,0 +1,3 @@
+from titan_lite.estimate.report import main
+
+main()

@@ -1,0 +1,248 @@
+"""Trace the trainer's own step on fake tensors over a fake process group: per-rank memory."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.pipelining.schedules import ScheduleGPipe
+from torch.testing._internal.distributed.fake_pg import FakeStore
+
+from titan_lite.config import ConfigError, JobConfig
+from titan_lite.distributed import DTYPES, DistEnv, local_shard
+from titan_lite.estimate.gpus import ALLOCATOR_SLACK, CUDA_CONTEXT_GIB
+from titan_lite.estimate.tracker import (
+    BUFFERS,
+    COMM,
+    GRADS,
+    OFFLOADED,
+    OPTIM,
+    OPTIM_STEP,
+    PARAMS,
+    LabelledTracker,
+)
+from titan_lite.models.llama3 import FLAVORS, ModelArgs, Transformer
+from titan_lite.optim import build_optimizer
+from titan_lite.parallel.dims import ParallelDims, build_mesh, resolve_degrees
+from titan_lite.parallel.pp import Pipeline, cross_entropy
+from titan_lite.train import (
+    StepRecipe,
+    build_model,
+    forward_backward,
+    optimizer_step,
+    step_recipe,
+)
+
+GIB = 2**30
+
+
+@dataclass
+class RankEstimate:
+    rank: int
+    total_peak: int  # device + host: what a CPU-only run measures
+    device_peak: int
+    device: dict[str, int]  # label -> bytes at the device peak
+    host_peak: int
+    host: dict[str, int]  # label -> bytes at the host peak
+    state: dict[str, int]  # parameters, gradients and optimizer states after backward
+
+
+@dataclass
+class MemoryEstimate:
+    """The estimate for the rank with the highest device peak (and the others' peaks)."""
+    cfg: JobConfig
+    num_gpus: int
+    num_params: int
+    worst: RankEstimate
+    ranks: list[RankEstimate] = field(default_factory=list)
+
+    def required_gib(self) -> float:
+        """Device memory to ask for: the traced peak plus the allowances it does not see."""
+        return self.worst.device_peak / GIB * (1 + ALLOCATOR_SLACK) + CUDA_CONTEXT_GIB
+
+
+def model_args(cfg: JobConfig) -> ModelArgs:
+    """The flavor with the tokenizer's vocab when its file is at hand, else the flavor's own."""
+    args = FLAVORS[cfg.model.flavor]
+    if os.path.exists(cfg.tokenizer.path):
+        from titan_lite.tokenizer import build_tokenizer
+
+        args = args.with_vocab(build_tokenizer(cfg.tokenizer.kind, cfg.tokenizer.path)
+                               .vocab_size)
+    return replace(args, max_seq_len=cfg.training.seq_len)
+
+
+def job_dims(cfg: JobConfig, num_gpus: int) -> ParallelDims:
+    """The job's degrees on ``num_gpus`` ranks; ConfigError when they do not fit."""
+    dims, problems = resolve_degrees(cfg.parallelism, num_gpus)
+    if dims is None:
+        raise ConfigError(problems)
+    return dims
+
+
+def estimate_memory(cfg: JobConfig, num_gpus: int) -> MemoryEstimate:
+    """Trace the job on ``num_gpus`` fake ranks; one rank per pipeline stage (else rank 0, which
+    holds the largest shards when a dimension does not split evenly)."""
+    dims = job_dims(cfg, num_gpus)
+    args = model_args(cfg)
+    traced_cfg, traced_world, ddp_buckets = cfg, num_gpus, False
+    if dims.dp_replicate > 1 and not dims.uses_fsdp(cfg.training.enable_cpu_offload):
+        # DDP replicas hold the same as one of them, plus DDP's gradient buckets (DDP's
+        # construction broadcasts real weights, so it cannot run on fake tensors).
+        traced_cfg = replace(cfg, parallelism=replace(cfg.parallelism, dp_replicate=1))
+        traced_world, ddp_buckets = num_gpus // dims.dp_replicate, True
+    ranks_per_stage = traced_world // dims.pp
+    ranks = [_trace_rank(traced_cfg, args, traced_world, stage * ranks_per_stage, ddp_buckets)
+             for stage in range(dims.pp)]
+    with torch.device("meta"):
+        num_params = Transformer(args).num_params()
+    worst = max(ranks, key=lambda r: r.device_peak)
+    return MemoryEstimate(cfg, num_gpus, num_params, worst, ranks)
+
+
+def _trace_rank(cfg: JobConfig, args: ModelArgs, world: int, rank: int,
+                ddp_buckets: bool) -> RankEstimate:
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world)
+    try:
+        dims = job_dims(cfg, world)
+        offload = cfg.training.enable_cpu_offload
+        mesh = build_mesh(dims, "cpu", dims.uses_fsdp(offload))  # outside fake mode: real ranks
+        env = DistEnv(rank, rank % 8, world, min(world, 8), torch.device("cpu"))
+        with torch.device("meta"):
+            model = Transformer(args)
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            return _trace_steps(cfg, args, dims, mesh, env, model, ddp_buckets)
+    finally:
+        dist.destroy_process_group()
+
+
+def _trace_steps(cfg: JobConfig, args: ModelArgs, dims: ParallelDims, mesh: DeviceMesh | None,
+                 env: DistEnv, model: Transformer, ddp_buckets: bool) -> RankEstimate:
+    parts, runner = build_model(cfg, model, dims, mesh, env, draw_weights=False)
+    modules = torch.nn.ModuleList(parts)
+    params = list(modules.parameters())
+    optimizer = build_optimizer(modules, cfg.optimizer)
+    recipe = step_recipe(cfg, dims, env.device)
+    group = mesh["pp"].get_group() if dims.pp > 1 else None
+    t = cfg.training
+
+    def next_batch() -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = torch.randint(0, args.vocab_size, (t.local_batch_size, t.seq_len + 1))
+        return tokens[:, :-1], tokens[:, 1:]
+
+    def step(tracker: LabelledTracker | None) -> None:
+        if isinstance(runner, Pipeline):
+            # FSDP computes in its param dtype; autocast keeps the residual stream in fp32
+            hidden = (DTYPES[t.mixed_precision_param] if dims.uses_fsdp(t.enable_cpu_offload)
+                      else torch.float32)
+            outputs = _pipeline_step(runner, next_batch, recipe,
+                                     env.rank // (env.world_size // dims.pp), hidden, received)
+        else:
+            outputs = forward_backward(runner, next_batch, env.device, recipe)
+        if tracker is not None:
+            tracker.phase = OPTIM_STEP
+        optimizer_step(params, optimizer, t.max_norm, group)
+        del outputs
+
+    received: dict[tuple[str, int, int], torch.Tensor] = {}  # pipeline receive buffers
+    step(None)  # creates the optimizer states; DTensor caches its sharding decisions
+    tracker = LabelledTracker(OFFLOADED if t.enable_cpu_offload else ())
+    tracker.label(params, PARAMS)
+    tracker.label(modules.buffers(), BUFFERS)
+    tracker.label(received.values(), COMM)
+    tracker.label((s for state in optimizer.state.values() for s in state.values()), OPTIM)
+    # DDP's flat gradient buckets (allocated when it wraps the model), alive for the trace
+    buckets = [torch.empty(sum(p.numel() for p in params))] if ddp_buckets else []
+    tracker.label(buckets, COMM)
+    state = {PARAMS: tracker.live[PARAMS], OPTIM: tracker.live[OPTIM]}
+    grad_bytes: dict[int, int] = {}
+
+    def on_grad(param: torch.Tensor) -> None:  # the gradient is assigned (or accumulated)
+        tracker.label([param.grad], GRADS)
+        grad_bytes[id(param)] = local_shard(param.grad).numel() * param.grad.element_size()
+
+    hooks = [p.register_post_accumulate_grad_hook(on_grad) for p in params]
+    tracker.reset_peak()
+    with tracker:
+        step(tracker)
+    for hook in hooks:
+        hook.remove()
+    state[GRADS] = sum(grad_bytes.values())
+    return RankEstimate(env.rank, tracker.peak_bytes, tracker.device_peak, tracker.device_at_peak,
+                        tracker.host_peak, tracker.host_at_peak, state)
+
+
+def _pipeline_step(pipeline: Pipeline, next_batch: Callable[[], tuple], recipe: StepRecipe,
+                   pp_rank: int, hidden_dtype: torch.dtype,
+                   received: dict[tuple[str, int, int], torch.Tensor]) -> list[torch.Tensor]:
+    """One step of this rank's pipeline stages in the schedule's own order of forwards and
+    backwards. A fake process group carries no data (nor the schedule's start-up handshake), so
+    what the neighbours would send is a buffer of its shape, kept in ``received`` from one step
+    to the next as the stages keep their receive buffers; FSDP stages keep unsharded gradients
+    until the schedule's final reduction, as torch's PipelineStage does. Returns the last
+    stage's outputs, which the schedule keeps (to return them) until its next step."""
+    inputs, labels = next_batch()
+    count = pipeline.microbatches
+    micro_inputs, micro_labels = inputs.chunk(count), labels.chunk(count)
+    kept: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+    last_outputs = []
+    for kind, index, micro in _schedule_actions(pipeline, pp_rank):
+        stage = pipeline.stages[index]
+        if kind == "F":
+            x = micro_inputs[micro]
+            if index > 0:  # the previous stage's activations, received
+                buffer = received.setdefault(("F", index, micro), torch.empty(
+                    *x.shape, stage.submod.args.dim, dtype=hidden_dtype))
+                x = buffer.detach().requires_grad_()
+            with recipe.autocast:
+                out = stage.submod(x)
+            if index == pipeline.num_stages - 1:
+                last_outputs.append(out)
+                with recipe.loss_context():
+                    out = cross_entropy(out, micro_labels[micro]) / count
+            kept[index, micro] = (x, out)
+        elif kind == "B":
+            x, out = kept.pop((index, micro))
+            if isinstance(stage.submod, FSDPModule):
+                stage.submod.set_is_last_backward(False)
+                stage.submod.set_reshard_after_backward(False)
+                stage.submod.set_requires_gradient_sync(False)
+            grad = None if out.ndim == 0 else received.setdefault(  # unless the last stage:
+                ("B", index, micro), torch.empty_like(out))  # the next stage's gradient
+            with recipe.loss_context():
+                out.backward(grad)
+            del x, out
+        elif kind == "REDUCE_GRAD":
+            stage.perform_reduce_grad(1)
+        else:
+            raise NotImplementedError(f"estimating pipeline action {kind}")
+    return last_outputs
+
+
+def _schedule_actions(pipeline: Pipeline, pp_rank: int) -> Iterator[tuple[str, int, Any]]:
+    """(kind F/B/REDUCE_GRAD, stage index, micro-batch) in the order this rank runs them."""
+    if len(pipeline.stages) > 1:  # multi-stage schedules publish their per-rank order
+        for action in pipeline.schedule.pipeline_order[pp_rank]:
+            if action is not None:
+                yield (action.computation_type.value, action.stage_index,
+                       action.microbatch_index)
+        return
+    (index,) = pipeline.stages
+    count = pipeline.microbatches
+    # GPipe: every forward, then every backward. 1F1B: as many forwards as stages remain
+    # downstream (torch's warm-up), then one backward and one forward in turn.
+    warmup = count if isinstance(pipeline.schedule, ScheduleGPipe) else min(
+        count, pipeline.num_stages - index)
+    yield from (("F", index, micro) for micro in range(warmup))
+    for micro in range(count):
+        yield "B", index, micro
+        if warmup + micro < count:
+            yield "F", index, warmup + micro
+    yield "REDUCE_GRAD", index, None
