@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import TIKTOKEN_PATH
 
-from titan_lite.data import PackedDataLoader, iter_documents, tokenize_to_cache
+from titan_lite.data import PackedDataLoader, TextRows, iter_documents, tokenize_to_cache
 from titan_lite.tokenizer import build_tokenizer
 
 
@@ -46,7 +46,7 @@ def test_bad_jsonl_line_is_named(tmp_path):
 
 
 def make_loader(path, dp_rank=0, dp_size=1, batch=2, seed=0, shuffle=True):
-    return PackedDataLoader(path, seq_len=8, batch_size=batch, dp_rank=dp_rank, dp_size=dp_size,
+    return PackedDataLoader(TextRows(path, seq_len=8), batch_size=batch, dp_rank=dp_rank, dp_size=dp_size,
                             seed=seed, shuffle=shuffle)
 
 
@@ -59,7 +59,9 @@ def token_file(tmp_path):
 
 def test_samples_are_contiguous_windows_with_shifted_labels(token_file):
     loader = make_loader(token_file, shuffle=False)
-    inputs, labels = loader.next_batch()
+    batch = loader.next_batch()
+    inputs, labels = batch.inputs, batch.labels
+    assert batch.positions is None  # documents attend to each other, as in pretraining
     assert inputs.tolist() == [list(range(0, 8)), list(range(8, 16))]
     assert labels.tolist() == [list(range(1, 9)), list(range(9, 17))]
 
@@ -69,16 +71,16 @@ def test_ranks_see_disjoint_samples_that_cover_the_epoch(token_file):
     for rank in range(3):
         loader = make_loader(token_file, dp_rank=rank, dp_size=3, batch=4)
         for _ in range(loader.batches_per_epoch):
-            seen += [row[0] // 8 for row in loader.next_batch()[0].tolist()]
+            seen += [row[0] // 8 for row in loader.next_batch().inputs.tolist()]
     assert len(seen) == len(set(seen)) == 3 * (125 // 3 // 4) * 4
 
 
 def test_order_is_deterministic_per_seed_and_changes_each_epoch(token_file):
     a, b, c = make_loader(token_file), make_loader(token_file), make_loader(token_file, seed=1)
-    first = [a.next_batch()[0] for _ in range(a.batches_per_epoch)]
-    assert all((x == b.next_batch()[0]).all() for x in first)
-    assert not all((x == c.next_batch()[0]).all() for x in first)
-    second_epoch = [a.next_batch()[0] for _ in range(a.batches_per_epoch)]
+    first = [a.next_batch().inputs for _ in range(a.batches_per_epoch)]
+    assert all((x == b.next_batch().inputs).all() for x in first)
+    assert not all((x == c.next_batch().inputs).all() for x in first)
+    second_epoch = [a.next_batch().inputs for _ in range(a.batches_per_epoch)]
     assert a.epoch == 1
     assert not all((x == y).all() for x, y in zip(first, second_epoch))
 
@@ -92,7 +94,7 @@ def test_state_restore_gives_the_identical_next_batch(token_file):
     resumed = make_loader(token_file, dp_rank=1, dp_size=2)
     resumed.load_state_dict(state)
     got = resumed.next_batch()
-    assert (got[0] == expected[0]).all() and (got[1] == expected[1]).all()
+    assert (got.inputs == expected.inputs).all() and (got.labels == expected.labels).all()
     with pytest.raises(ValueError, match="resume with the same global batch size"):
         make_loader(token_file, batch=5).load_state_dict(state)  # 12 % 5
 
@@ -105,15 +107,15 @@ def test_state_resumes_the_same_global_batches_with_another_number_of_ranks(toke
             loader.next_batch()
     state = two[0].state_dict()
     assert state == two[1].state_dict()  # every rank agrees on the job's position
-    next_two = torch.cat([loader.next_batch()[0] for loader in two])
+    next_two = torch.cat([loader.next_batch().inputs for loader in two])
     one = make_loader(token_file, batch=4)
     one.load_state_dict(state)
-    next_one = one.next_batch()[0]
+    next_one = one.next_batch().inputs
     assert sorted(map(tuple, next_two.tolist())) == sorted(map(tuple, next_one.tolist()))
 
 
 def test_corpus_too_small_is_a_clear_error(tmp_path):
     path = tmp_path / "tiny.u32"
     np.arange(10, dtype=np.uint32).tofile(path)
-    with pytest.raises(ValueError, match="corpus too small"):
+    with pytest.raises(ValueError, match="data set too small: 10 tokens make 1 rows"):
         make_loader(str(path))

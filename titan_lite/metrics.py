@@ -140,6 +140,21 @@ class MetricsLogger:
                     self.tensorboard.add_scalar(key, record[key], step)
         return record
 
+    def log_validation(self, step: int, loss: float, perplexity: float, targets: int,
+                       seconds: float) -> None:
+        """Record one validation: mean loss over ``targets`` held-out target tokens."""
+        record = {"step": step, "val_loss": loss, "val_perplexity": perplexity,
+                  "val_targets": targets, "val_s": seconds}
+        if self.rank == 0:
+            print(f"step {step:>5}/{self.total_steps}  val_loss {loss:.4f}  val_ppl "
+                  f"{perplexity:.2f}  ({targets:,} target tokens, {seconds:.1f} s)", flush=True)
+        if self.jsonl:
+            self.jsonl.write(json.dumps(record) + "\n")
+            self.jsonl.flush()
+        if self.tensorboard:
+            self.tensorboard.add_scalar("val_loss", loss, step)
+            self.tensorboard.add_scalar("val_perplexity", perplexity, step)
+
     def close(self) -> None:
         if self.jsonl:
             self.jsonl.close()

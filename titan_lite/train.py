@@ -29,16 +29,16 @@ from titan_lite.checkpoint import (
     load_model_weights,
 )
 from titan_lite.config import JobConfig, parse_or_exit
-from titan_lite.data import PackedDataLoader, tokenize_to_cache
+from titan_lite.data import Batch, Data, build_chat_template, build_data
 from titan_lite.distributed import (
     DTYPES,
     DistEnv,
-    barrier,
     full_tensor,
     init_distributed,
     shutdown_and_exit,
 )
 from titan_lite.hf import architecture_mismatches, args_from_hf_config, load_hf_weights
+from titan_lite.loss import cross_entropy_sum, global_target_count, sum_over_ranks
 from titan_lite.memory import TensorMemoryTracker
 from titan_lite.metrics import MetricsLogger, peak_flops
 from titan_lite.models.llama3 import FLAVORS, ModelArgs, Transformer
@@ -46,12 +46,18 @@ from titan_lite.optim import build_lr_scheduler, build_optimizer, clip_gradients
 from titan_lite.parallel.accumulation import gradient_sync
 from titan_lite.parallel.activation_checkpoint import apply_activation_checkpointing
 from titan_lite.parallel.ddp import apply_ddp
-from titan_lite.parallel.dims import ParallelDims, build_mesh, data_parallel_rank, resolve_degrees
+from titan_lite.parallel.dims import (
+    ParallelDims,
+    build_mesh,
+    data_parallel_rank,
+    resolve_degrees,
+)
 from titan_lite.parallel.fsdp import apply_fsdp
 from titan_lite.parallel.init import materialize
-from titan_lite.parallel.pp import Pipeline, cross_entropy
+from titan_lite.parallel.pp import Pipeline
 from titan_lite.parallel.tp import apply_tp
 from titan_lite.tokenizer import Tokenizer, build_tokenizer
+from titan_lite.validate import Evaluation, Validator
 
 # float32 weights + gradients + two AdamW moments, per parameter, before sharding.
 BYTES_PER_PARAM = 16
@@ -143,21 +149,6 @@ def load_pretrained(parts: list[Transformer], folder: str, args: ModelArgs) -> N
         load_hf_weights(parts, folder, args)
 
 
-def build_data(cfg: JobConfig, env: DistEnv, tokenizer: Tokenizer, dims: ParallelDims,
-               mesh: DeviceMesh | None) -> PackedDataLoader:
-    """Tokenize once per host (local rank 0), then open this rank's shard of the samples."""
-    cache_args = (cfg.data.paths, tokenizer, cfg.tokenizer.path, cfg.data.text_field,
-                  cfg.data.cache_dir)
-    if env.local_rank == 0:
-        token_file = tokenize_to_cache(*cache_args, log=lambda m: log0(env, m))
-    barrier()
-    if env.local_rank != 0:
-        token_file = tokenize_to_cache(*cache_args, log=lambda m: None)
-    return PackedDataLoader(token_file, cfg.training.seq_len, cfg.training.local_batch_size,
-                            dp_rank=data_parallel_rank(mesh), dp_size=dims.dp,
-                            seed=cfg.job.seed, shuffle=cfg.data.shuffle)
-
-
 def grad_accumulation_steps(cfg: JobConfig, dims: ParallelDims) -> int:
     if cfg.training.global_batch_size == -1:
         return 1
@@ -173,15 +164,6 @@ def tokens_per_rank_per_step(cfg: JobConfig, dims: ParallelDims, world_size: int
     return global_tokens // world_size
 
 
-def mean_over_ranks(value: torch.Tensor, holders: int) -> torch.Tensor:
-    """Sum a scalar over all ranks and divide by the ``holders`` that contribute to it (the
-    ranks with the last pipeline stage), so every rank logs, and stops on, the same number."""
-    if dist.is_initialized():
-        value = value.clone()
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
-    return value / holders
-
-
 @dataclass
 class StepRecipe:
     """How one optimizer step runs in this layout (shared by training and the estimator)."""
@@ -189,6 +171,8 @@ class StepRecipe:
     autocast: torch.autocast
     loss_context: Callable[[], ContextManager]  # loss parallel under TP, else nothing
     reduce_every_micro: bool
+    grad_scale: int  # the data-parallel degree, which the gradient reduction averages over
+    label_copies: int  # ranks that load the same labels: tensor- and pipeline-parallel peers
 
 
 def step_recipe(cfg: JobConfig, dims: ParallelDims, device: torch.device) -> StepRecipe:
@@ -201,32 +185,35 @@ def step_recipe(cfg: JobConfig, dims: ParallelDims, device: torch.device) -> Ste
                                 enabled=compute_dtype != torch.float32 and not fsdp),
         loss_context=(loss_parallel if dims.tp > 1 and cfg.parallelism.enable_loss_parallel
                       else contextlib.nullcontext),
-        reduce_every_micro=not fsdp or cfg.parallelism.fsdp_reduce_every_microbatch)
+        reduce_every_micro=not fsdp or cfg.parallelism.fsdp_reduce_every_microbatch,
+        grad_scale=dims.dp, label_copies=dims.tp * dims.pp)
 
 
-def forward_backward(runner: torch.nn.Module | Pipeline, next_batch: Callable[[], tuple],
+def forward_backward(runner: torch.nn.Module | Pipeline, next_batch: Callable[[], Batch],
                      device: torch.device, recipe: StepRecipe) -> torch.Tensor:
-    """Forward and backward over one step's micro-batches, leaving the gradients of their mean
-    loss in ``.grad``; returns that loss (this rank's; 0 on pipeline ranks without the last
-    stage)."""
+    """Forward and backward over one step's micro-batches, leaving in ``.grad`` the gradients
+    of the mean loss over every target token of the global batch (titan_lite.loss). Returns
+    this rank's share of that mean: summed over the ranks and divided by the tensor-parallel
+    degree it is the step's loss (0 on pipeline ranks without the last stage)."""
+    batches = [next_batch().to(device) for _ in range(recipe.accumulation)]
+    # x dp: the data-parallel reduction averages the ranks' gradients; we want their sum.
+    loss_scale = recipe.grad_scale / global_target_count([b.labels for b in batches],
+                                                         recipe.label_copies)
+    if isinstance(runner, Pipeline):  # no accumulation: the schedule splits the batch
+        with recipe.autocast, recipe.loss_context():
+            return full_tensor(runner.step(batches[0], loss_scale)) / recipe.grad_scale
     step_loss = torch.zeros((), device=device)
-    accumulation = recipe.accumulation
-    for micro in range(accumulation):
-        inputs, labels = (t.to(device, non_blocking=True) for t in next_batch())
-        if isinstance(runner, Pipeline):  # no accumulation: the schedule splits the batch
-            with recipe.autocast, recipe.loss_context():
-                return full_tensor(runner.step(inputs, labels))
-        last = micro == accumulation - 1
+    for micro, batch in enumerate(batches):
+        last = micro == len(batches) - 1
         with gradient_sync(runner, last or recipe.reduce_every_micro):
             with recipe.autocast:
-                logits = runner(inputs)
+                logits = runner(batch.inputs, **batch.model_kwargs())
             with recipe.loss_context():  # loss parallel: cross entropy on vocab-sharded logits
-                # Equal micro-batches: the mean of their means is the mean over the batch.
-                loss = cross_entropy(logits, labels) / accumulation
+                loss = cross_entropy_sum(logits, batch.labels) * loss_scale
                 del logits  # the biggest activation; free it before backward allocates grads
                 loss.backward()
         step_loss += full_tensor(loss.detach())
-    return step_loss
+    return step_loss / recipe.grad_scale
 
 
 def optimizer_step(parameters: list[torch.Tensor], optimizer: torch.optim.Optimizer,
@@ -248,9 +235,25 @@ def describe_layout(cfg: JobConfig, dims: ParallelDims, env: DistEnv) -> str:
 
 @dataclass
 class TrainResult:
-    losses: list[float]  # per step, averaged over ranks
+    losses: list[float]  # per step: the mean over the global batch's target tokens
     model_parts: list[Transformer]  # this rank's trained model, or its pipeline stages
     optimizer: torch.optim.Optimizer
+    validation_losses: dict[int, float]  # step (0: before training) -> validation loss
+
+
+def build_evaluation(cfg: JobConfig, data: Data, parts: list[Transformer],
+                     runner: torch.nn.Module | Pipeline, tokenizer: Tokenizer, env: DistEnv,
+                     recipe: StepRecipe, dims: ParallelDims) -> Evaluation | None:
+    """The validation (held-out loss, sample answers) this job asks for, or None."""
+    if data.validation is None and not cfg.validation.sample_prompts:
+        return None
+    validator = None if data.validation is None else Validator(
+        data.validation, runner, env.device, recipe.autocast, recipe.loss_context, dims.tp,
+        recipe.label_copies)
+    template = None if cfg.data.format == "text" else build_chat_template(
+        cfg.data.chat_template, tokenizer, cfg.tokenizer.kind)
+    return Evaluation(cfg, validator, parts[0], tokenizer, template, env.device,
+                      log=lambda m: log0(env, m))
 
 
 def train(cfg: JobConfig, env: DistEnv) -> TrainResult:
@@ -274,7 +277,9 @@ def train(cfg: JobConfig, env: DistEnv) -> TrainResult:
     modules = torch.nn.ModuleList(parts)  # one handle on this rank's parameters
     optimizer = build_optimizer(modules, cfg.optimizer)
     scheduler = build_lr_scheduler(optimizer, cfg.lr_scheduler, cfg.training.steps)
-    loader = build_data(cfg, env, tokenizer, dims, mesh)
+    data = build_data(cfg, tokenizer, env.local_rank, data_parallel_rank(mesh), dims.dp,
+                      log=lambda m: log0(env, m))
+    loader = data.train
 
     compute_dtype = DTYPES[cfg.training.mixed_precision_param]
     recipe = step_recipe(cfg, dims, env.device)
@@ -303,6 +308,10 @@ def train(cfg: JobConfig, env: DistEnv) -> TrainResult:
               f"{cfg.training.seq_len} ({recipe.accumulation} accumulation step(s)) | "
               f"{compute_dtype} compute | MFU peak: {peak_source}")
 
+    evaluation = build_evaluation(cfg, data, parts, runner, tokenizer, env, recipe, dims)
+    if evaluation and start_step == 0 and cfg.validation.at_start:
+        evaluation.run(0, metrics)
+
     losses: list[float] = []
     stop = False
     interval_start, last_logged_step, optimizer_seconds = time.perf_counter(), start_step, 0.0
@@ -316,7 +325,7 @@ def train(cfg: JobConfig, env: DistEnv) -> TrainResult:
             optimizer_seconds += _synchronized_time(env.device) - optimizer_start
         scheduler.step()
 
-        loss_value = mean_over_ranks(step_loss, env.world_size // dims.pp).item()
+        loss_value = (sum_over_ranks(step_loss) / dims.tp).item()
         if not math.isfinite(loss_value):
             raise TrainingError(f"loss is {loss_value} at step {step}: stopping (try a lower "
                                 "optimizer.lr or training.max_norm)")
@@ -327,6 +336,8 @@ def train(cfg: JobConfig, env: DistEnv) -> TrainResult:
                         time.perf_counter() - interval_start, optimizer_seconds / steps)
             interval_start, last_logged_step, optimizer_seconds = time.perf_counter(), step, 0.0
         stop = preemption is not None and preemption.requested()
+        if evaluation and not stop and evaluation.due(step):
+            interval_start += evaluation.run(step, metrics)  # not training time
         if checkpointer and (step % cfg.checkpoint.interval == 0 or step == cfg.training.steps
                              or stop):
             checkpointer.save(step)
@@ -337,7 +348,7 @@ def train(cfg: JobConfig, env: DistEnv) -> TrainResult:
         if stop:
             log0(env, f"stopping after step {step} on a signal; checkpoint saved")
     metrics.close()
-    return TrainResult(losses, parts, optimizer)
+    return TrainResult(losses, parts, optimizer, evaluation.losses if evaluation else {})
 
 
 def _synchronized_time(device: torch.device) -> float:

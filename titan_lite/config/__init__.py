@@ -13,6 +13,7 @@ from titan_lite.config.schema import (
     ActivationCheckpoint,
     Checkpoint,
     Data,
+    Generation,
     Job,
     JobConfig,
     LRScheduler,
@@ -22,10 +23,11 @@ from titan_lite.config.schema import (
     Parallelism,
     Tokenizer,
     Training,
+    Validation,
 )
 
 __all__ = [
-    "DEFAULT_CONFIG", "ActivationCheckpoint", "Checkpoint", "ConfigError", "Data", "Job",
-    "JobConfig", "LRScheduler", "Metrics", "Model", "Optimizer", "Parallelism", "Tokenizer",
-    "Training", "check_job", "help_text", "load_config", "parse_or_exit",
+    "DEFAULT_CONFIG", "ActivationCheckpoint", "Checkpoint", "ConfigError", "Data", "Generation",
+    "Job", "JobConfig", "LRScheduler", "Metrics", "Model", "Optimizer", "Parallelism",
+    "Tokenizer", "Training", "Validation", "check_job", "help_text", "load_config", "parse_or_exit",
 ]

@@ -49,8 +49,28 @@ def check_job(cfg: JobConfig, world_size: int, training_here: bool = True) -> li
     if cfg.checkpoint.load_step == 0:
         problems.append("checkpoint.load_step: 0 is not a step (use -1 for the newest "
                         "checkpoint, or a saved step >= 1)")
+    problems += _data_problems(cfg, dims)
     if training_here:
         problems += _local_problems(cfg)
+    return problems
+
+
+def _data_problems(cfg: JobConfig, dims) -> list[str]:
+    """Keys of [data], [validation] and [generation] that contradict each other."""
+    problems = []
+    d, v = cfg.data, cfg.validation
+    if d.format == "text" and d.train_on_prompt:
+        problems.append("data.train_on_prompt: plain text has no prompts (every token is "
+                        "learned); it applies to data.format 'alpaca' and 'chat'")
+    if v.paths and v.split > 0:
+        problems.append("validation.split: validation.paths already names the held-out data; "
+                        "set one of them")
+    if (v.interval or v.steps != -1) and not (v.paths or v.split > 0):
+        problems.append("validation.interval/steps: there is no validation data (set "
+                        "validation.paths or validation.split)")
+    if v.sample_prompts and dims is not None and dims.pp > 1:
+        problems.append("validation.sample_prompts: generation needs the whole model in each "
+                        "process; it is not supported with pipeline parallel")
     return problems
 
 
@@ -67,7 +87,8 @@ def _local_problems(cfg: JobConfig) -> list[str]:
         problems.append(f"model.init_from: {cfg.model.init_from!r} is neither a Hugging Face "
                         "folder (config.json) nor a titan_lite checkpoint (.metadata)")
     for key, path in [("tokenizer.path", cfg.tokenizer.path)] + [
-            ("data.paths", p) for p in cfg.data.paths]:
+            ("data.paths", p) for p in cfg.data.paths] + [
+            ("validation.paths", p) for p in cfg.validation.paths]:
         if not os.path.exists(path):
             problems.append(f"{key}: {path!r} does not exist (relative paths are taken from "
                             f"{os.getcwd()})")

@@ -57,8 +57,28 @@ class Tokenizer:
 @dataclass
 class Data:
     paths: list[str] = opt(["titan_lite/assets/data/kjv_sample.jsonl"],
-                           "Corpora: .txt files (one document each), .jsonl files (one document "
-                           "per line) or folders of such files.")
+                           "Training data, files or folders. format text: .txt files (one "
+                           "document each) and .jsonl files (one document per line); alpaca and "
+                           "chat: .json (a JSON array) or .jsonl files of records.")
+    format: str = opt("text", "text: raw documents packed back to back, every token learned "
+                      "(pretraining). alpaca: {instruction, input (optional), output} records. "
+                      "chat: {messages: [{role: system|user|assistant, content}]} or ShareGPT "
+                      "{conversations: [{from: system|human|gpt, value}]} records. Instruction "
+                      "data is rendered with data.chat_template, packed into rows whose samples "
+                      "do not attend to each other, and only the answers are learned.",
+                      choices=["text", "alpaca", "chat"])
+    chat_template: str = opt("auto", "How conversations become tokens (training and "
+                             "`generate --chat`): llama3 (header/eot control tokens), llama2 "
+                             "([INST] ... [/INST], <<SYS>>); auto: llama3 for the tiktoken "
+                             "tokenizer, llama2 for sentencepiece.",
+                             choices=["auto", "llama3", "llama2"])
+    train_on_prompt: bool = opt(False, "Instruction data: also learn the prompt, system and "
+                                "header tokens (by default only the assistant's answers and "
+                                "their end-of-turn token are targets).")
+    overlong: str = opt("drop", "Instruction samples longer than training.seq_len (+1): drop "
+                        "them, or truncate them to fit (samples left without answer tokens "
+                        "are dropped). Counted in the length report at start-up.",
+                        choices=["drop", "truncate"])
     text_field: str = opt("text", "Field of each .jsonl record that holds the text.")
     cache_dir: str = opt("", "Where the tokenized uint32 cache goes; empty: beside the source.")
     shuffle: bool = opt(True, "Shuffle the packed samples every epoch (seeded by job.seed).")
@@ -195,6 +215,43 @@ class Metrics:
 
 
 @dataclass
+class Validation:
+    paths: list[str] = opt([], "Held-out data in data.format (files or folders); empty: none, "
+                           "or validation.split.")
+    split: float = opt(0.0, "Fraction of the training data held out for validation instead "
+                       "(chosen deterministically from job.seed; instruction data is split by "
+                       "sample before packing). 0: no split.", min=0.0, max=0.5)
+    interval: int = opt(0, "Validate every this many steps; 0: only after the last step.",
+                        min=0)
+    steps: int = opt(-1, "Batches per validation (training.local_batch_size rows per rank); "
+                     "-1: all of the validation data.", min=-1)
+    at_start: bool = opt(True, "Also validate before the first step of a fresh run (the "
+                         "'before' figure).")
+    sample_prompts: list[str] = opt([], "Prompts the model answers at every validation (with "
+                                    "the [generation] settings; as a chat user turn for "
+                                    "instruction data), to see what it learned.")
+
+
+@dataclass
+class Generation:
+    prompt: str = opt("", "`python -m titan_lite.generate`: text to continue, or with "
+                      "generation.chat the user's message.")
+    chat: bool = opt(False, "Render the prompt as a user turn with data.chat_template and "
+                     "answer as the assistant; without a prompt, chat interactively on stdin.")
+    system: str = opt("", "System prompt in chat mode.")
+    max_new_tokens: int = opt(128, "Most tokens to generate per answer.", min=1)
+    temperature: float = opt(0.0, "Sampling temperature; 0: greedy decoding.", min=0.0)
+    top_k: int = opt(0, "Sample only from the k most likely tokens; 0: all.", min=0)
+    top_p: float = opt(1.0, "Sample only from the smallest set of tokens whose probability "
+                       "reaches p (nucleus sampling); 1: all.", min=0.0, max=1.0)
+    seed: int = opt(0, "Seed of the sampling RNG.", min=0)
+    checkpoint: str = opt("", "Weights to generate from: empty = the newest checkpoint of the "
+                          "job (checkpoint.folder), else model.init_from; 'step-N' = that "
+                          "checkpoint of the job; or a folder (Hugging Face or titan_lite "
+                          "checkpoint).")
+
+
+@dataclass
 class Estimate:
     num_gpus: int = opt(0, "Ranks to estimate for (`--estimate`): 0 = NGPU / WORLD_SIZE, else 1.",
                         min=0)
@@ -223,6 +280,8 @@ class JobConfig:
     activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)
     checkpoint: Checkpoint = field(default_factory=Checkpoint)
     metrics: Metrics = field(default_factory=Metrics)
+    validation: Validation = field(default_factory=Validation)
+    generation: Generation = field(default_factory=Generation)
     estimate: Estimate = field(default_factory=Estimate)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:

@@ -16,6 +16,7 @@ from torch.distributed.pipelining.schedules import ScheduleGPipe
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from titan_lite.config import ConfigError, JobConfig
+from titan_lite.data import Batch
 from titan_lite.distributed import DTYPES, DistEnv, local_shard
 from titan_lite.estimate.gpus import ALLOCATOR_SLACK, CUDA_CONTEXT_GIB
 from titan_lite.estimate.tracker import (
@@ -28,10 +29,11 @@ from titan_lite.estimate.tracker import (
     PARAMS,
     LabelledTracker,
 )
+from titan_lite.loss import cross_entropy_sum
 from titan_lite.models.llama3 import FLAVORS, ModelArgs, Transformer
 from titan_lite.optim import build_optimizer
 from titan_lite.parallel.dims import ParallelDims, build_mesh, resolve_degrees
-from titan_lite.parallel.pp import Pipeline, cross_entropy
+from titan_lite.parallel.pp import Pipeline
 from titan_lite.train import (
     StepRecipe,
     build_model,
@@ -133,9 +135,9 @@ def _trace_steps(cfg: JobConfig, args: ModelArgs, dims: ParallelDims, mesh: Devi
     group = mesh["pp"].get_group() if dims.pp > 1 else None
     t = cfg.training
 
-    def next_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    def next_batch() -> Batch:
         tokens = torch.randint(0, args.vocab_size, (t.local_batch_size, t.seq_len + 1))
-        return tokens[:, :-1], tokens[:, 1:]
+        return Batch(tokens[:, :-1], tokens[:, 1:])
 
     def step(tracker: LabelledTracker | None) -> None:
         if isinstance(runner, Pipeline):
@@ -188,7 +190,8 @@ def _pipeline_step(pipeline: Pipeline, next_batch: Callable[[], tuple], recipe: 
     to the next as the stages keep their receive buffers; FSDP stages keep unsharded gradients
     until the schedule's final reduction, as torch's PipelineStage does. Returns the last
     stage's outputs, which the schedule keeps (to return them) until its next step."""
-    inputs, labels = next_batch()
+    batch = next_batch()
+    inputs, labels = batch.inputs, batch.labels
     count = pipeline.microbatches
     micro_inputs, micro_labels = inputs.chunk(count), labels.chunk(count)
     kept: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -206,7 +209,7 @@ def _pipeline_step(pipeline: Pipeline, next_batch: Callable[[], tuple], recipe: 
             if index == pipeline.num_stages - 1:
                 last_outputs.append(out)
                 with recipe.loss_context():
-                    out = cross_entropy(out, micro_labels[micro]) / count
+                    out = cross_entropy_sum(out, micro_labels[micro]) / labels.numel()
             kept[index, micro] = (x, out)
         elif kind == "B":
             x, out = kept.pop((index, micro))

@@ -13,7 +13,6 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import PipelineStage
@@ -24,10 +23,12 @@ from torch.distributed.pipelining.schedules import (
     ScheduleInterleaved1F1B,
 )
 
+from titan_lite.loss import cross_entropy_sum
 from titan_lite.models.llama3 import ModelArgs, Transformer
 
 if TYPE_CHECKING:  # titan_lite.config's checks import this module
     from titan_lite.config import Parallelism, Training
+    from titan_lite.data import Batch
     from titan_lite.parallel.dims import ParallelDims
 
 SCHEDULES: dict[str, type] = {"GPipe": ScheduleGPipe, "1F1B": Schedule1F1B,
@@ -121,10 +122,6 @@ def split_stage(model: Transformer, layers: list[int], first: bool, last: bool) 
     return stage
 
 
-def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten())
-
-
 class Pipeline:
     """This rank's stages and the schedule that runs them for one optimizer step."""
 
@@ -148,20 +145,36 @@ class Pipeline:
         self.num_stages = len(stages)
         self.microbatches = microbatches = local_batch_size // cfg.pipeline_parallel_microbatch_size
         schedule_cls = SCHEDULES[cfg.pipeline_parallel_schedule]
+        # The loss is normalised by the global batch's target count (titan_lite.loss), not by
+        # the number of micro-batches.
+        self.loss_scale: torch.Tensor | float = 1.0
         self.schedule = schedule_cls(
             pipeline_stages if issubclass(schedule_cls, PipelineScheduleMulti)
-            else pipeline_stages[0], n_microbatches=microbatches, loss_fn=cross_entropy)
+            else pipeline_stages[0], n_microbatches=microbatches, loss_fn=self._loss,
+            scale_grads=False)
 
-    def step(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Forward and backward of one batch through all stages; gradients are the batch mean's
-        (the schedule scales each micro-batch's by 1/n). Returns the batch's mean loss on the
-        rank holding the last stage, 0 elsewhere."""
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return cross_entropy_sum(logits, labels) * self.loss_scale
+
+    def _run(self, batch: Batch, forward_only: bool) -> torch.Tensor:
         losses: list[torch.Tensor] = []
-        target = labels if self.is_last else None
-        if self.is_first:
-            self.schedule.step(inputs, target=target, losses=losses)
-        else:
-            self.schedule.step(target=target, losses=losses)
+        target = batch.labels if self.is_last else None
+        args = (batch.inputs,) if self.is_first else ()
+        # every stage takes the positions (packed samples), split into micro-batches alike
+        run = self.schedule.eval if forward_only else self.schedule.step
+        run(*args, target=target, losses=losses, **batch.model_kwargs())
         if not self.is_last:
-            return torch.zeros((), device=labels.device)
-        return torch.stack([loss.detach() for loss in losses]).mean()
+            return torch.zeros((), device=batch.labels.device)
+        return torch.stack([loss.detach() for loss in losses]).sum()
+
+    def step(self, batch: Batch, loss_scale: torch.Tensor) -> torch.Tensor:
+        """Forward and backward of one batch through all stages, the loss being the summed
+        cross entropy times ``loss_scale``. Returns that loss on the rank holding the last
+        stage, 0 elsewhere."""
+        self.loss_scale = loss_scale
+        return self._run(batch, forward_only=False)
+
+    def evaluate(self, batch: Batch) -> torch.Tensor:
+        """Forward only: the batch's summed cross entropy on the last stage's rank, else 0."""
+        self.loss_scale = 1.0
+        return self._run(batch, forward_only=True)

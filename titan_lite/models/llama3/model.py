@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from titan_lite.models.llama3.args import ModelArgs, RopeScaling
+from titan_lite.models.llama3.attention import AttentionMask, KVCache, attend, document_mask
 
 
 def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
@@ -46,11 +47,12 @@ def rope_table(args: ModelArgs, seq_len: int) -> torch.Tensor:
 def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     """Rotate consecutive pairs (x[2i], x[2i+1]) of the head dim, as Meta's checkpoints expect.
 
-    x: (batch, seq, heads, head_dim); rope: (seq, head_dim/2) complex. Each pair is read as one
-    complex number and multiplied by its position's phase (one complex multiply is the rotation).
+    x: (batch, seq, heads, head_dim); rope: the phases of x's positions, (seq, head_dim/2) or
+    (batch, seq, head_dim/2) complex. Each pair is read as one complex number and multiplied by
+    its position's phase (one complex multiply is the rotation).
     """
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
-    rotated = torch.view_as_real(pairs * rope[: x.shape[1], None])
+    rotated = torch.view_as_real(pairs * rope.unsqueeze(-2))
     return rotated.flatten(-2).type_as(x)
 
 
@@ -68,25 +70,29 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, layer_id: int = 0):
         super().__init__()
+        self.layer_id = layer_id  # its slot in a KVCache
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.kv_heads, args.head_dim
         self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: AttentionMask = None,
+                cache: KVCache | None = None) -> torch.Tensor:
         bsz, seq, _ = x.shape
         # -1 instead of the head counts so that tensor parallel (fewer local heads) needs no change.
         q = apply_rope(self.wq(x).view(bsz, seq, -1, self.head_dim), rope)
         k = apply_rope(self.wk(x).view(bsz, seq, -1, self.head_dim), rope)
         v = self.wv(x).view(bsz, seq, -1, self.head_dim)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        if cache is not None:
+            k, v = cache.update(self.layer_id, k, v)
         repeats = q.shape[1] // k.shape[1]
         if repeats > 1:  # grouped-query attention: each kv head serves `repeats` query heads
             k, v = (t.repeat_interleave(repeats, dim=1) for t in (k, v))
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        out = attend(q, k, v, mask)
         return self.wo(out.transpose(1, 2).reshape(bsz, seq, -1))
 
     def init_weights(self, std: float) -> None:
@@ -116,15 +122,16 @@ class FeedForward(nn.Module):
 class TransformerBlock(nn.Module):
     def __init__(self, layer_id: int, args: ModelArgs):
         super().__init__()
-        self.attention = Attention(args)
+        self.attention = Attention(args, layer_id)
         self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         # Depth-scaled init of the residual projections keeps the residual stream's variance flat.
         self.residual_init_std = 0.02 / math.sqrt(2 * (layer_id + 1))
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), rope)
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: AttentionMask = None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), rope, mask, cache)
         return h + self.feed_forward(self.ffn_norm(h))
 
     def init_weights(self) -> None:
@@ -150,18 +157,33 @@ class Transformer(nn.Module):
                                                                       bias=False)
         self.register_buffer("rope", rope_table(args, args.max_seq_len), persistent=False)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
         """tokens (batch, seq) int64 -> logits (batch, seq, vocab).
 
-        A pipeline stage holds only some of the modules (the others are None): without the
-        embedding it takes hidden states in, without the final norm it hands them on.
+        ``positions`` (batch, seq): each token's position in its own sample, restarting at 0
+        where a packed row starts a new sample; attention then stays within each sample. None:
+        one causal sequence at positions 0..seq-1. ``cache``: generation, continuing after the
+        positions the cache holds. A pipeline stage holds only some of the modules (the others
+        are None): without the embedding it takes hidden states in, without the final norm it
+        hands them on.
         """
-        if tokens.shape[1] > self.rope.shape[0]:
-            raise ValueError(f"sequence length {tokens.shape[1]} exceeds max_seq_len "
-                             f"{self.rope.shape[0]}")
+        seq = tokens.shape[1]
+        if cache is not None:
+            positions = cache.positions(seq, tokens.device)
+            mask = cache.mask(seq, tokens.device)
+        elif positions is not None:
+            mask = document_mask(positions)
+        else:
+            mask = None
+        if seq > self.rope.shape[0]:  # (packed positions never exceed their row's length)
+            raise ValueError(f"sequence length {seq} exceeds max_seq_len {self.rope.shape[0]}")
+        rope = self.rope[:seq] if positions is None else self.rope[positions]
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         for layer in self.layers.values():
-            h = layer(h, self.rope)
+            h = layer(h, rope, mask, cache)
+        if cache is not None:
+            cache.advance(seq)
         if self.norm is None:
             return h
         h = self.norm(h)

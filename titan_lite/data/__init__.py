@@ -1,0 +1,88 @@
+"""Training and validation data: plain text (pretraining) or instruction records (fine-tuning),
+tokenized once into a cache, cut or packed into rows, sharded over data-parallel ranks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from titan_lite.config import JobConfig
+from titan_lite.data.batch import Batch, Rows
+from titan_lite.data.chat import ChatTemplate, build_chat_template
+from titan_lite.data.instruct import (
+    PackedSamples,
+    Rendering,
+    sample_count,
+    tokenize_samples_to_cache,
+)
+from titan_lite.data.loader import PackedDataLoader, ValidationLoader, split_indices
+from titan_lite.data.text import TextRows, corpus_files, iter_documents, tokenize_to_cache
+from titan_lite.distributed import local_rank0_first
+from titan_lite.tokenizer import Tokenizer
+
+__all__ = ["Batch", "ChatTemplate", "Data", "PackedDataLoader", "PackedSamples", "Rows",
+           "TextRows", "ValidationLoader", "build_chat_template", "build_data", "corpus_files",
+           "iter_documents", "tokenize_samples_to_cache", "tokenize_to_cache"]
+
+
+@dataclass
+class Data:
+    train: PackedDataLoader
+    validation: ValidationLoader | None
+
+
+def _cached(cfg: JobConfig, tokenizer: Tokenizer, paths: list[str], key: str,
+            log: Callable[[str], None]) -> str:
+    """Tokenize ``paths`` (``key`` names them in errors) into the cache; its path."""
+    d = cfg.data
+    if d.format == "text":
+        return tokenize_to_cache(paths, tokenizer, cfg.tokenizer.path, d.text_field,
+                                 d.cache_dir, log=log)
+    rendering = Rendering(d.format, build_chat_template(d.chat_template, tokenizer,
+                                                        cfg.tokenizer.kind),
+                          d.chat_template, d.train_on_prompt)
+    return tokenize_samples_to_cache(paths, rendering, cfg.tokenizer.path, d.cache_dir, key,
+                                     log=log)
+
+
+def _rows(cfg: JobConfig, cache: str, indices=None, key: str = "data.paths") -> Rows:
+    if cfg.data.format == "text":
+        return TextRows(cache, cfg.training.seq_len, indices)
+    return PackedSamples(cache, cfg.training.seq_len, cfg.data.overlong, indices, key)
+
+
+def _split(cfg: JobConfig, cache: str) -> tuple[Rows, Rows]:
+    """Training and validation rows when validation.split holds out part of the data: text
+    rows, or instruction samples before they are packed."""
+    text = cfg.data.format == "text"
+    count = TextRows(cache, cfg.training.seq_len).num_rows if text else sample_count(cache)
+    kept, held = split_indices(count, cfg.validation.split, cfg.job.seed)
+    return _rows(cfg, cache, kept), _rows(cfg, cache, held, "validation.split")
+
+
+def build_data(cfg: JobConfig, tokenizer: Tokenizer, local_rank: int, dp_rank: int,
+               dp_size: int, log: Callable[[str], None]) -> Data:
+    """Tokenize once per host (local rank 0 first; a bad record stops every rank with the same
+    message), then open this rank's shard of the training and validation rows."""
+    v = cfg.validation
+
+    def caches(report: Callable[[str], None]) -> tuple[str, str | None]:
+        train = _cached(cfg, tokenizer, cfg.data.paths, "data.paths", report)
+        held = _cached(cfg, tokenizer, v.paths, "validation.paths", report) if v.paths else None
+        return train, held
+
+    train_cache, held_cache = local_rank0_first(caches, local_rank, log)
+    if v.split > 0:
+        train_rows, held_rows = _split(cfg, train_cache)
+    else:
+        train_rows = _rows(cfg, train_cache)
+        held_rows = _rows(cfg, held_cache, key="validation.paths") if held_cache else None
+    for name, rows in (("training", train_rows), ("validation", held_rows)):
+        if isinstance(rows, PackedSamples):
+            log(f"{name} data: {rows.report}")
+    batch = cfg.training.local_batch_size
+    train = PackedDataLoader(train_rows, batch, dp_rank, dp_size, cfg.job.seed,
+                             cfg.data.shuffle)
+    validation = None if held_rows is None else ValidationLoader(held_rows, batch, dp_rank,
+                                                                  dp_size, v.steps)
+    return Data(train, validation)

@@ -1,0 +1,228 @@
+"""Instruction data (fine-tuning): records -> a cached (tokens, target mask) per sample ->
+packed rows whose samples never see each other.
+
+Each sample is rendered once by the chat template into ids and a per-token target flag and
+cached (``<source>.<hash>.sft/``: tokens.npy, targets.npy, offsets.npy, published by renaming a
+finished temporary folder). At start-up the samples are measured (length report), over-long
+ones dropped or truncated, and the rest packed in file order into rows of ``seq_len``
+positions. A sample's positions restart at 0, which is what keeps attention inside it; the
+label that would cross into the next sample and padding are ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from titan_lite.data.batch import Batch
+from titan_lite.data.chat import ChatTemplate, record_messages
+from titan_lite.data.text import TOKEN_DTYPE, cache_path, corpus_files
+from titan_lite.loss import IGNORE_INDEX
+
+SUFFIXES = (".json", ".jsonl")
+_CACHE_VERSION = "sft-1"  # bump when what is cached changes
+_PROGRESS_EVERY_S = 5.0
+
+
+def _json_array(text: str, file: str) -> Iterator[tuple[int, Any]]:
+    """(line number, item) of a JSON array, with the line each item starts on."""
+    decoder = json.JSONDecoder()
+    pos = text.index("[") + 1
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n,":
+            pos += 1
+        if pos >= len(text):
+            raise ValueError(f"{file}: the JSON array is not closed with ']'")
+        if text[pos] == "]":
+            return
+        line = text.count("\n", 0, pos) + 1
+        try:
+            item, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{file}:{text.count(chr(10), 0, e.pos) + 1}: invalid JSON "
+                             f"({e.msg})") from None
+        yield line, item
+
+
+def iter_records(file: str) -> Iterator[tuple[int, Any]]:
+    """(line number, record) of a JSON array file or a JSON-lines file."""
+    with open(file, encoding="utf-8") as fh:
+        text = fh.read()
+    if text.lstrip().startswith("["):
+        yield from _json_array(text, file)
+        return
+    for line_no, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield line_no, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{file}:{line_no}: invalid JSON ({e.msg})") from None
+
+
+@dataclass(frozen=True)
+class Rendering:
+    """How records become samples; everything here changes the cache."""
+    data_format: str  # alpaca | chat
+    template: ChatTemplate
+    template_name: str
+    train_on_prompt: bool
+
+    def settings(self) -> str:
+        return f"{_CACHE_VERSION}:{self.data_format}:{self.template_name}:{self.train_on_prompt}"
+
+
+def tokenize_samples_to_cache(paths: list[str], rendering: Rendering, tokenizer_path: str,
+                              cache_dir: str = "", key: str = "data.paths",
+                              log: Callable[[str], None] = print) -> str:
+    """Render and tokenize every record once; returns the cache folder (reused when it exists).
+    A bad record raises ValueError naming the file, line and field; nothing is left behind."""
+    files = corpus_files(paths, SUFFIXES, key)
+    cache = cache_path(files, tokenizer_path, rendering.settings(), cache_dir, ".sft")
+    if os.path.isdir(cache):
+        return cache
+    os.makedirs(os.path.dirname(cache), exist_ok=True)
+    tmp = f"{cache}.tmp{os.getpid()}"
+    try:
+        tokens, targets, lengths = _render_files(files, rendering, log)
+        if not lengths:
+            raise ValueError(f"{key}: no records in {', '.join(files)}")
+        os.makedirs(tmp)
+        np.save(os.path.join(tmp, "tokens.npy"), np.asarray(tokens, dtype=TOKEN_DTYPE))
+        np.save(os.path.join(tmp, "targets.npy"), np.asarray(targets, dtype=bool))
+        np.save(os.path.join(tmp, "offsets.npy"), np.concatenate([[0], np.cumsum(lengths)]))
+        os.replace(tmp, cache)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log(f"tokenized {len(lengths):,} {rendering.data_format} samples ({len(tokens):,} tokens) "
+        f"from {len(files)} file(s) -> {cache}")
+    return cache
+
+
+def _render_files(files: list[str], rendering: Rendering, log: Callable[[str], None]
+                  ) -> tuple[list[int], list[bool], list[int]]:
+    tokens: list[int] = []
+    targets: list[bool] = []
+    lengths: list[int] = []
+    last_report = time.monotonic()
+    for index, file in enumerate(files):
+        for line_no, record in iter_records(file):
+            try:
+                messages = record_messages(record, rendering.data_format)
+                ids, is_target = rendering.template.render(messages, rendering.train_on_prompt)
+            except ValueError as e:
+                raise ValueError(f"{file}:{line_no}: {e}") from None
+            tokens += ids
+            targets += is_target
+            lengths.append(len(ids))
+            if time.monotonic() - last_report > _PROGRESS_EVERY_S:
+                log(f"tokenizing {file} (file {index + 1}/{len(files)}): {len(lengths):,} "
+                    f"samples, {len(tokens):,} tokens")
+                last_report = time.monotonic()
+    return tokens, targets, lengths
+
+
+def length_report(lengths: np.ndarray, seq_len: int, overlong: str, dropped: int,
+                  truncated: int, rows: int, fill: float) -> str:
+    """Tokens per sample and what became of the ones that do not fit, for the log."""
+    p50, p90, p99 = np.percentile(lengths, [50, 90, 99]).round().astype(int)
+    over = int((lengths > seq_len + 1).sum())
+    fate = (f"dropped {dropped}" if overlong == "drop"
+            else f"truncated {truncated}, dropped {dropped} left without an answer")
+    return (f"{len(lengths):,} samples, tokens per sample min {lengths.min()} / p50 {p50} / p90 "
+            f"{p90} / p99 {p99} / max {lengths.max()}; {over} longer than training.seq_len "
+            f"{seq_len} (+1 shifted target): {fate} (data.overlong = {overlong!r}); packed "
+            f"into {rows:,} rows, {100 * fill:.1f}% of positions used")
+
+
+def sample_count(cache: str) -> int:
+    return len(np.load(os.path.join(cache, "offsets.npy"), mmap_mode="r")) - 1
+
+
+class PackedSamples:
+    """Cached samples packed into rows of ``seq_len`` positions (next fit, in file order).
+
+    ``indices`` keeps only those samples (a validation split); ``overlong`` 'drop' or
+    'truncate' handles samples with more than seq_len + 1 tokens. ``report`` says what
+    happened, for the log.
+    """
+
+    def __init__(self, cache: str, seq_len: int, overlong: str,
+                 indices: np.ndarray | None = None, key: str = "data.paths"):
+        self.tokens = np.load(os.path.join(cache, "tokens.npy"), mmap_mode="r")
+        self.targets = np.load(os.path.join(cache, "targets.npy"), mmap_mode="r")
+        offsets = np.load(os.path.join(cache, "offsets.npy"))
+        starts, lengths = offsets[:-1], np.diff(offsets)
+        if indices is not None:
+            starts, lengths = starts[indices], lengths[indices]
+        self.seq_len = seq_len
+        self.spans, dropped, truncated = self._fit(starts, lengths, overlong)
+        if not self.spans:
+            raise ValueError(f"{key}: none of the {len(lengths)} samples fits training.seq_len "
+                             f"{seq_len} with an answer left (longest "
+                             f"{lengths.max() if len(lengths) else 0} tokens); raise "
+                             "training.seq_len or use data.overlong = \"truncate\"")
+        self.row_spans = self._pack([length for _, length in self.spans])
+        self.num_rows = len(self.row_spans)
+        used = sum(length - 1 for _, length in self.spans)
+        self.report = length_report(lengths, seq_len, overlong, dropped, truncated,
+                                    self.num_rows, used / (self.num_rows * seq_len))
+        self.describe = f"{len(self.spans)} samples packed into {self.num_rows} rows"
+
+    def _fit(self, starts: np.ndarray, lengths: np.ndarray, overlong: str
+             ) -> tuple[list[tuple[int, int]], int, int]:
+        """(start, length) of the samples kept, and how many were dropped and truncated."""
+        limit = self.seq_len + 1  # seq_len inputs plus the last one's shifted target
+        spans, dropped, truncated = [], 0, 0
+        for start, length in zip(starts.tolist(), lengths.tolist()):
+            if length > limit:
+                if overlong == "drop":
+                    dropped += 1
+                    continue
+                length = limit
+                truncated += 1
+            if not self.targets[start + 1:start + length].any():  # nothing left to learn
+                dropped += 1
+                continue
+            spans.append((start, length))
+        return spans, dropped, truncated
+
+    def _pack(self, lengths: list[int]) -> list[range]:
+        """Which spans go into each row: consecutive samples while their inputs fit."""
+        rows, first, used = [], 0, 0
+        for index, length in enumerate(lengths):
+            if used + length - 1 > self.seq_len:
+                rows.append(range(first, index))
+                first, used = index, 0
+            used += length - 1
+        rows.append(range(first, len(lengths)))
+        return rows
+
+    def _row(self, row: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        inputs = np.zeros(self.seq_len, dtype=np.int64)
+        labels = np.full(self.seq_len, IGNORE_INDEX, dtype=np.int64)
+        positions = np.zeros(self.seq_len, dtype=np.int64)
+        at = 0
+        for start, length in (self.spans[i] for i in (self.row_spans[row] if row >= 0 else ())):
+            ids = self.tokens[start:start + length].astype(np.int64)
+            end = at + length - 1
+            inputs[at:end] = ids[:-1]
+            labels[at:end] = np.where(self.targets[start + 1:start + length], ids[1:],
+                                      IGNORE_INDEX)
+            positions[at:end] = np.arange(length - 1)
+            at = end
+        positions[at:] = np.arange(self.seq_len - at)  # padding: a sample of its own
+        return inputs, labels, positions
+
+    def batch(self, rows: np.ndarray) -> Batch:
+        inputs, labels, positions = (torch.from_numpy(np.stack(parts))
+                                     for parts in zip(*(self._row(int(r)) for r in rows)))
+        return Batch(inputs, labels, positions)

@@ -1,0 +1,109 @@
+"""Held-out loss (and sample answers) during training, in every layout that trains.
+
+Forward only, under ``torch.no_grad``: gradients, the optimizer and the training data position
+are untouched, so a run with validation trains exactly as one without it and resumes exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from titan_lite.config import JobConfig
+from titan_lite.data import Batch, ChatTemplate, ValidationLoader
+from titan_lite.distributed import full_tensor
+from titan_lite.generation import generate, prompt_ids, stop_ids
+from titan_lite.loss import count_targets, cross_entropy_sum, sum_over_ranks
+from titan_lite.parallel.pp import Pipeline
+from titan_lite.tokenizer import Tokenizer
+
+
+@dataclass
+class ValidationResult:
+    loss: float  # mean cross entropy over every validation target of every rank
+    targets: int
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(min(self.loss, 700.0))
+
+
+class Validator:
+    """Runs the validation set through ``runner`` (the training module, or the pipeline)."""
+
+    def __init__(self, loader: ValidationLoader, runner: nn.Module | Pipeline,
+                 device: torch.device, autocast: torch.autocast, loss_context,
+                 tp_degree: int, label_copies: int):
+        """``tp_degree``: ranks holding the same loss; ``label_copies``: ranks loading the
+        same labels (tensor- and pipeline-parallel peers)."""
+        self.loader, self.runner, self.device = loader, runner, device
+        self.autocast, self.loss_context = autocast, loss_context
+        self.tp_degree, self.label_copies = tp_degree, label_copies
+
+    def _loss_sum(self, batch: Batch) -> torch.Tensor:
+        if isinstance(self.runner, Pipeline):
+            with self.autocast, self.loss_context():
+                return full_tensor(self.runner.evaluate(batch))
+        with self.autocast:
+            logits = self.runner(batch.inputs, **batch.model_kwargs())
+        with self.loss_context():
+            return full_tensor(cross_entropy_sum(logits, batch.labels))
+
+    @torch.no_grad()
+    def run(self) -> ValidationResult:
+        totals = torch.zeros(2, device=self.device, dtype=torch.float64)
+        for batch in self.loader:
+            batch = batch.to(self.device)
+            totals[0] += self._loss_sum(batch).double()
+            totals[1] += count_targets(batch.labels)
+        loss_sum, count = sum_over_ranks(totals).tolist()
+        count /= self.label_copies
+        return ValidationResult(loss_sum / self.tp_degree / max(count, 1.0), int(count))
+
+
+def sample_answers(model: nn.Module, cfg: JobConfig, tokenizer: Tokenizer,
+                   template: ChatTemplate | None, device: torch.device) -> list[str]:
+    """The model's answers to ``validation.sample_prompts`` (a chat user turn when the data is
+    instruction data), one "prompt -> answer" line each."""
+    lines = []
+    for text in cfg.validation.sample_prompts:
+        ids = prompt_ids(text, tokenizer, template, system=cfg.generation.system)
+        out = generate(model, ids, cfg.generation, stop_ids(tokenizer, template), device)
+        lines.append(f"{text!r} -> {tokenizer.decode(out.ids)!r}")
+    return lines
+
+
+class Evaluation:
+    """What runs at each validation point: the held-out loss and the sample answers."""
+
+    def __init__(self, cfg: JobConfig, validator: Validator | None, model: nn.Module,
+                 tokenizer: Tokenizer, template: ChatTemplate | None, device: torch.device,
+                 log):
+        self.cfg, self.validator, self.model = cfg, validator, model
+        self.tokenizer, self.template, self.device, self.log = tokenizer, template, device, log
+        self.losses: dict[int, float] = {}  # step -> validation loss
+
+    def due(self, step: int) -> bool:
+        """After ``step`` (0: before training)? Every validation.interval steps and after the
+        last one."""
+        interval = self.cfg.validation.interval
+        return step == self.cfg.training.steps or (interval > 0 and step % interval == 0)
+
+    def run(self, step: int, metrics) -> float:
+        """Validate (and answer the sample prompts) after ``step``; returns the seconds it took."""
+        start = time.perf_counter()
+        if self.validator is not None:
+            result = self.validator.run()
+            self.losses[step] = result.loss
+            metrics.log_validation(step, result.loss, result.perplexity, result.targets,
+                                   time.perf_counter() - start)
+        if self.cfg.validation.sample_prompts:
+            when = "before training" if step == 0 else f"after step {step}"
+            for line in sample_answers(self.model, self.cfg, self.tokenizer, self.template,
+                                       self.device):
+                self.log(f"sample {when}: {line}")
+        return time.perf_counter() - start
