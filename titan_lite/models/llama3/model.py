@@ -47,11 +47,13 @@ def rope_table(args: ModelArgs, seq_len: int) -> torch.Tensor:
 def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     """Rotate consecutive pairs (x[2i], x[2i+1]) of the head dim, as Meta's checkpoints expect.
 
-    x: (batch, seq, heads, head_dim); rope: the phases of x's positions, (seq, head_dim/2) or
-    (batch, seq, head_dim/2) complex. Each pair is read as one complex number and multiplied by
+    x: (batch, seq, heads, head_dim); rope: complex phases, (>= seq, head_dim/2) for positions
+    0..seq-1, or (batch, seq, head_dim/2) for each token's own position. Each pair is read as one complex number and multiplied by
     its position's phase (one complex multiply is the rotation).
     """
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    if rope.ndim == 2:
+        rope = rope[: x.shape[1]]
     rotated = torch.view_as_real(pairs * rope.unsqueeze(-2))
     return rotated.flatten(-2).type_as(x)
 
@@ -178,7 +180,9 @@ class Transformer(nn.Module):
             mask = None
         if seq > self.rope.shape[0]:  # (packed positions never exceed their row's length)
             raise ValueError(f"sequence length {seq} exceeds max_seq_len {self.rope.shape[0]}")
-        rope = self.rope[:seq] if positions is None else self.rope[positions]
+        # Without positions the blocks slice the table themselves: under sequence parallel a
+        # later pipeline stage's input holds only this rank's part of the sequence.
+        rope = self.rope if positions is None else self.rope[positions]
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         for layer in self.layers.values():
             h = layer(h, rope, mask, cache)
@@ -202,11 +206,17 @@ class Transformer(nn.Module):
         is entered around each unit: a parallel layout uses it to present sharded parameters as
         full tensors while they are drawn, so every layout starts from the same weights.
         """
-        self.rope.copy_(rope_table(self.args, self.rope.shape[0]))
+        self.init_buffers()
         for name, module, init in self._init_units():
             with unit_context(module):
                 torch.manual_seed(zlib.crc32(f"{seed}/{name}".encode()))
                 init()
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """Fill the non-learned buffers (the RoPE table) after ``to_empty``; weights are left
+        as they are, e.g. for loading a checkpoint over them."""
+        self.rope.copy_(rope_table(self.args, self.rope.shape[0]))
 
     def _init_units(self) -> list[tuple[str, nn.Module, Callable[[], None]]]:
         args = self.args

@@ -1,0 +1,137 @@
+"""Answer prompts with a job's model: its newest checkpoint, a step-N, or a Hugging Face folder.
+
+    python -m titan_lite.generate --config train_configs/debug_sft.toml --chat \\
+        --prompt "What is the first word of this verse? ..." --max_new_tokens 32
+
+Bare ``--key value`` options are ``[generation]`` keys (prompt, chat, system, max_new_tokens,
+temperature, top_k, top_p, seed, checkpoint); every other ``--section.key value`` overrides the
+job's config as in training. One process, on CUDA when present (training.device), in
+training.mixed_precision_param; with ``--chat`` and no prompt, an interactive chat on stdin.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import sys
+from dataclasses import replace
+
+import torch
+
+from titan_lite.checkpoint import CheckpointError, complete_steps, is_checkpoint
+from titan_lite.config import ConfigError, Generation, JobConfig, help_text, load_config
+from titan_lite.data import ChatTemplate, build_chat_template
+from titan_lite.data.chat import Message
+from titan_lite.distributed import DTYPES
+from titan_lite.generation import generate, prompt_ids, stop_ids
+from titan_lite.models.llama3 import FLAVORS, Transformer
+from titan_lite.tokenizer import Tokenizer, build_tokenizer
+from titan_lite.train import load_pretrained
+
+_STEP = re.compile(r"step-\d+")
+
+
+def expand_generation_keys(argv: list[str]) -> list[str]:
+    """``--max_new_tokens 64`` -> ``--generation.max_new_tokens 64`` (and so on for every
+    [generation] key); everything else unchanged."""
+    keys = {f.name for f in dataclasses.fields(Generation)}
+    expanded = []
+    for arg in argv:
+        name = arg[2:].partition("=")[0]
+        expanded.append(f"--generation.{arg[2:]}" if arg.startswith("--") and name in keys
+                        else arg)
+    return expanded
+
+
+def weights_folder(cfg: JobConfig) -> str:
+    """The folder generation.checkpoint names (see its help); ValueError when there is none."""
+    choice = cfg.generation.checkpoint
+    folder = os.path.join(cfg.job.dump_folder, cfg.checkpoint.folder)
+    if not choice:
+        steps = complete_steps(folder)
+        if steps:
+            return os.path.join(folder, f"step-{steps[-1]}")
+        if cfg.model.init_from:
+            return cfg.model.init_from
+        raise ValueError(f"generation.checkpoint: no checkpoint in {folder} and no "
+                         "model.init_from: nothing to generate from (train with "
+                         "checkpoint.enable = true, or name a folder)")
+    path = os.path.join(folder, choice) if _STEP.fullmatch(choice) else choice
+    if not (is_checkpoint(path) or os.path.isfile(os.path.join(path, "config.json"))):
+        raise ValueError(f"generation.checkpoint: {path!r} is neither a complete titan_lite "
+                         "checkpoint nor a Hugging Face folder (config.json)")
+    return path
+
+
+def load_model(cfg: JobConfig, tokenizer: Tokenizer, device: torch.device) -> Transformer:
+    """The job's model, unsharded on ``device`` in the training compute dtype, with the weights
+    of ``weights_folder(cfg)``."""
+    args = replace(FLAVORS[cfg.model.flavor], vocab_size=tokenizer.vocab_size,
+                   max_seq_len=cfg.training.seq_len)
+    with torch.device("meta"):
+        model = Transformer(args).to(DTYPES[cfg.training.mixed_precision_param])
+    model.to_empty(device=device)
+    model.init_buffers()
+    load_pretrained([model], weights_folder(cfg), args)
+    return model.eval()
+
+
+def _answer(model: Transformer, ids: list[int], cfg: JobConfig, tokenizer: Tokenizer,
+            template: ChatTemplate | None, device: torch.device) -> str:
+    out = generate(model, ids, cfg.generation, stop_ids(tokenizer, template), device)
+    print(f"[{len(ids)} prompt tokens in {out.prefill_seconds:.2f} s, {len(out.ids)} new "
+          f"tokens at {out.tokens_per_s:.1f} tokens/s]", file=sys.stderr, flush=True)
+    return tokenizer.decode(out.ids)
+
+
+def chat_loop(model: Transformer, cfg: JobConfig, tokenizer: Tokenizer,
+              template: ChatTemplate, device: torch.device) -> None:
+    """Read user turns from stdin until EOF, answering each with the whole conversation."""
+    history: list[Message] = []
+    print("chat: type a message, Ctrl-D to end", file=sys.stderr)
+    for line in sys.stdin:
+        text = line.strip()
+        if not text:
+            continue
+        ids = prompt_ids(text, tokenizer, template, history, cfg.generation.system)
+        answer = _answer(model, ids, cfg, tokenizer, template, device)
+        print(answer, flush=True)
+        history += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
+
+
+def run(cfg: JobConfig) -> None:
+    g = cfg.generation
+    if not g.prompt and not g.chat:
+        raise ValueError("generation.prompt: give --prompt TEXT, or --chat for a conversation")
+    use_cuda = cfg.training.device != "cpu" and torch.cuda.is_available()
+    device = torch.device("cuda" if use_cuda else "cpu")
+    tokenizer = build_tokenizer(cfg.tokenizer.kind, cfg.tokenizer.path)
+    template = build_chat_template(cfg.data.chat_template, tokenizer,
+                                   cfg.tokenizer.kind) if g.chat else None
+    model = load_model(cfg, tokenizer, device)
+    if g.chat and not g.prompt:
+        chat_loop(model, cfg, tokenizer, template, device)
+        return
+    ids = prompt_ids(g.prompt, tokenizer, template, system=g.system)
+    print(_answer(model, ids, cfg, tokenizer, template, device), flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = expand_generation_keys(sys.argv[1:] if argv is None else argv)
+    if "--help" in argv or "-h" in argv:
+        print(help_text().replace("titan_lite.train", "titan_lite.generate"))
+        sys.exit(0)
+    try:
+        run(load_config(argv))
+    except ConfigError as e:
+        for problem in e.problems:
+            print(f"config error: {problem}", file=sys.stderr)
+        sys.exit(2)
+    except (ValueError, CheckpointError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
