@@ -31,21 +31,24 @@ def _train_and_save(rank: int, world_size: int, argv: list[str], out: str) -> No
     result = train(load_config(argv), env)
     params = {name: _full(p) for part in result.model_parts
               for name, p in part.named_parameters()}  # full_tensor() is a collective
-    torch.save({"losses": result.losses, "params": params}, f"{out}.rank{rank}")
+    torch.save({"losses": result.losses, "params": params,
+                "validation": result.validation_losses}, f"{out}.rank{rank}")
 
 
 def run_layout(tmp_path, name: str, world_size: int, *overrides: str) -> dict:
-    """Losses (as every rank logs them) and the full final parameters, merged over the ranks
-    (pipeline stages hold different blocks; sharded ones are gathered)."""
+    """Losses and validation losses (as every rank logs them) and the full final parameters,
+    merged over the ranks (pipeline stages hold different blocks; sharded ones are gathered)."""
     out = str(tmp_path / f"{name}.pt")
     argv = [*BASE, "--job.dump_folder", str(tmp_path / name), *overrides]
     run_distributed(_train_and_save, world_size, argv, out)
     ranks = [torch.load(f"{out}.rank{r}", weights_only=True) for r in range(world_size)]
-    assert all(r["losses"] == ranks[0]["losses"] for r in ranks)  # every rank logs the same
+    for r in ranks:  # every rank logs the same
+        assert r["losses"] == ranks[0]["losses"] and r["validation"] == ranks[0]["validation"]
     params = {}
     for r in ranks:
         params.update(r["params"])
-    return {"losses": ranks[0]["losses"], "params": params}
+    return {"losses": ranks[0]["losses"], "params": params,
+            "validation": ranks[0]["validation"]}
 
 
 def assert_matches(result: dict, expected: dict) -> None:

@@ -57,6 +57,9 @@ def _split(cfg: JobConfig, cache: str) -> tuple[Rows, Rows]:
     text = cfg.data.format == "text"
     count = TextRows(cache, cfg.training.seq_len).num_rows if text else sample_count(cache)
     kept, held = split_indices(count, cfg.validation.split, cfg.job.seed)
+    if len(kept) == 0:
+        raise ValueError(f"validation.split: holding out {len(held)} of {count} "
+                         f"{'rows' if text else 'samples'} leaves none to train on")
     return _rows(cfg, cache, kept), _rows(cfg, cache, held, "validation.split")
 
 
