@@ -4,7 +4,8 @@
 
 Writes titan_lite/assets/data/kjv_sft.jsonl: Alpaca records ({"instruction", "input",
 "output"}) about verses of the KJV sample, whose answers are checkable and learnable by the
-debug model in minutes: repeat the verse, or name its first or its last word.
+debug model in minutes: does the verse speak of the LORD, does it speak of God (half of each
+yes, half no), and what is its first word.
 Deterministic: the same corpus gives a byte-identical file (a test checks it).
 """
 
@@ -19,15 +20,24 @@ ASSETS = os.path.join(os.path.dirname(__file__), "..", "titan_lite", "assets", "
 CORPUS = os.path.join(ASSETS, "kjv_sample.jsonl")
 OUT = os.path.join(ASSETS, "kjv_sft.jsonl")
 NUM_RECORDS = 3000
-WORDS = (8, 24)  # verses of this many words: short enough to pack several into a row
+WORDS = (6, 30)  # verses of this many words: short enough to pack several into a row
 PUNCTUATION = ".,;:!?'()"
 
-# Repeating whole verses gives many target tokens and teaches the model to copy from the
-# prompt, which the one-word answers then build on.
+
+
+def mentions(word: str):
+    return lambda verse: "Yes." if word in verse.split() or f"{word}," in verse else "No."
+
+
+def first_word(verse: str) -> str:
+    return verse.split()[0].strip(PUNCTUATION)
+
+
+# (question, answer(verse), word whose presence is balanced half yes / half no, or None)
 TASKS = [
-    ("Repeat this verse.", lambda words: " ".join(words)),
-    ("What is the first word of this verse?", lambda words: words[0].strip(PUNCTUATION)),
-    ("What is the last word of this verse?", lambda words: words[-1].strip(PUNCTUATION)),
+    ("Does this verse speak of the LORD?", mentions("LORD"), "LORD"),
+    ("Does this verse speak of God?", mentions("God"), "God"),
+    ("What is the first word of this verse?", first_word, None),
 ]
 
 
@@ -42,13 +52,21 @@ def verses(corpus: str) -> list[str]:
 
 
 def records(corpus: str) -> list[dict[str, str]]:
-    chosen = [v for v in verses(corpus) if WORDS[0] <= len(v.split()) <= WORDS[1]]
-    chosen = random.Random(0).sample(chosen, NUM_RECORDS)
-    out = []
-    for index, verse in enumerate(chosen):
-        question, answer = TASKS[index % len(TASKS)]
-        out.append({"instruction": question, "input": verse, "output": answer(verse.split())})
-    return out
+    pool = [v for v in verses(corpus) if WORDS[0] <= len(v.split()) <= WORDS[1]]
+    rng = random.Random(0)
+    per_task = NUM_RECORDS // len(TASKS)
+    by_task = []
+    for question, answer, balanced in TASKS:
+        if balanced is None:
+            chosen = rng.sample(pool, per_task)
+        else:
+            yes = [v for v in pool if answer(v) == "Yes."]
+            no = [v for v in pool if answer(v) == "No."]
+            chosen = rng.sample(yes, per_task // 2) + rng.sample(no, per_task - per_task // 2)
+            rng.shuffle(chosen)
+        by_task.append([{"instruction": question, "input": v, "output": answer(v)}
+                        for v in chosen])
+    return [record for group in zip(*by_task) for record in group]  # tasks interleaved
 
 
 def main(out: str = OUT) -> None:

@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -159,3 +160,40 @@ def test_bad_data_through_run_train_exits_2_on_every_rank_with_one_line(tmp_path
         assert f"[rank{rank}] error: " in output and message in output, output[-3000:]
     assert "Traceback" not in output and "ChildFailedError" not in output
     assert not [n for n in os.listdir(tmp_path) if ".tmp" in n]  # no half-written cache
+
+
+def test_shipped_example_learns_and_answers_from_its_checkpoint(tmp_path):
+    """train_configs/debug_sft.toml, shortened to 150 steps (the full 400 take ~4 minutes):
+    validation loss falls, the held-out sample questions get right answers, and generate
+    answers from the saved checkpoint."""
+    out = str(tmp_path / "run")
+    steps = ["--training.steps", "150", "--validation.interval", "75", "--checkpoint.interval",
+             "150", "--job.dump_folder", out]
+    result = subprocess.run(["./run_train.sh", "--config", "train_configs/debug_sft.toml",
+                             *steps], cwd=REPO, env={**python_env(), "OMP_NUM_THREADS": "2"},
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in open(os.path.join(out, "metrics", "rank0.jsonl"))]
+    val = {r["step"]: r["val_loss"] for r in records if "val_loss" in r}
+    assert list(val) == [0, 75, 150] and val[150] < 0.1 * val[0], val
+    answers = [line.rsplit(" -> ", 1)[1] for line in result.stdout.splitlines()
+               if "sample after step 150" in line]
+    assert answers == ["'Yes.'", "'No.'", "'The'"], result.stdout[-3000:]
+    assert complete_steps(os.path.join(out, "checkpoint")) == [150]
+    asked = subprocess.run(
+        [sys.executable, "-m", "titan_lite.generate", "--config", "train_configs/debug_sft.toml",
+         "--job.dump_folder", out, "--chat", "--prompt",
+         "Does this verse speak of God?\n\nIn the beginning God created the heaven and the earth."],
+        cwd=REPO, env=python_env(), capture_output=True, text=True, timeout=120)
+    assert asked.returncode == 0, asked.stderr[-3000:]
+    assert asked.stdout.strip() == "Yes." and "tokens/s" in asked.stderr
+
+
+def test_generate_refuses_a_missing_checkpoint_with_one_line(tmp_path):
+    asked = subprocess.run(
+        [sys.executable, "-m", "titan_lite.generate", "--config", "train_configs/debug_sft.toml",
+         "--job.dump_folder", str(tmp_path), "--prompt", "hi"],
+        cwd=REPO, env=python_env(), capture_output=True, text=True, timeout=120)
+    assert asked.returncode == 2
+    assert "error: generation.checkpoint: no checkpoint in" in asked.stderr
+    assert "Traceback" not in asked.stderr

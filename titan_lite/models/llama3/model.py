@@ -215,8 +215,9 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def init_buffers(self) -> None:
         """Fill the non-learned buffers (the RoPE table) after ``to_empty``; weights are left
-        as they are, e.g. for loading a checkpoint over them."""
-        self.rope.copy_(rope_table(self.args, self.rope.shape[0]))
+        as they are, e.g. for loading a checkpoint over them. The table is assigned, not
+        copied into: casting the model (``.to(torch.bfloat16)``) also casts complex buffers."""
+        self.rope = rope_table(self.args, self.rope.shape[0]).to(self.rope.device)
 
     def _init_units(self) -> list[tuple[str, nn.Module, Callable[[], None]]]:
         args = self.args
