@@ -25,10 +25,15 @@ DEBUG = ["--model.flavor", "debugmodel", "--training.local_batch_size", "8",
          "--training.seq_len", "2048"]
 SMALL = ["--model.flavor", "small", "--training.local_batch_size", "2",
          "--training.seq_len", "1024"]
+# Instruction data (the shipped Alpaca example), packed into the same 8 x 2048 rows with the
+# document mask; tokens/s counts every position of a row, padding included.
+SFT = [*DEBUG, "--data.format", "alpaca", "--data.paths", "titan_lite/assets/data/kjv_sft.jsonl"]
 # name -> (processes, overrides)
 ROWS: dict[str, tuple[int, list[str]]] = {
     "debug-1rank": (1, DEBUG),
     "debug-1rank-untracked": (1, [*DEBUG, "--metrics.track_cpu_memory", "false"]),
+    "debug-1rank-sft": (1, SFT),
+    "debug-2rank-fsdp-sft": (2, SFT),
     "debug-1rank-ac-selective": (1, [*DEBUG, "--activation_checkpoint.mode", "selective"]),
     "debug-1rank-ac-full": (1, [*DEBUG, "--activation_checkpoint.mode", "full"]),
     "debug-1rank-offload": (1, [*DEBUG, "--training.enable_cpu_offload", "true"]),
@@ -44,8 +49,10 @@ ROWS: dict[str, tuple[int, list[str]]] = {
     "small-2rank-ddp": (2, [*SMALL, "--parallelism.dp_replicate", "2",
                             "--parallelism.dp_shard", "1"]),
 }
-DEFAULT_ROWS = ("debug-1rank,debug-1rank-untracked,debug-1rank-ac-selective,debug-1rank-ac-full,"
-                "debug-1rank-offload,debug-2rank-fsdp,debug-2rank-fsdp-offload,debug-2rank-ddp,"
+DEFAULT_ROWS = ("debug-1rank,debug-1rank-untracked,debug-1rank-sft,debug-1rank-ac-selective,"
+                "debug-1rank-ac-full,"
+                "debug-1rank-offload,debug-2rank-fsdp,debug-2rank-fsdp-sft,debug-2rank-fsdp-offload,"
+                "debug-2rank-ddp,"
                 "small-1rank,small-2rank-fsdp,small-2rank-ddp")
 
 
