@@ -4,7 +4,8 @@ Packed instruction rows hold several samples back to back; their ``positions`` r
 every sample, which is all the model needs to keep the samples apart. The mask is built once
 per forward and shared by every block. On CUDA it is a FlexAttention ``BlockMask`` (block-sparse
 metadata, no seq x seq tensor; the compiled kernel skips fully masked blocks); elsewhere it is
-one boolean (batch, 1, seq, seq) mask that SDPA's fused CPU flash kernel takes as is.
+one additive float32 (batch, 1, seq, seq) mask for SDPA's fused CPU flash kernel, built once:
+a boolean one would be converted to float, and kept for backward, by every block.
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ def document_mask(positions: torch.Tensor) -> AttentionMask:
         return create_block_mask(same_sample_causal, batch, None, seq, seq,
                                  device=positions.device)
     causal = torch.ones(seq, seq, dtype=torch.bool, device=positions.device).tril()
-    return ((ids[:, :, None] == ids[:, None, :]) & causal)[:, None]
+    allowed = ((ids[:, :, None] == ids[:, None, :]) & causal)[:, None]
+    return torch.zeros(allowed.shape, device=positions.device).masked_fill_(~allowed,
+                                                                            float("-inf"))
 
 
 @functools.cache
@@ -51,6 +54,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMas
     if isinstance(mask, BlockMask):
         flex = _compiled_flex_attention() if q.device.type == "cuda" else flex_attention
         return flex(q, k, v, block_mask=mask)
+    if mask.is_floating_point() and mask.dtype != q.dtype:  # e.g. bf16 autocast
+        mask = mask.to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
