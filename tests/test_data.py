@@ -46,8 +46,8 @@ def test_bad_jsonl_line_is_named(tmp_path):
 
 
 def make_loader(path, dp_rank=0, dp_size=1, batch=2, seed=0, shuffle=True):
-    return PackedDataLoader(TextRows(path, seq_len=8), batch_size=batch, dp_rank=dp_rank, dp_size=dp_size,
-                            seed=seed, shuffle=shuffle)
+    return PackedDataLoader(TextRows(path, seq_len=8), batch_size=batch, dp_rank=dp_rank,
+                            dp_size=dp_size, seed=seed, shuffle=shuffle)
 
 
 @pytest.fixture

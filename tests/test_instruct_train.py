@@ -1,6 +1,7 @@
 """Fine-tuning on instruction data: the loss is the mean over the global batch's target tokens
 in every layout; validation agrees across layouts and leaves training (and resume) exact."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -11,12 +12,14 @@ import numpy as np
 import pytest
 import torch
 from conftest import CPU_ENV, REPO, python_env
-from layouts import PARAM_ATOL, assert_matches, run_layout
+from layouts import assert_matches, run_layout
 
 from titan_lite.checkpoint import complete_steps
 from titan_lite.config import load_config
-from titan_lite.data import PackedSamples
+from titan_lite.data import build_data
 from titan_lite.loss import IGNORE_INDEX, cross_entropy_sum
+from titan_lite.models.llama3 import ModelArgs, Transformer
+from titan_lite.tokenizer import build_tokenizer
 from titan_lite.train import StepRecipe, forward_backward, train
 
 pytestmark = pytest.mark.slow
@@ -52,9 +55,6 @@ def sft_reference(tmp_path_factory, sft_file):
 def test_rows_hold_very_unequal_target_counts(repo_cwd, sft_file, tmp_path):
     """What makes the normalisation tests below meaningful: a mean of per-row (or per-rank)
     means would weigh these rows very differently from a mean over tokens."""
-    from titan_lite.data import build_data
-    from titan_lite.tokenizer import build_tokenizer
-
     cfg = load_config(sft(sft_file, "--training.seq_len", "64", "--training.local_batch_size",
                           "4"))
     data = build_data(cfg, build_tokenizer("tiktoken", cfg.tokenizer.path), 0, 0, 1,
@@ -87,18 +87,14 @@ def test_layouts_match_one_process_on_masked_data_with_validation(tmp_path, sft_
 
 def test_loss_is_the_mean_over_target_tokens_of_the_whole_batch(repo_cwd, sft_file):
     cfg = load_config(sft(sft_file, "--training.seq_len", "64"))
-    from titan_lite.data import build_data
-    from titan_lite.tokenizer import build_tokenizer
-
     data = build_data(cfg, build_tokenizer("tiktoken", cfg.tokenizer.path), 0, 0, 1,
                       log=lambda m: None)
     batches = [data.train.next_batch() for _ in range(2)]
     torch.manual_seed(0)
-    from titan_lite.models.llama3 import ModelArgs, Transformer
     model = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=4, vocab_size=2256,
                                   multiple_of=16, max_seq_len=64))
     recipe = StepRecipe(accumulation=2, autocast=torch.autocast("cpu", enabled=False),
-                        loss_context=__import__("contextlib").nullcontext,
+                        loss_context=contextlib.nullcontext,
                         reduce_every_micro=True, grad_scale=1, label_copies=1)
     queue = iter(batches)
     loss = forward_backward(model, lambda: next(queue), torch.device("cpu"), recipe)

@@ -11,7 +11,7 @@ from titan_lite.config.loader import ConfigError, help_text, load_config
 from titan_lite.config.schema import JobConfig
 from titan_lite.models.llama3 import FLAVORS
 from titan_lite.parallel.activation_checkpoint import checkpoint_every
-from titan_lite.parallel.dims import resolve_degrees
+from titan_lite.parallel.dims import ParallelDims, resolve_degrees
 from titan_lite.parallel.pp import pp_problems
 from titan_lite.parallel.tp import tp_problems
 
@@ -55,7 +55,7 @@ def check_job(cfg: JobConfig, world_size: int, training_here: bool = True) -> li
     return problems
 
 
-def _data_problems(cfg: JobConfig, dims) -> list[str]:
+def _data_problems(cfg: JobConfig, dims: ParallelDims | None) -> list[str]:
     """Keys of [data], [validation] and [generation] that contradict each other."""
     problems = []
     d, v = cfg.data, cfg.validation

@@ -47,9 +47,10 @@ def rope_table(args: ModelArgs, seq_len: int) -> torch.Tensor:
 def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     """Rotate consecutive pairs (x[2i], x[2i+1]) of the head dim, as Meta's checkpoints expect.
 
-    x: (batch, seq, heads, head_dim); rope: complex phases, (>= seq, head_dim/2) for positions
-    0..seq-1, or (batch, seq, head_dim/2) for each token's own position. Each pair is read as one complex number and multiplied by
-    its position's phase (one complex multiply is the rotation).
+    x: (batch, seq, heads, head_dim); rope: complex phases, (>= seq, head_dim/2) for
+    positions 0..seq-1, or (batch, seq, head_dim/2) for each token's own position. Each pair is
+    read as one complex number and multiplied by its position's phase (one complex multiply is
+    the rotation).
     """
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
     if rope.ndim == 2:
