@@ -6,7 +6,6 @@ from torch.nn.attention.flex_attention import create_block_mask
 
 from titan_lite.config import Generation
 from titan_lite.generation import choose_next, generate
-from titan_lite.hf import args_from_hf_config, load_hf_weights
 from titan_lite.models.llama3 import ModelArgs, Transformer
 from titan_lite.models.llama3.attention import attend, document_mask, sample_ids
 
@@ -98,12 +97,9 @@ def test_greedy_decoding_equals_transformers_generate(tmp_path):
     torch.manual_seed(0)
     hf = transformers.LlamaForCausalLM(config).eval()
     hf.save_pretrained(tmp_path)
-    args = args_from_hf_config(str(tmp_path))
-    with torch.device("meta"):
-        ours = Transformer(args)
-    ours.to_empty(device="cpu")
-    ours.init_buffers()
-    load_hf_weights([ours], str(tmp_path), args)
+    from test_hf import load  # the HF-folder loader of the import tests
+
+    ours = load(tmp_path)
     prompt = [3, 14, 15, 92, 65, 35]
     expected = hf.generate(torch.tensor([prompt]), max_new_tokens=40, do_sample=False,
                            eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
