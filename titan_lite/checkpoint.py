@@ -16,7 +16,7 @@ import re
 import shutil
 import signal
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 
 import torch
@@ -29,7 +29,9 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
 from titan_lite.config import Checkpoint
 from titan_lite.data import PackedDataLoader
-from titan_lite.distributed import barrier
+from titan_lite.distributed import barrier, local_shard
+from titan_lite.finetune.nf4 import is_quantized
+from titan_lite.parallel.init import write_shard
 
 _STEP_FOLDER = re.compile(r"step-(\d+)")
 # DCP warns on every save and load without a process group (also from the async writer's
@@ -107,11 +109,17 @@ class Checkpointer:
 
     def __init__(self, cfg: Checkpoint, dump_folder: str, model_parts: Iterable[nn.Module],
                  optimizer: torch.optim.Optimizer,
-                 scheduler: torch.optim.lr_scheduler.LRScheduler, loader: PackedDataLoader):
+                 scheduler: torch.optim.lr_scheduler.LRScheduler, loader: PackedDataLoader,
+                 frozen_base: dict[str, torch.Tensor] | None = None,
+                 save_frozen: bool = True):
+        """``frozen_base``: the fingerprint (``finetune.base_fingerprint``) of a frozen base the
+        run does not train; it is stored, and a resume onto another base refuses. The frozen
+        parameters themselves are stored only with ``save_frozen``."""
         self.cfg = cfg
         self.folder = os.path.join(dump_folder, cfg.folder)
         self.parts, self.optimizer = list(model_parts), optimizer
         self.scheduler, self.loader = scheduler, loader
+        self.frozen_base, self.save_frozen = frozen_base or {}, save_frozen
         self._pending: tuple[Future, str, str] | None = None  # async save: (future, from, to)
         self._async_group = None
         if cfg.async_mode == "async" and dist.is_initialized():
@@ -123,9 +131,11 @@ class Checkpointer:
         state: dict[str, torch.Tensor] = {}
         for part in self.parts:
             for name, param in part.named_parameters():
-                state[f"model.{name}"] = param
-                for key, value in self.optimizer.state[param].items():
+                if param.requires_grad or self.save_frozen:
+                    state[f"model.{name}"] = param
+                for key, value in self.optimizer.state.get(param, {}).items():
                     state[f"optimizer.{name}.{key}"] = value
+        state.update({f"base.{name}": sums.clone() for name, sums in self.frozen_base.items()})
         state["train.lr_step"] = torch.tensor(self.scheduler.last_epoch)
         loader_state = self.loader.state_dict()
         state["train.data"] = torch.tensor([loader_state[k] for k in _DATA_FIELDS])
@@ -195,8 +205,17 @@ class Checkpointer:
         state = self._state()
         state["train.step"] = torch.tensor(0)
         _load(state, path, "; delete it or set checkpoint.load_step to an older step")
+        self._check_base(state, path)
         self._apply(state)
         return int(state["train.step"])
+
+    def _check_base(self, state: dict[str, torch.Tensor], path: str) -> None:
+        """Refuse to resume adapters onto another frozen base than they were trained on."""
+        for name, sums in self.frozen_base.items():
+            if not torch.allclose(state[f"base.{name}"], sums, rtol=1e-9, atol=0):
+                raise CheckpointError(f"model.init_from: the frozen base is not the one {path} "
+                                      f"was trained on ({name} differs); resume with the same "
+                                      "model.init_from (and job.seed)")
 
     def _apply(self, state: dict[str, torch.Tensor]) -> None:
         """Hand the loaded non-parameter values back to their owners (parameters and optimizer
@@ -278,11 +297,25 @@ class Preemption:
 
 
 @torch.no_grad()
-def load_model_weights(model_parts: Iterable[nn.Module], path: str) -> None:
+def load_model_weights(model_parts: Iterable[nn.Module], path: str,
+                       parameters: Callable[[nn.Module], Iterable[tuple[str, torch.Tensor]]]
+                       = nn.Module.named_parameters) -> None:
     """Load only the weights of the checkpoint folder ``path`` into the model's parts (any
-    layout; each rank passes the parts it holds). Stored dtypes are cast to the parameters'."""
-    _load({f"model.{name}": param for part in model_parts
-           for name, param in part.named_parameters()}, path)
+    layout; each rank passes the parts it holds): all of them, or those that ``parameters``
+    yields for a part (e.g. only a LoRA model's base). Stored dtypes are cast to the
+    parameters'."""
+    state, quantized = {}, []
+    for part in model_parts:
+        for name, param in parameters(part):
+            if is_quantized(param):  # DCP reads the dense weight, then it is quantised
+                full = torch.empty(param.shape, dtype=param.dtype, device=local_shard(param)
+                                   .device)
+                quantized.append((param, full))
+                param = full
+            state[f"model.{name}"] = param
+    _load(state, path)
+    for param, full in quantized:
+        write_shard(param, full)
 
 
 def is_checkpoint(path: str) -> bool:

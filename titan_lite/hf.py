@@ -19,9 +19,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.tensor import DTensor
-from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
+from titan_lite.finetune.lora import base_parameters
+from titan_lite.finetune.nf4 import is_quantized, write_quantized
 from titan_lite.models.llama3 import ModelArgs, RopeScaling
+from titan_lite.parallel.init import local_offset
 
 _LAYER_NAMES = {
     "attention.wq.weight": "self_attn.q_proj.weight",
@@ -150,15 +152,17 @@ def load_hf_weights(model_parts: Iterable[nn.Module], folder: str, args: ModelAr
     """
     source = _Safetensors(folder)
     for part in model_parts:
-        for name, param in part.named_parameters():
+        for name, param in base_parameters(part):  # LoRA adapters are not in the folder
             local, offset = param, [0] * param.ndim
             if isinstance(param, DTensor):
-                local = param.to_local()
-                _, offset = compute_local_shape_and_global_offset(
-                    param.shape, param.device_mesh, param.placements)
+                local, offset = param.to_local(), local_offset(param)
             if local.numel() == 0:
                 continue
-            local.copy_(_read_local(source, name, args, local.shape, offset))
+            if is_quantized(local):  # NF4 quantises the whole weight (see write_quantized)
+                full = _read_local(source, name, args, param.shape, [0] * param.ndim)
+                write_quantized(local, full, offset[0])
+            else:
+                local.copy_(_read_local(source, name, args, local.shape, offset))
 
 
 def _read_local(source: _Safetensors, name: str, args: ModelArgs, shape: torch.Size,

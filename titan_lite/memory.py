@@ -16,11 +16,29 @@ from typing import Any
 import torch
 from torch._guards import active_fake_mode
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.distributed.tensor import DTensor
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import (
+    TorchDispatchMode,
+    is_traceable_wrapper_subclass,
+    is_traceable_wrapper_subclass_type,
+)
 from torch.utils._pytree import tree_leaves
 
 from titan_lite.distributed import local_shard
+
+
+def storages(tensor: torch.Tensor) -> list[torch.UntypedStorage]:
+    """The storages holding a tensor's data on this rank: a DTensor's shard's, or a wrapper
+    subclass's inner tensors' (e.g. an NF4 weight's 4-bit codes and its scales)."""
+    tensor = local_shard(tensor)
+    if is_traceable_wrapper_subclass(tensor):
+        names, _ = tensor.__tensor_flatten__()
+        return [s for name in names for s in storages(getattr(tensor, name))]
+    return [tensor.untyped_storage()]
+
+
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    """Bytes this rank holds for ``tensor`` (see ``storages``)."""
+    return sum(storage.nbytes() for storage in storages(tensor))
 
 
 class TensorMemoryTracker(TorchDispatchMode):
@@ -44,7 +62,8 @@ class TensorMemoryTracker(TorchDispatchMode):
         """Count tensors created outside the tracker (DTensors count their local shard)."""
         for tensor in tensors:
             if isinstance(tensor, torch.Tensor) and tensor.device.type != "meta":
-                self._count(local_shard(tensor).untyped_storage())
+                for storage in storages(tensor):
+                    self._count(storage)
 
     def reset_peak(self) -> None:
         self.peak_bytes = self.live_bytes
@@ -93,8 +112,8 @@ class TensorMemoryTracker(TorchDispatchMode):
         super().__exit__(*args)
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        if DTensor in types:
-            return NotImplemented  # let DTensor unwrap; its local ops come back through here
+        if any(map(is_traceable_wrapper_subclass_type, types)):
+            return NotImplemented  # let DTensor (NF4, ...) unwrap; its inner ops come back here
         if func is torch.ops._c10d_functional.wait_tensor.default and self._fake_mode:
             return args[0]  # its fake kernel returns a new tensor; the real op waits in place
         out = func(*args, **(kwargs or {}))

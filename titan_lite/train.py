@@ -37,6 +37,13 @@ from titan_lite.distributed import (
     init_distributed,
     shutdown_and_exit,
 )
+from titan_lite.finetune import (
+    apply_lora,
+    base_fingerprint,
+    base_parameters,
+    describe_parameters,
+    quantize_block_linears,
+)
 from titan_lite.hf import architecture_mismatches, args_from_hf_config, load_hf_weights
 from titan_lite.loss import cross_entropy_sum, global_target_count, sum_over_ranks
 from titan_lite.memory import TensorMemoryTracker
@@ -90,13 +97,15 @@ def check_model_fits(model: Transformer, cfg: JobConfig, dims: ParallelDims,
     the memory that holds them (host memory under CPU offload)."""
     offload = cfg.training.enable_cpu_offload
     shards = dims.state_shards(offload)
-    need = model.num_params() * BYTES_PER_PARAM // shards
+    need = sum(p.numel() * (BYTES_PER_PARAM if p.requires_grad else p.element_size())
+               for p in model.parameters()) // shards
     where = torch.device("cpu") if offload else env.device
     have = available_memory_per_rank(where, env.local_world_size)
     if need > have:
         raise FitError(f"model.flavor: {model.num_params() / 1e9:.2f}B parameters need "
-                       f"{need / 2**30:.1f} GiB per rank for float32 weights, gradients and "
-                       f"AdamW states split {shards} way(s) (before activations), but "
+                       f"{need / 2**30:.1f} GiB per rank for their weights (and the trained "
+                       f"ones' float32 gradients and AdamW states) split {shards} way(s) "
+                       f"(before activations), but "
                        f"{'host memory' if offload else f'this {where.type} device'} has "
                        f"{have / 2**30:.1f} GiB per rank; shard over more ranks "
                        "(parallelism.dp_shard), turn on training.enable_cpu_offload, or pick a "
@@ -105,17 +114,19 @@ def check_model_fits(model: Transformer, cfg: JobConfig, dims: ParallelDims,
 
 def parallelize(model: Transformer, cfg: JobConfig, dims: ParallelDims, mesh: DeviceMesh | None,
                 env: DistEnv, draw_weights: bool = True) -> torch.nn.Module:
-    """Apply TP, activation checkpointing and FSDP to a meta-device model (or pipeline stage),
-    then allocate this rank's shards and draw the weights. Returns the module to call, which is
-    ``model`` itself except under DDP."""
+    """Apply TP, activation checkpointing, QLoRA's NF4 storage and FSDP to a meta-device model
+    (or pipeline stage), then allocate this rank's shards and draw the weights. Returns the
+    module to call, which is ``model`` itself except under DDP."""
     if dims.tp > 1:
         apply_tp(model, mesh["tp"], cfg.parallelism.enable_loss_parallel)
     apply_activation_checkpointing(model, cfg.activation_checkpoint)
     offload = cfg.training.enable_cpu_offload
+    param_device = torch.device("cpu") if offload else env.device
+    if cfg.lora.quantize_base == "nf4":
+        quantize_block_linears(model, param_device)
     fsdp = dims.uses_fsdp(offload)
     if fsdp:
         apply_fsdp(model, mesh, cfg.training, cfg.parallelism, pipelined=dims.pp > 1)
-    param_device = torch.device("cpu") if offload else env.device
     materialize(model, cfg.job.seed, env.device, param_device, draw_weights)
     if dims.dp_replicate > 1 and not fsdp:
         return apply_ddp(model, mesh)
@@ -135,6 +146,26 @@ def build_model(cfg: JobConfig, model: Transformer, dims: ParallelDims,
     return [model], parallelize(model, cfg, dims, mesh, env, draw_weights)
 
 
+def build_meta_model(cfg: JobConfig, args: ModelArgs) -> Transformer:
+    """The job's model on the meta device, with the fine-tuning transform it asks for."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    lora = cfg.lora
+    if lora.enable:
+        apply_lora(model, lora.rank, lora.alpha, lora.dropout, lora.target_modules,
+                   DTYPES[lora.base_dtype])
+    return model
+
+
+def prepare_base(parts: list[Transformer], cfg: JobConfig, args: ModelArgs
+                 ) -> dict[str, torch.Tensor] | None:
+    """Load model.init_from into the materialised parts; for LoRA, return the frozen base's
+    fingerprint (for the checkpoints)."""
+    if cfg.model.init_from:
+        load_pretrained(parts, cfg.model.init_from, args)
+    return base_fingerprint(parts) if cfg.lora.enable else None
+
+
 def load_pretrained(parts: list[Transformer], folder: str, args: ModelArgs) -> None:
     """Overwrite the initial weights with those in ``folder``: a Hugging Face checkpoint, or a
     titan_lite one (a training step-N, or one made by ``python -m titan_lite.hf import``)."""
@@ -143,8 +174,8 @@ def load_pretrained(parts: list[Transformer], folder: str, args: ModelArgs) -> N
         if mismatches:
             raise ValueError(f"model.init_from: {folder} is not this model: "
                              f"{'; '.join(mismatches)}")
-    if is_checkpoint(folder):
-        load_model_weights(parts, folder)  # shapes are checked by the load itself
+    if is_checkpoint(folder):  # (shapes are checked by the load itself)
+        load_model_weights(parts, folder, base_parameters)  # a LoRA model's adapters start new
     else:
         load_hf_weights(parts, folder, args)
 
@@ -267,13 +298,11 @@ def train(cfg: JobConfig, env: DistEnv) -> TrainResult:
     tokenizer = build_tokenizer(cfg.tokenizer.kind, cfg.tokenizer.path)
     args = replace(FLAVORS[cfg.model.flavor], vocab_size=tokenizer.vocab_size,
                    max_seq_len=cfg.training.seq_len)
-    with torch.device("meta"):
-        model = Transformer(args)
+    model = build_meta_model(cfg, args)
     num_params, flops_per_token = model.num_params(), model.flops_per_token(args.max_seq_len)
     check_model_fits(model, cfg, dims, env)
     parts, runner = build_model(cfg, model, dims, mesh, env)
-    if cfg.model.init_from:
-        load_pretrained(parts, cfg.model.init_from, args)
+    frozen_base = prepare_base(parts, cfg, args)
     modules = torch.nn.ModuleList(parts)  # one handle on this rank's parameters
     optimizer = build_optimizer(modules, cfg.optimizer)
     scheduler = build_lr_scheduler(optimizer, cfg.lr_scheduler, cfg.training.steps)
@@ -289,7 +318,8 @@ def train(cfg: JobConfig, env: DistEnv) -> TrainResult:
     checkpointer, preemption, start_step = None, None, 0
     if cfg.checkpoint.enable:
         checkpointer = Checkpointer(cfg.checkpoint, cfg.job.dump_folder, parts, optimizer,
-                                    scheduler, loader)
+                                    scheduler, loader, frozen_base,
+                                    save_frozen=cfg.lora.save_base)
         start_step = checkpointer.restore()
         preemption = Preemption(env.device)
         log0(env, f"resumed from {checkpointer.folder}/step-{start_step}" if start_step else
@@ -307,6 +337,7 @@ def train(cfg: JobConfig, env: DistEnv) -> TrainResult:
               f"{cfg.training.local_batch_size * dims.dp * recipe.accumulation} x "
               f"{cfg.training.seq_len} ({recipe.accumulation} accumulation step(s)) | "
               f"{compute_dtype} compute | MFU peak: {peak_source}")
+    log0(env, describe_parameters(model, modules))
 
     evaluation = build_evaluation(cfg, data, parts, runner, tokenizer, env, recipe, dims)
     if evaluation and start_step == 0 and cfg.validation.at_start:

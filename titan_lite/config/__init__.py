@@ -16,6 +16,7 @@ from titan_lite.config.schema import (
     Generation,
     Job,
     JobConfig,
+    Lora,
     LRScheduler,
     Metrics,
     Model,
@@ -28,6 +29,6 @@ from titan_lite.config.schema import (
 
 __all__ = [
     "DEFAULT_CONFIG", "ActivationCheckpoint", "Checkpoint", "ConfigError", "Data", "Generation",
-    "Job", "JobConfig", "LRScheduler", "Metrics", "Model", "Optimizer", "Parallelism",
+    "Job", "JobConfig", "Lora", "LRScheduler", "Metrics", "Model", "Optimizer", "Parallelism",
     "Tokenizer", "Training", "Validation", "check_job", "help_text", "load_config", "parse_or_exit",
 ]

@@ -9,7 +9,8 @@ import sys
 
 from titan_lite.config.loader import ConfigError, help_text, load_config
 from titan_lite.config.schema import JobConfig
-from titan_lite.models.llama3 import FLAVORS
+from titan_lite.finetune.nf4 import INSTALL_HINT, nf4_available, nf4_problems
+from titan_lite.models.llama3 import FLAVORS, ModelArgs
 from titan_lite.parallel.activation_checkpoint import checkpoint_every
 from titan_lite.parallel.dims import ParallelDims, resolve_degrees
 from titan_lite.parallel.pp import pp_problems
@@ -50,6 +51,7 @@ def check_job(cfg: JobConfig, world_size: int, training_here: bool = True) -> li
         problems.append("checkpoint.load_step: 0 is not a step (use -1 for the newest "
                         "checkpoint, or a saved step >= 1)")
     problems += _data_problems(cfg, dims)
+    problems += _lora_problems(cfg, dims)
     if training_here:
         problems += _local_problems(cfg)
     return problems
@@ -72,6 +74,53 @@ def _data_problems(cfg: JobConfig, dims: ParallelDims | None) -> list[str]:
         problems.append("validation.sample_prompts: generation needs the whole model in each "
                         "process; it is not supported with pipeline parallel")
     return problems
+
+
+def _lora_problems(cfg: JobConfig, dims: ParallelDims | None) -> list[str]:
+    """[lora] keys that cannot work, alone or in this layout."""
+    lora, problems = cfg.lora, []
+    if not lora.enable:
+        if lora.quantize_base != "none":
+            problems.append("lora.quantize_base: quantising the frozen base needs "
+                            "lora.enable = true")
+        return problems
+    if lora.alpha <= 0:
+        problems.append(f"lora.alpha: {lora.alpha!r} must be > 0 (the update is scaled by "
+                        "alpha / rank)")
+    if not lora.target_modules:
+        problems.append("lora.target_modules: empty; name at least one linear")
+    args = FLAVORS[cfg.model.flavor]
+    if "output" in lora.target_modules and args.tie_word_embeddings:
+        problems.append(f"lora.target_modules: flavor {cfg.model.flavor} ties the output to "
+                        "the embedding, so 'output' cannot get its own adapter")
+    for degree, name in ((dims.tp if dims else 1, "tensor_parallel_degree"),
+                         (dims.pp if dims else 1, "pipeline_parallel_degree")):
+        if degree > 1:
+            problems.append(f"lora.enable: adapters are not supported with "
+                            f"parallelism.{name} > 1 yet; use FSDP (dp_shard) instead")
+    if lora.quantize_base == "nf4":
+        if not nf4_available():
+            problems.append(f"lora.quantize_base: 'nf4' needs torchao, which is not "
+                            f"installed: {INSTALL_HINT}")
+        if lora.save_base:
+            problems.append("lora.save_base: an NF4 base cannot be stored in a checkpoint; "
+                            "it is rebuilt from model.init_from on resume")
+        fsdp = dims is not None and dims.uses_fsdp(cfg.training.enable_cpu_offload)
+        if fsdp and dims.dp_shard == 1:
+            problems.append("lora.quantize_base: 'nf4' under FSDP needs parallelism.dp_shard "
+                            ">= 2 (FSDP2 skips NF4's all-gather with one shard); on one GPU "
+                            "keep training.enable_cpu_offload = false, the NF4 base is small")
+        shards = dims.dp_shard if fsdp else 1
+        problems += [f"lora.quantize_base: {p}" for p in
+                     filter(None, (nf4_problems(shape, shards) for shape in
+                                   _block_linear_shapes(args)))][:1]
+    return problems
+
+
+def _block_linear_shapes(args: ModelArgs) -> list[tuple[int, int]]:
+    q, kv = args.n_heads * args.head_dim, args.kv_heads * args.head_dim
+    return [(q, args.dim), (kv, args.dim), (args.dim, q), (args.ffn_hidden_dim, args.dim),
+            (args.dim, args.ffn_hidden_dim)]
 
 
 def _local_problems(cfg: JobConfig) -> list[str]:

@@ -86,6 +86,8 @@ def _check_toml_value(value: Any, tp: Any) -> Any:
 
 def _check_range(value: Any, f: dataclasses.Field) -> str | None:
     meta = f.metadata
+    if isinstance(value, list):  # choices apply to each item
+        return next(filter(None, (_check_range(item, f) for item in value)), None)
     if meta["choices"] is not None and value not in meta["choices"]:
         return (f"{value!r} is not one of {', '.join(map(repr, meta['choices']))}"
                 + _did_you_mean(str(value), [str(c) for c in meta["choices"]]))

@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from titan_lite.finetune.lora import BLOCK_TARGETS, TARGETS
 from titan_lite.models.llama3 import FLAVORS
 
 DEFAULT_CONFIG = "train_configs/debug_model.toml"
@@ -181,6 +182,33 @@ class ActivationCheckpoint:
 
 
 @dataclass
+class Lora:
+    enable: bool = opt(False, "Fine-tune low-rank adapters (LoRA) on a frozen base instead of "
+                       "every weight: the base gets no gradients and no AdamW states and is "
+                       "held in lora.base_dtype; only the adapters train, in float32. The base "
+                       "comes from model.init_from (or job.seed) again on every resume.")
+    rank: int = opt(8, "Rank r of each adapter (A: r x in_features, B: out_features x r).",
+                    min=1)
+    alpha: float = opt(16.0, "The adapters' update is scaled by alpha / rank; > 0.")
+    dropout: float = opt(0.0, "Dropout on each adapter's input while training.", min=0.0,
+                         max=0.9)
+    target_modules: list[str] = opt(list(BLOCK_TARGETS), "Linears that get adapters: wq, wk, "
+                                    "wv, wo (attention), w1, w2, w3 (FFN), output (the LM "
+                                    "head); the others stay frozen.", choices=list(TARGETS))
+    base_dtype: str = opt("bfloat16", "dtype the frozen base is stored in (embeddings, norms, "
+                          "linears not quantised).", choices=["bfloat16", "float32"])
+    quantize_base: str = opt("none", "QLoRA: nf4 stores the frozen linears of the blocks in "
+                             "4-bit NormalFloat with double-quantised block scales (~0.52 "
+                             "bytes per weight), dequantised block by block in forward and "
+                             "backward; embeddings, norms and the output stay in base_dtype. "
+                             "Needs the qlora extra: pip install -e '.[qlora]'.",
+                             choices=["none", "nf4"])
+    save_base: bool = opt(False, "Also store the frozen base in checkpoints (by default they "
+                          "hold only the adapters and their optimizer states, and a "
+                          "fingerprint the resume checks the base against).")
+
+
+@dataclass
 class Checkpoint:
     enable: bool = opt(False, "Save distributed checkpoints and, on start, resume from the "
                        "newest complete one in the folder.")
@@ -278,6 +306,7 @@ class JobConfig:
     training: Training = field(default_factory=Training)
     parallelism: Parallelism = field(default_factory=Parallelism)
     activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)
+    lora: Lora = field(default_factory=Lora)
     checkpoint: Checkpoint = field(default_factory=Checkpoint)
     metrics: Metrics = field(default_factory=Metrics)
     validation: Validation = field(default_factory=Validation)

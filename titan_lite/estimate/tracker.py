@@ -8,8 +8,7 @@ from typing import Any
 
 import torch
 
-from titan_lite.distributed import local_shard
-from titan_lite.memory import TensorMemoryTracker
+from titan_lite.memory import TensorMemoryTracker, storages
 
 PARAMS, GRADS, OPTIM = "parameters", "gradients", "optimizer states"
 BUFFERS, GATHERED, COMM = "buffers", "gathered parameters", "communication buffers"
@@ -37,17 +36,17 @@ class LabelledTracker(TensorMemoryTracker):
         for tensor in tensors:
             if not isinstance(tensor, torch.Tensor):
                 continue
-            storage = local_shard(tensor).untyped_storage()
-            key = storage._cdata
-            if key not in self._sizes:
-                self._labels[key] = name
-                self._count(storage)
-            elif self._labels[key] != name:
-                size = self._sizes[key]
-                self.live[self._labels[key]] -= size
-                self.live[name] += size
-                self._labels[key] = name
-                self._update_peaks()
+            for storage in storages(tensor):
+                key = storage._cdata
+                if key not in self._sizes:
+                    self._labels[key] = name
+                    self._count(storage)
+                elif self._labels[key] != name:
+                    size = self._sizes[key]
+                    self.live[self._labels[key]] -= size
+                    self.live[name] += size
+                    self._labels[key] = name
+                    self._update_peaks()
 
     def reset_peak(self) -> None:
         super().reset_peak()

@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import zlib
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager as ContextManager
 from functools import partial
 
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
+from titan_lite.finetune.nf4 import is_quantized, write_quantized
 from titan_lite.models.llama3 import Transformer
 
 
 @contextlib.contextmanager
 def full_tensors(module: nn.Module, device: torch.device) -> Iterator[None]:
-    """Show ``module``'s sharded (DTensor) parameters as full plain tensors inside the block,
-    then keep only this rank's shard of what was written to them.
+    """Show ``module``'s sharded (DTensor) and quantised parameters as full plain tensors
+    inside the block, then keep only this rank's shard of what was written to them (quantised).
 
     Random init of DTensor shards on CPU draws each rank's shard from its own generator, so a
     sharded model would start from other weights than one process with the same seed. Drawing
@@ -26,7 +30,7 @@ def full_tensors(module: nn.Module, device: torch.device) -> Iterator[None]:
     swapped = []
     for owner in module.modules():
         for name, param in list(owner._parameters.items()):
-            if isinstance(param, DTensor):
+            if isinstance(param, DTensor) or (param is not None and is_quantized(param)):
                 full = nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device=device))
                 owner._parameters[name] = full
                 swapped.append((owner, name, param, full))
@@ -35,11 +39,28 @@ def full_tensors(module: nn.Module, device: torch.device) -> Iterator[None]:
     finally:
         for owner, name, param, full in swapped:
             owner._parameters[name] = param
-            # src_data_rank=None: every rank holds the same full tensor, so slice locally.
-            shard = distribute_tensor(full.detach(), param.device_mesh, param.placements,
-                                      src_data_rank=None)
             with torch.no_grad():
-                param.to_local().copy_(shard.to_local())
+                write_shard(param, full.detach())
+
+
+def write_shard(param: torch.Tensor, full: torch.Tensor) -> None:
+    """Store this rank's part of the full values ``full`` in ``param``, a plain, sharded
+    (DTensor) or quantised (NF4) parameter."""
+    local = param.to_local() if isinstance(param, DTensor) else param
+    if is_quantized(local):
+        offset = local_offset(param)[0] if isinstance(param, DTensor) else 0
+        write_quantized(local, full, offset)
+        return
+    # src_data_rank=None: every rank holds the same full tensor, so slice locally.
+    shard = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+    local.copy_(shard.to_local())
+
+
+def local_offset(param: DTensor) -> list[int]:
+    """Where this rank's shard of ``param`` starts in the full tensor, per dimension."""
+    _, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh,
+                                                      param.placements)
+    return list(offset)
 
 
 def materialize(model: Transformer, seed: int, compute_device: torch.device,
@@ -47,10 +68,30 @@ def materialize(model: Transformer, seed: int, compute_device: torch.device,
     """Allocate the parameters on ``param_device`` (host memory under CPU offload) and the
     buffers on ``compute_device``, then initialise the weights from ``seed`` (unless
     ``draw_weights`` is false: the memory estimator only needs the storage)."""
-    model.to_empty(device=param_device)
+    # Only what is still on the meta device: a transform may have created real weights (NF4).
+    model._apply(lambda t: torch.empty_like(t, device=param_device) if t.is_meta else t)
     for module in model.modules():
         for name, buffer in module._buffers.items():
             if buffer is not None:
                 module._buffers[name] = buffer.to(compute_device)
     if draw_weights:
-        model.init_weights(seed, unit_context=partial(full_tensors, device=compute_device))
+        unit_context = partial(full_tensors, device=compute_device)
+        model.init_weights(seed, unit_context=unit_context)
+        init_added_weights(model, seed, unit_context)
+
+
+@torch.no_grad()
+def init_added_weights(model: nn.Module, seed: int,
+                       unit_context: Callable[[nn.Module], ContextManager]) -> None:
+    """Initialise the weights a model transform added (modules with ``init_adapter_weights``,
+    e.g. LoRA adapters), each from ``seed`` and its module's name as the model's own units are,
+    so they too are the same in every layout. The added weights live in the module's children;
+    its own parameters (the frozen weight beside the adapters) are left as they are."""
+    for name, module in model.named_modules():
+        init = getattr(module, "init_adapter_weights", None)
+        if init is not None:
+            with contextlib.ExitStack() as stack:
+                for child in module.children():
+                    stack.enter_context(unit_context(child))
+                torch.manual_seed(zlib.crc32(f"{seed}/{name}".encode()))
+                init()

@@ -193,7 +193,8 @@ class Transformer(nn.Module):
             return h
         h = self.norm(h)
         if self.args.tie_word_embeddings:
-            return F.linear(h, self.tok_embeddings.weight)
+            # (a cast only when the table is stored narrower, e.g. a frozen fine-tuning base)
+            return F.linear(h, self.tok_embeddings.weight.to(h.dtype))
         return self.output(h)
 
     @torch.no_grad()
@@ -244,14 +245,15 @@ class Transformer(nn.Module):
         return total
 
     def flops_per_token(self, seq_len: int) -> int:
-        """Training FLOPs per token: 6 x (matmul weights) + attention scores and values.
+        """Training FLOPs per token: 6 x (trained matmul weights) + 4 x (frozen ones: forward
+        and the input gradient, no weight gradient) + attention scores and values.
 
         The embedding lookup and norm weights are not matmuls; the output projection is.
         Attention counts the full (non-causal) score matrix, as the PaLM/torchtitan MFU
         convention does.
         """
-        matmul_params = sum(p.numel() for p in self.parameters() if p.ndim == 2)
-        if self.output is not None:  # untied: the embedding matrix is only a lookup
-            matmul_params -= self.tok_embeddings.weight.numel()
+        lookup = self.tok_embeddings.weight if self.output is not None else None  # untied
+        matmul_flops = sum((6 if p.requires_grad else 4) * p.numel() for p in self.parameters()
+                           if p.ndim == 2 and p is not lookup)
         a = self.args
-        return 6 * matmul_params + 12 * a.n_layers * a.n_heads * a.head_dim * seq_len
+        return matmul_flops + 12 * a.n_layers * a.n_heads * a.head_dim * seq_len

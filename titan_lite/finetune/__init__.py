@@ -1,0 +1,24 @@
+"""Fine-tuning transforms applied to a built model from outside it: LoRA adapters on a frozen
+base (``lora``) and the base's 4-bit NF4 storage for QLoRA (``nf4``)."""
+
+from __future__ import annotations
+
+from titan_lite.finetune.base import base_fingerprint, describe_parameters
+from titan_lite.finetune.lora import (
+    BLOCK_TARGETS,
+    TARGETS,
+    FrozenLinear,
+    LoRALinear,
+    adapter_parameters,
+    apply_lora,
+    base_parameters,
+    is_adapter,
+    merge_adapters,
+)
+from titan_lite.finetune.nf4 import is_quantized, nf4_available, quantize_block_linears
+
+__all__ = [
+    "BLOCK_TARGETS", "TARGETS", "FrozenLinear", "LoRALinear", "adapter_parameters",
+    "apply_lora", "base_fingerprint", "base_parameters", "describe_parameters", "is_adapter",
+    "is_quantized", "merge_adapters", "nf4_available", "quantize_block_linears",
+]

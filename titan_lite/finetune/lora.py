@@ -1,0 +1,156 @@
+"""LoRA: trainable low-rank adapters beside frozen weights (Hu et al., 2021).
+
+``apply_lora`` turns a built (meta-device) Llama into a fine-tuning model from the outside: the
+targeted linears become ``LoRALinear`` (frozen weight W plus adapters A: r x in, B: out x r, so
+y = W x + (alpha / r) B A dropout(x)); every other weight is frozen in place, in
+``lora.base_dtype``. Only the adapters are trained, in float32. B starts at zero, so step 0
+computes exactly the base model. Parameter names of the base do not change (``layers.0.attention
+.wq.weight``), so Hugging Face and titan_lite weights load into it as into the plain model; the
+adapters are ``<linear>.lora_a.weight`` and ``<linear>.lora_b.weight``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from titan_lite.models.llama3 import Transformer
+
+BLOCK_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+TARGETS = (*BLOCK_TARGETS, "output")
+_ADAPTER = re.compile(r"(.+)\.lora_[ab]\.weight")
+
+
+class _FrozenLinearFunction(torch.autograd.Function):
+    """x @ W^T for a frozen W stored in another dtype than x. Saves W itself for backward (not
+    the input, W needs no gradient, nor a cast copy of W: that would keep a second, wider copy
+    of every frozen weight alive until backward)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(weight)
+        if torch.is_autocast_enabled(x.device.type):  # autocast casts both operands itself
+            return F.linear(x, weight)
+        return F.linear(x, weight.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        (weight,) = ctx.saved_tensors
+        return grad @ weight.to(grad.dtype), None  # autograd casts it to x's dtype
+
+
+def frozen_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Linear map by a frozen weight: a plain tensor of any float dtype, or a quantised tensor
+    subclass (NF4), which dequantises itself block by block inside ``F.linear``."""
+    if type(weight) not in (torch.Tensor, nn.Parameter) or weight.dtype == x.dtype:
+        return F.linear(x, weight)
+    return _FrozenLinearFunction.apply(x, weight)
+
+
+class FrozenLinear(nn.Module):
+    """A bias-free linear layer whose weight is frozen and stored in ``dtype`` (or replaced by a
+    quantised tensor); it computes in its input's dtype."""
+
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype),
+                                   requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return frozen_linear(x, self.weight)
+
+
+class LoRALinear(FrozenLinear):
+    """A frozen linear layer plus a trainable float32 low-rank update (alpha / rank) B A."""
+
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, rank: int,
+                 alpha: float, dropout: float):
+        super().__init__(in_features, out_features, dtype)
+        self.rank, self.alpha = rank, alpha
+        self.scale = alpha / rank
+        self.lora_a = nn.Linear(in_features, rank, bias=False, dtype=torch.float32)
+        self.lora_b = nn.Linear(rank, out_features, bias=False, dtype=torch.float32)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) + self.lora_b(self.lora_a(self.dropout(x))) * self.scale
+
+    @torch.no_grad()
+    def init_adapter_weights(self) -> None:
+        """A as nn.Linear initialises (Kaiming-uniform, as peft does), B zero: no change yet."""
+        nn.init.kaiming_uniform_(self.lora_a.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_b.weight)
+
+
+class FrozenEmbedding(nn.Embedding):
+    """An embedding table stored in a narrow dtype that hands float32 hidden states on, as the
+    float32 table of the full model does (mixed precision then casts them as usual)."""
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return super().forward(tokens).float()
+
+
+def _frozen(module: nn.Linear, dtype: torch.dtype, adapter: dict | None) -> FrozenLinear:
+    if adapter is None:
+        return FrozenLinear(module.in_features, module.out_features, dtype)
+    return LoRALinear(module.in_features, module.out_features, dtype, **adapter)
+
+
+def apply_lora(model: Transformer, rank: int, alpha: float, dropout: float,
+               targets: list[str], base_dtype: torch.dtype) -> None:
+    """Freeze ``model`` (built on the meta device, before any parallelism) in ``base_dtype``
+    and put adapters on the linears named in ``targets`` (see ``TARGETS``)."""
+    adapter = {"rank": rank, "alpha": alpha, "dropout": dropout}
+    for block in model.layers.values():
+        for parent in (block.attention, block.feed_forward):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.Linear):
+                    setattr(parent, name, _frozen(child, base_dtype,
+                                                  adapter if name in targets else None))
+        for norm in (block.attention_norm, block.ffn_norm):
+            norm.weight = nn.Parameter(norm.weight.to(base_dtype), requires_grad=False)
+    if model.output is not None:
+        model.output = _frozen(model.output, base_dtype,
+                               adapter if "output" in targets else None)
+    old = model.tok_embeddings
+    model.tok_embeddings = FrozenEmbedding(old.num_embeddings, old.embedding_dim,
+                                           dtype=base_dtype, device=old.weight.device)
+    model.tok_embeddings.weight.requires_grad_(False)
+    model.norm.weight = nn.Parameter(model.norm.weight.to(base_dtype), requires_grad=False)
+
+
+def is_adapter(name: str) -> bool:
+    """Whether a parameter name is a LoRA adapter's (not part of the base model)."""
+    return _ADAPTER.fullmatch(name) is not None
+
+
+def base_parameters(module: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """(name, parameter) of the base model's weights: everything but the adapters."""
+    return ((name, p) for name, p in module.named_parameters() if not is_adapter(name))
+
+
+def adapter_parameters(module: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """(name, parameter) of the LoRA adapters only."""
+    return ((name, p) for name, p in module.named_parameters() if is_adapter(name))
+
+
+def merge_adapters(state: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
+    """A plain model's state dict from a LoRA one (full tensors): each ``X.weight`` with
+    adapters becomes W + scale B A (computed in float32, stored in W's dtype); the adapter
+    entries are dropped. Pure: ``state`` is not changed."""
+    merged = {name: t for name, t in state.items() if not is_adapter(name)}
+    for name in state:
+        match = _ADAPTER.fullmatch(name)
+        if match is None or not name.endswith("lora_a.weight"):
+            continue
+        prefix = match.group(1)
+        weight = merged[f"{prefix}.weight"]
+        delta = state[f"{prefix}.lora_b.weight"].float() @ state[name].float()
+        merged[f"{prefix}.weight"] = (weight.float() + scale * delta).to(weight.dtype)
+    return merged

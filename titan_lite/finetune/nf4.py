@@ -1,0 +1,111 @@
+"""QLoRA's frozen base: the blocks' linears stored in 4-bit NormalFloat (Dettmers et al., 2023).
+
+The format and its kernels are torchao's ``NF4Tensor`` (the optional extra ``qlora``): blocks of
+64 weights share an absmax scale, and the scales are themselves quantised to int8 in blocks of
+256 ("double quantisation"), ~0.52 bytes per weight. ``F.linear`` on one dequantises it to the
+input's dtype in forward and again in backward; nothing but the 4-bit form is kept. FSDP2 shards
+it like any other parameter (torchao implements the all-gather extension).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import logging
+from collections.abc import Callable, Iterable, Iterator
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from titan_lite.finetune.lora import FrozenLinear
+
+INSTALL_HINT = "pip install -e '.[qlora]' (torchao)"
+BLOCK_SIZE, SCALER_BLOCK_SIZE = 64, 256  # the QLoRA paper's, and torchao's defaults
+
+
+def nf4_available() -> bool:
+    return importlib.util.find_spec("torchao") is not None
+
+
+@contextlib.contextmanager
+def _quiet(*names: str) -> Iterator[None]:
+    """Silence these loggers: importing torchao on a machine without its CUDA kernels logs a
+    'Failed to load ... .so' line per kernel library and a torch pytree deprecation."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+@functools.cache
+def _to_nf4() -> Callable[..., torch.Tensor]:
+    if not nf4_available():
+        raise ValueError(f"lora.quantize_base: 'nf4' needs torchao: {INSTALL_HINT}")
+    with _quiet("torchao", "torch.utils._pytree"):
+        from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
+    return to_nf4
+
+
+def is_quantized(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` (or a DTensor's shard) is a quantised tensor subclass."""
+    local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+    return type(local) not in (torch.Tensor, nn.Parameter)
+
+
+def dequantized(tensor: torch.Tensor) -> torch.Tensor:
+    """A quantised tensor's dense values (in its nominal dtype); any other tensor as it is."""
+    return tensor.get_original_weight() if is_quantized(tensor) else tensor
+
+
+@torch.no_grad()
+def write_quantized(local: torch.Tensor, full: torch.Tensor, row_offset: int = 0) -> None:
+    """Quantise the whole dense weight ``full`` and store the rows this rank holds (from
+    ``row_offset``) in its NF4 shard ``local``. The whole weight, not the shard, is quantised:
+    the format keeps one mean of the block scales per tensor, which every shard must share so
+    that FSDP's all-gather of shards is the weight's quantisation."""
+    quantized = _to_nf4()(full.to(local.device, local.dtype), BLOCK_SIZE, SCALER_BLOCK_SIZE)
+    rows = local.shape[0]
+    if rows != full.shape[0]:
+        quantized = torch.chunk(quantized, full.shape[0] // rows)[row_offset // rows]
+    names, _ = local.__tensor_flatten__()
+    for name in names:
+        getattr(local, name).copy_(getattr(quantized, name))
+
+
+def nf4_problems(shape: tuple[int, int], shards: int) -> str | None:
+    """Why a weight of ``shape`` split ``shards`` ways by rows cannot be NF4 (None: it can):
+    each shard must hold whole blocks and whole blocks of scales, so that quantising a shard
+    gives exactly that shard of the whole weight's quantisation."""
+    rows, cols = shape
+    numel = rows // shards * cols
+    if rows % shards or numel % (BLOCK_SIZE * SCALER_BLOCK_SIZE):
+        return (f"a {rows} x {cols} weight split {shards} way(s) is not a whole number of "
+                f"{BLOCK_SIZE * SCALER_BLOCK_SIZE}-weight NF4 scale blocks per shard")
+    return None
+
+
+def block_linears(parts: Iterable[nn.Module]) -> Iterator[tuple[str, FrozenLinear]]:
+    """The frozen linears inside the transformer blocks (what QLoRA quantises)."""
+    for part in parts:
+        for name, module in part.named_modules():
+            if isinstance(module, FrozenLinear) and name.startswith("layers."):
+                yield name, module
+
+
+@torch.no_grad()
+def quantize_block_linears(model: nn.Module, device: torch.device) -> None:
+    """Give each block linear an NF4 weight on ``device`` in place of its (meta-device) dense
+    one. Call it on the built model before sharding it: FSDP then shards the NF4 tensors, and
+    the weights are written later, by the initialisation or the load (``write_quantized``)."""
+    to_nf4 = _to_nf4()
+    for _, module in block_linears([model]):
+        dense = torch.zeros(module.weight.shape, dtype=module.weight.dtype, device=device)
+        module.weight = nn.Parameter(to_nf4(dense, BLOCK_SIZE, SCALER_BLOCK_SIZE),
+                                     requires_grad=False)
