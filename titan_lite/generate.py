@@ -27,7 +27,7 @@ from titan_lite.distributed import DTYPES
 from titan_lite.generation import generate, prompt_ids, stop_ids
 from titan_lite.models.llama3 import FLAVORS, Transformer
 from titan_lite.tokenizer import Tokenizer, build_tokenizer
-from titan_lite.train import load_pretrained
+from titan_lite.train import build_finetuned_model, load_pretrained
 
 _STEP = re.compile(r"step-\d+")
 
@@ -66,14 +66,18 @@ def weights_folder(cfg: JobConfig) -> str:
 
 def load_model(cfg: JobConfig, tokenizer: Tokenizer, device: torch.device) -> Transformer:
     """The job's model, unsharded on ``device`` in the training compute dtype, with the weights
-    of ``weights_folder(cfg)``."""
+    of ``weights_folder(cfg)`` (a LoRA job: its base, with that checkpoint's adapters)."""
     args = replace(FLAVORS[cfg.model.flavor], vocab_size=tokenizer.vocab_size,
                    max_seq_len=cfg.training.seq_len)
+    folder = weights_folder(cfg)
+    if cfg.lora.enable:  # the base as trained on, plus the checkpoint's adapters
+        adapters = is_checkpoint(folder) and folder != cfg.model.init_from
+        return build_finetuned_model(cfg, args, device, folder if adapters else None)
     with torch.device("meta"):
         model = Transformer(args).to(DTYPES[cfg.training.mixed_precision_param])
     model.to_empty(device=device)
     model.init_buffers()
-    load_pretrained([model], weights_folder(cfg), args)
+    load_pretrained([model], folder, args)
     return model.eval()
 
 

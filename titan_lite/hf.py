@@ -20,8 +20,8 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from titan_lite.finetune.lora import base_parameters
-from titan_lite.finetune.nf4 import is_quantized, write_quantized
+from titan_lite.finetune.lora import LoRALinear, base_parameters
+from titan_lite.finetune.nf4 import dequantized, is_quantized, write_quantized
 from titan_lite.models.llama3 import ModelArgs, RopeScaling
 from titan_lite.parallel.init import local_offset
 
@@ -179,7 +179,7 @@ def _read_local(source: _Safetensors, name: str, args: ModelArgs, shape: torch.S
     return rows[start - first * head_dim: stop - first * head_dim]
 
 
-def hf_config(args: ModelArgs) -> dict:
+def hf_config(args: ModelArgs, dtype: torch.dtype = torch.float32) -> dict:
     """config.json for ``LlamaForCausalLM`` with this architecture."""
     config = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
@@ -189,7 +189,8 @@ def hf_config(args: ModelArgs) -> dict:
         "vocab_size": args.vocab_size, "rms_norm_eps": args.norm_eps,
         "max_position_embeddings": args.max_seq_len, "hidden_act": "silu",
         "tie_word_embeddings": args.tie_word_embeddings, "rope_theta": args.rope_theta,
-        "attention_bias": False, "mlp_bias": False, "torch_dtype": "float32",
+        "attention_bias": False, "mlp_bias": False, "torch_dtype": str(dtype).removeprefix(
+            "torch."),
     }
     if args.rope_scaling is not None:
         s = args.rope_scaling
@@ -206,6 +207,38 @@ def hf_tensors(state_dict: dict[str, torch.Tensor], args: ModelArgs
     for name, tensor in state_dict.items():
         heads = _rotary_heads(name, args)
         yield hf_name(name), (to_hf_rows(tensor, heads) if heads else tensor).contiguous()
+
+
+def save_peft(model: nn.Module, args: ModelArgs, folder: str, base_model: str = "") -> None:
+    """Write ``model``'s LoRA adapters as a PEFT adapter folder (adapter_config.json +
+    adapter_model.safetensors) that ``peft.PeftModel.from_pretrained`` puts on
+    ``LlamaForCausalLM``. B's rows of q/k are permuted as their weights are (A's columns
+    follow the input features, which are not)."""
+    tensors, targets, adapter = {}, set(), None
+    for name, module in model.named_modules():
+        if not isinstance(module, LoRALinear):
+            continue
+        adapter = module
+        hf_linear = hf_name(f"{name}.weight").removesuffix(".weight")
+        targets.add(hf_linear.rsplit(".", 1)[-1])
+        heads = _rotary_heads(f"{name}.weight", args)
+        lora_b = module.lora_b.weight.detach().float()
+        prefix = f"base_model.model.{hf_linear}"
+        tensors[f"{prefix}.lora_A.weight"] = module.lora_a.weight.detach().float().contiguous()
+        tensors[f"{prefix}.lora_B.weight"] = (to_hf_rows(lora_b, heads) if heads
+                                              else lora_b).contiguous()
+    if adapter is None:
+        raise ValueError("the model has no LoRA adapters to export")
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": adapter.rank,
+              "lora_alpha": adapter.alpha, "lora_dropout": adapter.dropout_p, "bias": "none",
+              "target_modules": sorted(targets), "fan_in_fan_out": False,
+              "inference_mode": True, "use_rslora": False, "init_lora_weights": True,
+              "base_model_name_or_path": base_model}
+    os.makedirs(folder, exist_ok=True)
+    save_file(tensors, os.path.join(folder, "adapter_model.safetensors"),
+              metadata={"format": "pt"})
+    with open(os.path.join(folder, "adapter_config.json"), "w") as fh:
+        json.dump(config, fh, indent=2)
 
 
 def save_hf(state_dict: dict[str, torch.Tensor], args: ModelArgs, folder: str,
@@ -231,8 +264,9 @@ def save_hf(state_dict: dict[str, torch.Tensor], args: ModelArgs, folder: str,
             total += tensor.numel() * tensor.element_size()
     with open(os.path.join(folder, "model.safetensors.index.json"), "w") as fh:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, fh, indent=2)
+    dtype = next(iter(state_dict.values())).dtype
     with open(os.path.join(folder, "config.json"), "w") as fh:
-        json.dump(hf_config(args), fh, indent=2)
+        json.dump(hf_config(args, dtype), fh, indent=2)
 
 
 def import_checkpoint(argv: list[str] | None = None) -> None:
@@ -271,21 +305,28 @@ def import_checkpoint(argv: list[str] | None = None) -> None:
 
 
 def export_checkpoint(argv: list[str] | None = None) -> None:
-    """``python -m titan_lite.hf export --config JOB.toml [--step N] --out FOLDER [overrides]``:
-    write a titan_lite checkpoint of that job as a Hugging Face Llama folder."""
+    """``python -m titan_lite.hf export --config JOB.toml [--step N] [--format merged|peft]
+    --out FOLDER [overrides]``: write a titan_lite checkpoint of that job as a Hugging Face
+    Llama folder (a LoRA job: with its adapters merged, or as a PEFT adapter folder)."""
     import argparse
     from dataclasses import replace
 
-    from titan_lite.checkpoint import complete_steps, load_model_weights
+    from titan_lite.checkpoint import CheckpointError, complete_steps, load_model_weights
     from titan_lite.config import ConfigError, load_config
+    from titan_lite.finetune import merge_adapters
     from titan_lite.models.llama3 import FLAVORS, Transformer
     from titan_lite.tokenizer import build_tokenizer
+    from titan_lite.train import build_finetuned_model
 
     parser = argparse.ArgumentParser(prog="python -m titan_lite.hf export",
                                      description=export_checkpoint.__doc__)
     parser.add_argument("--out", required=True, help="folder to write (created)")
     parser.add_argument("--step", type=int, default=-1, help="checkpoint step; -1: newest")
     parser.add_argument("--max-shard-gb", type=float, default=5.0)
+    parser.add_argument("--format", choices=["merged", "peft"], default="merged",
+                        help="a LoRA job: merged = a plain Hugging Face Llama folder with the "
+                        "adapters merged into the base (in lora.base_dtype); peft = a PEFT "
+                        "adapter folder for the base of model.init_from")
     args, job_argv = parser.parse_known_args(argv)
     try:
         cfg = load_config(job_argv)
@@ -300,12 +341,29 @@ def export_checkpoint(argv: list[str] | None = None) -> None:
     vocab = build_tokenizer(cfg.tokenizer.kind, cfg.tokenizer.path).vocab_size
     model_args = replace(FLAVORS[cfg.model.flavor], vocab_size=vocab,
                          max_seq_len=cfg.training.seq_len)
-    with torch.device("meta"):
-        model = Transformer(model_args)
-    model.to_empty(device="cpu")
-    load_model_weights([model], os.path.join(folder, f"step-{step}"))
-    save_hf(model.state_dict(), model_args, args.out, int(args.max_shard_gb * 2**30))
-    print(f"wrote {folder}/step-{step} as a Hugging Face Llama folder: {args.out}")
+    checkpoint = os.path.join(folder, f"step-{step}")
+    if cfg.lora.enable:
+        try:
+            model = build_finetuned_model(cfg, model_args, torch.device("cpu"), checkpoint)
+        except (OSError, ValueError, CheckpointError) as e:
+            parser.exit(2, f"error: {e}\n")
+        if args.format == "peft":
+            save_peft(model, model_args, args.out, cfg.model.init_from)
+            print(f"wrote the adapters of {checkpoint} as a PEFT adapter folder: {args.out}")
+            return
+        state = merge_adapters({name: dequantized(p.detach()) for name, p in
+                                model.named_parameters()}, cfg.lora.alpha / cfg.lora.rank)
+    elif args.format == "peft":
+        parser.exit(2, "error: --format peft: this job trains no adapters (lora.enable is "
+                       "false); export it as --format merged\n")
+    else:
+        with torch.device("meta"):
+            model = Transformer(model_args)
+        model.to_empty(device="cpu")
+        load_model_weights([model], checkpoint)
+        state = model.state_dict()
+    save_hf(state, model_args, args.out, int(args.max_shard_gb * 2**30))
+    print(f"wrote {checkpoint} as a Hugging Face Llama folder: {args.out}")
 
 
 _COMMANDS = {"import": import_checkpoint, "export": export_checkpoint}

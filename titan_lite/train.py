@@ -38,6 +38,7 @@ from titan_lite.distributed import (
     shutdown_and_exit,
 )
 from titan_lite.finetune import (
+    adapter_parameters,
     apply_lora,
     base_fingerprint,
     base_parameters,
@@ -164,6 +165,22 @@ def prepare_base(parts: list[Transformer], cfg: JobConfig, args: ModelArgs
     if cfg.model.init_from:
         load_pretrained(parts, cfg.model.init_from, args)
     return base_fingerprint(parts) if cfg.lora.enable else None
+
+
+def build_finetuned_model(cfg: JobConfig, args: ModelArgs, device: torch.device,
+                          checkpoint: str | None) -> Transformer:
+    """A LoRA job's model in this one process (for generation and export): its base as
+    training builds it (model.init_from, else job.seed; quantised if the job quantises it),
+    with the adapters of the titan_lite ``checkpoint`` folder (None: untrained adapters)."""
+    single = replace(cfg, training=replace(cfg.training, enable_cpu_offload=False),
+                     activation_checkpoint=replace(cfg.activation_checkpoint, mode="none"))
+    dims = ParallelDims(dp_replicate=1, dp_shard=1, tp=1, pp=1)
+    env = DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1, device=device)
+    parts, _ = build_model(single, build_meta_model(single, args), dims, None, env)
+    prepare_base(parts, single, args)
+    if checkpoint is not None:
+        load_model_weights(parts, checkpoint, adapter_parameters)
+    return parts[0].eval()
 
 
 def load_pretrained(parts: list[Transformer], folder: str, args: ModelArgs) -> None:

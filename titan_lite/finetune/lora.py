@@ -72,7 +72,7 @@ class LoRALinear(FrozenLinear):
     def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, rank: int,
                  alpha: float, dropout: float):
         super().__init__(in_features, out_features, dtype)
-        self.rank, self.alpha = rank, alpha
+        self.rank, self.alpha, self.dropout_p = rank, alpha, dropout
         self.scale = alpha / rank
         self.lora_a = nn.Linear(in_features, rank, bias=False, dtype=torch.float32)
         self.lora_b = nn.Linear(rank, out_features, bias=False, dtype=torch.float32)
