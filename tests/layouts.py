@@ -29,8 +29,8 @@ def _train_and_save(rank: int, world_size: int, argv: list[str], out: str) -> No
     os.chdir(REPO)
     env = DistEnv(rank, rank, world_size, world_size, torch.device("cpu"))
     result = train(load_config(argv), env)
-    params = {name: _full(p) for part in result.model_parts
-              for name, p in part.named_parameters()}  # full_tensor() is a collective
+    params = {name: _full(p) for part in result.model_parts  # full_tensor() is a collective
+              for name, p in part.named_parameters() if p.requires_grad}  # (LoRA: adapters)
     torch.save({"losses": result.losses, "params": params,
                 "validation": result.validation_losses}, f"{out}.rank{rank}")
 
