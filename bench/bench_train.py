@@ -28,6 +28,7 @@ SMALL = ["--model.flavor", "small", "--training.local_batch_size", "2",
 # Instruction data (the shipped Alpaca example), packed into the same 8 x 2048 rows with the
 # document mask; tokens/s counts every position of a row, padding included.
 SFT = [*DEBUG, "--data.format", "alpaca", "--data.paths", "titan_lite/assets/data/kjv_sft.jsonl"]
+LORA = ["--lora.enable", "true", "--lora.rank", "16", "--lora.alpha", "32"]
 # name -> (processes, overrides)
 ROWS: dict[str, tuple[int, list[str]]] = {
     "debug-1rank": (1, DEBUG),
@@ -48,12 +49,18 @@ ROWS: dict[str, tuple[int, list[str]]] = {
     "small-2rank-fsdp": (2, SMALL),
     "small-2rank-ddp": (2, [*SMALL, "--parallelism.dp_replicate", "2",
                             "--parallelism.dp_shard", "1"]),
+    # Fine-tuning methods side by side on the same model and batch: every weight (float32
+    # weights, gradients, AdamW), LoRA (rank-16 adapters on the blocks' linears, bfloat16
+    # frozen base) and QLoRA (the blocks' linears in NF4, dequantised in forward and backward).
+    "small-1rank-lora": (1, [*SMALL, *LORA]),
+    "small-1rank-qlora": (1, [*SMALL, *LORA, "--lora.quantize_base", "nf4"]),
 }
 DEFAULT_ROWS = ("debug-1rank,debug-1rank-untracked,debug-1rank-sft,debug-1rank-ac-selective,"
                 "debug-1rank-ac-full,"
                 "debug-1rank-offload,debug-2rank-fsdp,debug-2rank-fsdp-sft,debug-2rank-fsdp-offload,"
                 "debug-2rank-ddp,"
-                "small-1rank,small-2rank-fsdp,small-2rank-ddp")
+                "small-1rank,small-2rank-fsdp,small-2rank-ddp,small-1rank-lora,"
+                "small-1rank-qlora")
 
 
 def run_row(name: str, steps: int, folder: str) -> dict[str, float | str]:

@@ -70,12 +70,20 @@ def closed_form_line(estimate: MemoryEstimate) -> str:
     """The traced weights, gradients and AdamW states next to the published arithmetic."""
     state, dims = estimate.worst.state, job_dims(estimate.cfg, estimate.num_gpus)
     shards = dims.state_shards(estimate.cfg.training.enable_cpu_offload)
-    formula = estimate.num_params * BYTES_PER_PARAM / shards
     traced = state[PARAMS] + state[GRADS] + state[OPTIM]
-    return (f"weights + gradients + AdamW states per rank: {state[PARAMS] / GIB:.3f} + "
-            f"{state[GRADS] / GIB:.3f} + {state[OPTIM] / GIB:.3f} = {traced / GIB:.3f} GiB traced; "
-            f"closed form {estimate.num_params:,} x 4 B x (1 + 1 + 2) / {shards} = "
-            f"{formula / GIB:.3f} GiB ({formula / 1e9:.2f} GB)")
+    line = (f"weights + gradients + AdamW states per rank: {state[PARAMS] / GIB:.3f} + "
+            f"{state[GRADS] / GIB:.3f} + {state[OPTIM] / GIB:.3f} = {traced / GIB:.3f} GiB "
+            "traced; ")
+    trainable = estimate.trainable_params
+    if trainable < estimate.num_params:  # LoRA: the frozen base has no gradients or states
+        frozen = estimate.num_params - trainable
+        return line + (f"{frozen:,} frozen base parameters at {state[PARAMS] * shards / frozen:.3f}"
+                       f" B each (adapters included) + {trainable:,} trained x 4 B x (1 + 2) "
+                       f"/ {shards} = {trainable * 12 / shards / GIB:.3f} GiB of gradients and "
+                       "AdamW states")
+    formula = estimate.num_params * BYTES_PER_PARAM / shards
+    return line + (f"closed form {estimate.num_params:,} x 4 B x (1 + 1 + 2) / {shards} = "
+                   f"{formula / GIB:.3f} GiB ({formula / 1e9:.2f} GB)")
 
 
 def device_capacity(cfg: JobConfig) -> tuple[float | None, str]:

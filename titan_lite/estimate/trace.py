@@ -36,6 +36,7 @@ from titan_lite.parallel.dims import ParallelDims, build_mesh, resolve_degrees
 from titan_lite.parallel.pp import Pipeline
 from titan_lite.train import (
     StepRecipe,
+    build_meta_model,
     build_model,
     forward_backward,
     optimizer_step,
@@ -64,6 +65,7 @@ class MemoryEstimate:
     num_params: int
     worst: RankEstimate
     ranks: list[RankEstimate] = field(default_factory=list)
+    trainable_params: int = 0  # the rest is a frozen base (LoRA)
 
     def required_gib(self) -> float:
         """Device memory to ask for: the traced peak plus the allowances it does not see."""
@@ -103,10 +105,10 @@ def estimate_memory(cfg: JobConfig, num_gpus: int) -> MemoryEstimate:
     ranks_per_stage = traced_world // dims.pp
     ranks = [_trace_rank(traced_cfg, args, traced_world, stage * ranks_per_stage, ddp_buckets)
              for stage in range(dims.pp)]
-    with torch.device("meta"):
-        num_params = Transformer(args).num_params()
+    model = build_meta_model(cfg, args)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     worst = max(ranks, key=lambda r: r.device_peak)
-    return MemoryEstimate(cfg, num_gpus, num_params, worst, ranks)
+    return MemoryEstimate(cfg, num_gpus, model.num_params(), worst, ranks, trainable)
 
 
 def _trace_rank(cfg: JobConfig, args: ModelArgs, world: int, rank: int,
@@ -117,8 +119,7 @@ def _trace_rank(cfg: JobConfig, args: ModelArgs, world: int, rank: int,
         offload = cfg.training.enable_cpu_offload
         mesh = build_mesh(dims, "cpu", dims.uses_fsdp(offload))  # outside fake mode: real ranks
         env = DistEnv(rank, rank % 8, world, min(world, 8), torch.device("cpu"))
-        with torch.device("meta"):
-            model = Transformer(args)
+        model = build_meta_model(cfg, args)
         with FakeTensorMode(allow_non_fake_inputs=True):
             return _trace_steps(cfg, args, dims, mesh, env, model, ddp_buckets)
     finally:
@@ -170,7 +171,7 @@ def _trace_steps(cfg: JobConfig, args: ModelArgs, dims: ParallelDims, mesh: Devi
         tracker.label([param.grad], GRADS)
         grad_bytes[id(param)] = local_shard(param.grad).numel() * param.grad.element_size()
 
-    hooks = [p.register_post_accumulate_grad_hook(on_grad) for p in params]
+    hooks = [p.register_post_accumulate_grad_hook(on_grad) for p in params if p.requires_grad]
     tracker.reset_peak()
     with tracker:
         step(tracker)
