@@ -46,10 +46,12 @@ def full_tensors(module: nn.Module, device: torch.device) -> Iterator[None]:
 def write_shard(param: torch.Tensor, full: torch.Tensor) -> None:
     """Store this rank's part of the full values ``full`` in ``param``, a plain, sharded
     (DTensor) or quantised (NF4) parameter."""
-    local = param.to_local() if isinstance(param, DTensor) else param
+    if not isinstance(param, DTensor):
+        (write_quantized if is_quantized(param) else torch.Tensor.copy_)(param, full)
+        return
+    local = param.to_local()
     if is_quantized(local):
-        offset = local_offset(param)[0] if isinstance(param, DTensor) else 0
-        write_quantized(local, full, offset)
+        write_quantized(local, full, local_offset(param)[0])
         return
     # src_data_rank=None: every rank holds the same full tensor, so slice locally.
     shard = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
