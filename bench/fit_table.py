@@ -3,6 +3,7 @@ configs on common GPUs, 1, 2 and 8 of them. Runs on CPU (fake tensors), ~20 minu
 
     python bench/fit_table.py [--configs train_configs/llama3_8b.toml] [--gpus "RTX 4090,H100"]
     python bench/fit_table.py --knobs     # what offload, bf16 and AC do to the 8B on 2 GPUs
+    python bench/fit_table.py --methods   # 8B full / LoRA / QLoRA on one 8-80 GB card
 """
 
 from __future__ import annotations
@@ -70,10 +71,47 @@ def knobs_table(config: str) -> None:
               f"{worst.host_peak / GIB:.1f} |", flush=True)
 
 
+CARDS_GB = (8, 12, 16, 24, 80)
+CARD_USABLE = 0.983  # torch reports 23.6 GiB of a "24 GB" RTX 4090, 79.2 of an 80 GB H100
+METHODS = {"full": [], "LoRA": ["--lora.enable", "true"],
+           "QLoRA": ["--lora.enable", "true", "--lora.quantize_base", "nf4"]}
+
+
+def methods_table(config: str) -> None:
+    """One GPU, batch 2 x seq, bf16, full AC: each method with and without CPU offload, the
+    traced device peak, what it needs with the allowances, host memory, and the verdict per
+    card."""
+    from titan_lite.config import check_job
+
+    print("| method | seq | CPU offload | traced peak GiB | needs GiB | host GiB | "
+          + " | ".join(f"{gb} GB" for gb in CARDS_GB) + " |")
+    print("|---|---|---|---|---|---|" + "---|" * len(CARDS_GB))
+    for method, flags in METHODS.items():
+        for seq in (512, 2048):
+            for offload in ("false", "true"):
+                cfg = load_config(["--config", config, *flags, "--training.seq_len", str(seq),
+                                   "--training.local_batch_size", "2",
+                                   "--training.global_batch_size", "2",
+                                   "--training.enable_cpu_offload", offload])
+                refused = check_job(cfg, 1, training_here=False)
+                if refused:
+                    print(f"| {method} | {seq} | {offload} | refused: {refused[0]} |", flush=True)
+                    continue
+                estimate = estimate_memory(cfg, 1)
+                need = estimate.required_gib()
+                verdicts = " | ".join("fits" if need <= gb * CARD_USABLE else "no"
+                                      for gb in CARDS_GB)
+                print(f"| {method} | {seq} | {offload} | {estimate.worst.device_peak / GIB:.2f} | "
+                      f"{need:.2f} | {estimate.worst.host_peak / GIB:.1f} | {verdicts} |",
+                      flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--knobs", action="store_true",
                         help="instead: what each memory knob does to the 8B on 2 GPUs")
+    parser.add_argument("--methods", action="store_true",
+                        help="instead: the 8B with full / LoRA / QLoRA on one 8-80 GB card")
     parser.add_argument("--configs", default="train_configs/llama3_8b.toml,"
                                               "train_configs/llama3_70b.toml")
     parser.add_argument("--gpus", default="RTX 4090,A100-40GB,H100")
@@ -82,6 +120,9 @@ def main() -> None:
     os.chdir(REPO)
     if args.knobs:
         knobs_table("train_configs/llama3_8b.toml")
+        return
+    if args.methods:
+        methods_table("train_configs/llama3_8b_sft.toml")
         return
     print("| model | GPUs | best layout that fits (planner) | needs GiB/GPU | host GiB/rank | "
           "tokens/s/GPU (cost model) |")

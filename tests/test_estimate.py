@@ -158,3 +158,20 @@ def test_estimate_cli_is_also_a_module(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "2 rank(s): TP 2" in result.stdout and "DOES NOT FIT" in result.stdout
+
+
+def test_planner_proposes_each_method_full_first_with_its_frozen_base_counted(tmp_path):
+    cfg = load_config(["--training.local_batch_size", "2", "--training.seq_len", "256",
+                       "--estimate.plan_top", "1", "--estimate.plan_methods",
+                       "full,lora,qlora"])
+    found = plan(cfg, 1, 20.0, "RTX 4090")
+    assert [c.method for c in found] == ["full", "lora", "qlora"]
+    full, lora, qlora = found
+    # weights + gradients + AdamW: 16 B per trained parameter; a frozen base only its storage
+    assert qlora.state_bytes < lora.state_bytes < full.state_bytes / 5
+    assert lora.estimate.trainable_params < lora.estimate.num_params / 10
+    assert "| qlora |" in format_plan(found, cfg, 1, 20.0, "RTX 4090")
+    toml = tmp_path / "qlora.toml"
+    toml.write_text("\n".join(_toml(qlora.cfg)) + "\n")
+    loaded = load_config(["--config", str(toml)])
+    assert loaded.lora.enable and loaded.lora.quantize_base == "nf4"

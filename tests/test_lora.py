@@ -17,7 +17,7 @@ from titan_lite.finetune import (
     merge_adapters,
     quantize_block_linears,
 )
-from titan_lite.finetune.nf4 import dequantized
+from titan_lite.finetune.nf4 import BYTES_PER_WEIGHT, dequantized
 from titan_lite.hf import args_from_hf_config, load_hf_weights, save_peft, to_hf_rows
 from titan_lite.loss import cross_entropy_sum
 from titan_lite.memory import tensor_bytes
@@ -166,7 +166,8 @@ def test_nf4_round_trip_has_the_formats_error_and_size():
     assert 0.05 < expected < 0.15
     # double-quantised scales (int8) add a little to the paper's error, never much
     assert expected <= relative < expected * 1.05
-    assert tensor_bytes(quantized) / weight.numel() < 0.52
+    assert tensor_bytes(quantized) / weight.numel() == pytest.approx(BYTES_PER_WEIGHT, rel=1e-3)
+    assert BYTES_PER_WEIGHT < 0.52
 
 
 def test_qlora_forward_equals_lora_on_the_dequantised_weights():

@@ -154,3 +154,10 @@ def test_lora_example_learns_and_generate_answers_with_its_adapters(tmp_path):
     assert answer.returncode == 0, answer.stderr[-2000:]
     assert answer.stdout.strip() in ("Yes.", "No.")
     assert os.path.isdir(tmp_path / "run" / "checkpoint" / "step-60")
+
+
+@pytest.mark.four_ranks
+def test_lora_hsdp_matches_one_process(tmp_path, lora_reference):
+    assert_matches(run_layout(tmp_path, "hsdp", 4, *LORA, "--training.local_batch_size", "1",
+                              "--parallelism.dp_replicate", "2", "--parallelism.dp_shard", "2"),
+                   lora_reference)

@@ -154,7 +154,7 @@ def build_meta_model(cfg: JobConfig, args: ModelArgs) -> Transformer:
     lora = cfg.lora
     if lora.enable:
         apply_lora(model, lora.rank, lora.alpha, lora.dropout, lora.target_modules,
-                   DTYPES[lora.base_dtype])
+                   DTYPES[lora.base_dtype], DTYPES[cfg.training.mixed_precision_param])
     return model
 
 

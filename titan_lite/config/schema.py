@@ -289,7 +289,13 @@ class Estimate:
                                   "GPU's (estimate.gpu), or no verdict.", min=0)
     plan: bool = opt(False, "Search CPU offload, AC mode, local batch (same global batch) and "
                      "FSDP degree for the fastest configs that fit.")
-    plan_top: int = opt(5, "How many fitting configs the planner prints.", min=1)
+    plan_top: int = opt(5, "How many fitting configs the planner prints (per method).", min=1)
+    plan_methods: list[str] = opt(["full"], "Fine-tuning methods the planner tries: full "
+                                  "(every weight trained), lora (adapters on a frozen bf16 "
+                                  "base), qlora (the base's block linears in NF4); lora.rank "
+                                  "and the other lora.* keys as configured. Listed in this "
+                                  "order, the fastest fitting layouts of each.",
+                                  choices=["full", "lora", "qlora"])
     plan_shorter_seq_len: bool = opt(False, "Let the planner also try training.seq_len / 2 and "
                                      "/ 4 (same tokens per step), if shorter samples are "
                                      "acceptable for the model.")

@@ -3,7 +3,8 @@
 Candidates: CPU offload off/on x activation checkpointing none / selective op / full x local
 batch (with gradient accumulation keeping the configured global batch) x FSDP degree (the rest
 of the data-parallel ranks become HSDP replicas), and with ``estimate.plan_shorter_seq_len``
-the sequence length / 2 and / 4 (same tokens per step: more samples). Tensor and pipeline
+the sequence length / 2 and / 4 (same tokens per step: more samples), for each fine-tuning
+method of ``estimate.plan_methods`` (full, lora, qlora), listed in that order. Tensor and pipeline
 degrees and dtypes stay as configured. Each candidate gets a predicted step time from the cost
 model below; they are traced (``titan_lite.estimate``) fastest first until ``plan_top`` fit,
 skipping those that cannot: weights + gradients + AdamW states alone over the memory, or more
@@ -29,8 +30,6 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, replace
 
-import torch
-
 from titan_lite.config import ActivationCheckpoint, JobConfig, check_job
 from titan_lite.distributed import DTYPES
 from titan_lite.estimate.gpus import GPUS
@@ -42,9 +41,11 @@ from titan_lite.estimate.trace import (
     model_args,
 )
 from titan_lite.metrics import gpu_peak_flops
-from titan_lite.models.llama3 import FLAVORS, Transformer
+from titan_lite.finetune.nf4 import BYTES_PER_WEIGHT as NF4_BYTES_PER_WEIGHT
+from titan_lite.finetune.nf4 import block_linears
+from titan_lite.models.llama3 import FLAVORS
 from titan_lite.parallel.activation_checkpoint import checkpoint_every
-from titan_lite.train import BYTES_PER_PARAM
+from titan_lite.train import BYTES_PER_PARAM, build_meta_model
 
 ASSUMED_MFU = 0.4
 LAUNCH_SECONDS_PER_LAYER = 3e-4  # ~30 kernels per block forward + backward, ~10 us each
@@ -63,9 +64,41 @@ class Candidate:
     state_bytes: float  # weights + gradients + AdamW states per rank on the device
     estimate: MemoryEstimate | None = None
 
+    @property
+    def method(self) -> str:
+        return method_of(self.cfg)
+
+
+@dataclass(frozen=True)
+class ModelStats:
+    params: int
+    trainable: int
+    weight_bytes: float  # all weights at their storage size (a frozen base: bf16 or NF4)
+    flops_per_token: int
+
+
+def method_of(cfg: JobConfig) -> str:
+    if not cfg.lora.enable:
+        return "full"
+    return "qlora" if cfg.lora.quantize_base == "nf4" else "lora"
+
+
+def with_method(cfg: JobConfig, method: str) -> JobConfig:
+    """``cfg`` fine-tuning with ``method`` (full, lora, qlora); the other lora keys kept."""
+    return replace(cfg, lora=replace(cfg.lora, enable=method != "full",
+                                     quantize_base="nf4" if method == "qlora" else "none"))
+
 
 def plan(cfg: JobConfig, num_gpus: int, capacity_gib: float, gpu_name: str) -> list[Candidate]:
-    """The fastest ``cfg.estimate.plan_top`` candidates that fit, fastest first."""
+    """For each method of ``estimate.plan_methods`` in order, its fastest
+    ``estimate.plan_top`` candidates that fit, fastest first."""
+    return [candidate for method in cfg.estimate.plan_methods
+            for candidate in _plan_method(with_method(cfg, method), num_gpus, capacity_gib,
+                                          gpu_name)]
+
+
+def _plan_method(cfg: JobConfig, num_gpus: int, capacity_gib: float,
+                 gpu_name: str) -> list[Candidate]:
     gpu = gpu_name if gpu_name in GPUS else DEFAULT_GPU
     # Equal predicted times (compute-bound layouts): the smaller per-rank state first, for margin.
     candidates = sorted(_candidates(cfg, num_gpus, gpu),
@@ -134,30 +167,33 @@ def step_seconds(cfg: JobConfig, num_gpus: int, gpu: str) -> float:
     """Predicted seconds per optimizer step on ``gpu`` (see the module's cost model)."""
     dims = job_dims(cfg, num_gpus)
     t = cfg.training
-    params, flops_per_token = _model_stats(cfg)
+    stats = model_stats(cfg)
     micro_batches = (1 if t.global_batch_size == -1
                      else t.global_batch_size // (t.local_batch_size * dims.dp))
     tokens = t.local_batch_size * t.seq_len * micro_batches  # this rank's data-parallel share
     peak = gpu_peak_flops(gpu, DTYPES[t.mixed_precision_param]) or 1e14
     launches = micro_batches * FLAVORS[cfg.model.flavor].n_layers * LAUNCH_SECONDS_PER_LAYER
-    compute = tokens * flops_per_token * (1 + _recompute(cfg)) / (dims.tp * dims.pp) / (
+    compute = tokens * stats.flops_per_token * (1 + _recompute(cfg)) / (dims.tp * dims.pp) / (
         peak * ASSUMED_MFU) + launches
-    state_params = params / (dims.tp * dims.pp)
+    split = dims.tp * dims.pp
+    trainable = stats.trainable / split
+    # what one all-gather moves: trained weights in the compute dtype, a frozen base as stored
+    frozen_bytes = (stats.weight_bytes - 4 * stats.trainable) / split
+    gathered = trainable * _bytes(t.mixed_precision_param) + frozen_bytes
     communication = 0.0
     if dims.dp_shard > 1 and _uses_fsdp(cfg, num_gpus):
-        per_micro = state_params * (2 * _bytes(t.mixed_precision_param)
-                                    + _bytes(t.mixed_precision_reduce))
+        per_micro = 2 * gathered + trainable * _bytes(t.mixed_precision_reduce)
         communication = micro_batches * per_micro * (dims.dp_shard - 1) / dims.dp_shard
     if dims.dp_replicate > 1:  # DDP, or HSDP's all-reduce of the gradient shards
         shards = dims.dp_shard if _uses_fsdp(cfg, num_gpus) else 1
-        communication += (state_params / shards * 2 * _bytes(t.mixed_precision_reduce)
+        communication += (trainable / shards * 2 * _bytes(t.mixed_precision_reduce)
                           * (dims.dp_replicate - 1) / dims.dp_replicate)
     communication /= GPUS[gpu].link_gb_s * 1e9
     offload = 0.0
     if t.enable_cpu_offload:
-        shard = state_params / max(dims.dp_shard, 1)
-        offload = (shard * 4 * (2 * micro_batches + 1) / (PCIE_GB_S * 1e9)
-                   + shard / HOST_ADAM_PARAMS_PER_S)
+        shards = max(dims.dp_shard, 1)
+        copies = (2 * micro_batches * (4 * trainable + frozen_bytes) + 4 * trainable) / shards
+        offload = copies / (PCIE_GB_S * 1e9) + trainable / shards / HOST_ADAM_PARAMS_PER_S
     return max(compute, communication) + offload
 
 
@@ -172,12 +208,14 @@ def _recompute(cfg: JobConfig) -> float:
 
 
 def _state_bytes(cfg: JobConfig, num_gpus: int) -> float:
-    """float32 weights + gradients + AdamW states per rank on the device (0 under offload)."""
+    """Weights + gradients + AdamW states per rank on the device (0 under offload): float32
+    ones for trained weights, the storage alone for a frozen base."""
     if cfg.training.enable_cpu_offload:
         return 0.0
     dims = job_dims(cfg, num_gpus)
-    params, _ = _model_stats(cfg)
-    return params * BYTES_PER_PARAM / dims.state_shards(cfg.training.enable_cpu_offload)
+    stats = model_stats(cfg)
+    state = stats.weight_bytes + (BYTES_PER_PARAM - 4) * stats.trainable
+    return state / dims.state_shards(cfg.training.enable_cpu_offload)
 
 
 def _needs_at_least(candidate: Candidate, too_big: Candidate) -> bool:
@@ -185,7 +223,7 @@ def _needs_at_least(candidate: Candidate, too_big: Candidate) -> bool:
     offload, no more activation checkpointing, no smaller local batch)."""
     a, b = candidate.cfg, too_big.cfg
     order = [mode for mode, _ in AC_CHOICES][::-1]  # full, selective, none: more memory
-    return (a.parallelism == b.parallelism
+    return (a.parallelism == b.parallelism and a.lora == b.lora
             and a.training.enable_cpu_offload == b.training.enable_cpu_offload
             and order.index(a.activation_checkpoint.mode)
             >= order.index(b.activation_checkpoint.mode)
@@ -194,7 +232,7 @@ def _needs_at_least(candidate: Candidate, too_big: Candidate) -> bool:
 
 def _overrides(base: JobConfig, new: JobConfig) -> list[str]:
     flags = []
-    for section in ("training", "parallelism", "activation_checkpoint"):
+    for section in ("training", "parallelism", "activation_checkpoint", "lora"):
         for key, value in vars(getattr(new, section)).items():
             if getattr(getattr(base, section), key) != value:
                 text = str(value).lower() if isinstance(value, bool) else str(value)
@@ -209,15 +247,18 @@ def format_plan(candidates: list[Candidate], cfg: JobConfig, num_gpus: int,
             f"({capacity_gib:.1f} GiB each); speeds assume "
             f"{gpu_name if gpu_name in GPUS else DEFAULT_GPU} at {ASSUMED_MFU:.0%} MFU")
     if not candidates:
-        return (f"{head}\nnothing fits: no combination of CPU offload, activation "
-                "checkpointing, local batch and FSDP degree; add GPUs or pick a smaller flavor")
-    lines = [head, "| # | tokens/s/GPU | needs GiB | margin GiB | host GiB/rank | overrides |",
-             "|---|---|---|---|---|---|"]
+        return (f"{head}\nnothing fits: no combination of method "
+                f"({', '.join(cfg.estimate.plan_methods)}), CPU offload, activation "
+                "checkpointing, local batch and FSDP degree; add GPUs, a method "
+                "(estimate.plan_methods) or pick a smaller flavor")
+    lines = [head, "| # | method | tokens/s/GPU | needs GiB | margin GiB | host GiB/rank | "
+             "overrides |", "|---|---|---|---|---|---|---|"]
     for i, c in enumerate(candidates, 1):
         assert c.estimate is not None
         need = c.estimate.required_gib()
         tokens = c.cfg.training.seq_len * _global_samples(c.cfg, num_gpus)
-        lines.append(f"| {i} | {tokens / c.step_seconds / num_gpus:,.0f} | {need:.1f} | "
+        lines.append(f"| {i} | {c.method} | {tokens / c.step_seconds / num_gpus:,.0f} | "
+                     f"{need:.1f} | "
                      f"{capacity_gib - need:+.1f} | {c.estimate.worst.host_peak / GIB:.1f} | "
                      f"{' '.join(c.overrides) or '(as configured)'} |")
     lines += ["", "# the fastest, as TOML:"] + _toml(candidates[0].cfg)
@@ -225,8 +266,10 @@ def format_plan(candidates: list[Candidate], cfg: JobConfig, num_gpus: int,
 
 
 def _toml(cfg: JobConfig) -> list[str]:
-    t, p, ac = cfg.training, cfg.parallelism, cfg.activation_checkpoint
-    return ["[training]", f"seq_len = {t.seq_len}", f"local_batch_size = {t.local_batch_size}",
+    t, p, ac, lora = cfg.training, cfg.parallelism, cfg.activation_checkpoint, cfg.lora
+    return ["[lora]", f"enable = {str(lora.enable).lower()}",
+            f'quantize_base = "{lora.quantize_base}"',
+            "[training]", f"seq_len = {t.seq_len}", f"local_batch_size = {t.local_batch_size}",
             f"global_batch_size = {t.global_batch_size}",
             f"enable_cpu_offload = {str(t.enable_cpu_offload).lower()}",
             f'mixed_precision_reduce = "{t.mixed_precision_reduce}"',
@@ -254,17 +297,27 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def _model_stats(cfg: JobConfig) -> tuple[int, int]:
-    """(parameters, FLOPs per token) of the job's model."""
-    return _stats(cfg.model.flavor, cfg.tokenizer.kind, cfg.tokenizer.path, cfg.training.seq_len)
+def model_stats(cfg: JobConfig) -> ModelStats:
+    """Parameter counts, weight bytes and FLOPs per token of the job's model (and method)."""
+    lora = cfg.lora
+    return _stats(cfg.model.flavor, cfg.tokenizer.kind, cfg.tokenizer.path, cfg.training.seq_len,
+                  (lora.enable, lora.rank, tuple(lora.target_modules), lora.base_dtype,
+                   lora.quantize_base))
 
 
 @functools.cache
-def _stats(flavor: str, kind: str, path: str, seq_len: int) -> tuple[int, int]:
+def _stats(flavor: str, kind: str, path: str, seq_len: int, lora: tuple) -> ModelStats:
     from titan_lite.config import load_config
 
+    enable, rank, targets, base_dtype, quantize = lora
     cfg = load_config(["--model.flavor", flavor, "--tokenizer.kind", kind, "--tokenizer.path",
-                       path, "--training.seq_len", str(seq_len)])
-    with torch.device("meta"):
-        model = Transformer(model_args(cfg))
-    return model.num_params(), model.flops_per_token(seq_len)
+                       path, "--training.seq_len", str(seq_len), "--lora.enable", str(enable),
+                       "--lora.rank", str(rank), "--lora.target_modules", ",".join(targets),
+                       "--lora.base_dtype", base_dtype, "--lora.quantize_base", quantize])
+    model = build_meta_model(cfg, model_args(cfg))
+    quantized = {id(m.weight) for _, m in block_linears([model])} if quantize == "nf4" else set()
+    weight_bytes = sum(p.numel() * (NF4_BYTES_PER_WEIGHT if id(p) in quantized
+                                    else p.element_size()) for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return ModelStats(model.num_params(), trainable, weight_bytes,
+                      model.flops_per_token(seq_len))

@@ -89,11 +89,19 @@ class LoRALinear(FrozenLinear):
 
 
 class FrozenEmbedding(nn.Embedding):
-    """An embedding table stored in a narrow dtype that hands float32 hidden states on, as the
-    float32 table of the full model does (mixed precision then casts them as usual)."""
+    """A frozen embedding table that hands its hidden states on in the training's compute
+    dtype, whatever dtype it is stored in: float32 when computing in float32; bfloat16 under
+    bf16 mixed precision, so that the residual stream and the activations that activation
+    checkpointing keeps are half the size (as FSDP's bf16 policy makes them anyway)."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, dtype: torch.dtype,
+                 compute_dtype: torch.dtype):
+        super().__init__(num_embeddings, embedding_dim, dtype=dtype)
+        self.weight.requires_grad_(False)
+        self.compute_dtype = compute_dtype
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return super().forward(tokens).float()
+        return super().forward(tokens).to(self.compute_dtype)
 
 
 def _frozen(module: nn.Linear, dtype: torch.dtype, adapter: dict | None) -> FrozenLinear:
@@ -103,9 +111,11 @@ def _frozen(module: nn.Linear, dtype: torch.dtype, adapter: dict | None) -> Froz
 
 
 def apply_lora(model: Transformer, rank: int, alpha: float, dropout: float,
-               targets: list[str], base_dtype: torch.dtype) -> None:
+               targets: list[str], base_dtype: torch.dtype,
+               compute_dtype: torch.dtype = torch.float32) -> None:
     """Freeze ``model`` (built on the meta device, before any parallelism) in ``base_dtype``
-    and put adapters on the linears named in ``targets`` (see ``TARGETS``)."""
+    and put adapters on the linears named in ``targets`` (see ``TARGETS``); the hidden states
+    start in ``compute_dtype`` (see ``FrozenEmbedding``)."""
     adapter = {"rank": rank, "alpha": alpha, "dropout": dropout}
     for block in model.layers.values():
         for parent in (block.attention, block.feed_forward):
@@ -119,9 +129,9 @@ def apply_lora(model: Transformer, rank: int, alpha: float, dropout: float,
         model.output = _frozen(model.output, base_dtype,
                                adapter if "output" in targets else None)
     old = model.tok_embeddings
-    model.tok_embeddings = FrozenEmbedding(old.num_embeddings, old.embedding_dim,
-                                           dtype=base_dtype, device=old.weight.device)
-    model.tok_embeddings.weight.requires_grad_(False)
+    with torch.device(old.weight.device):
+        model.tok_embeddings = FrozenEmbedding(old.num_embeddings, old.embedding_dim,
+                                               base_dtype, compute_dtype)
     model.norm.weight = nn.Parameter(model.norm.weight.to(base_dtype), requires_grad=False)
 
 

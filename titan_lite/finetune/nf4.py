@@ -23,6 +23,8 @@ from titan_lite.finetune.lora import FrozenLinear
 
 INSTALL_HINT = "pip install -e '.[qlora]' (torchao)"
 BLOCK_SIZE, SCALER_BLOCK_SIZE = 64, 256  # the QLoRA paper's, and torchao's defaults
+# 4-bit codes, an int8 scale per block, a float32 factor per block of scales
+BYTES_PER_WEIGHT = 0.5 + 1 / BLOCK_SIZE + 4 / (BLOCK_SIZE * SCALER_BLOCK_SIZE)
 
 
 def nf4_available() -> bool:
