@@ -14,14 +14,31 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
+from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100  # a label that is not a target (prompt token, padding, sample boundary)
 
 
-def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed cross entropy of (batch, seq, vocab) logits over the labels that are targets."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
-                           reduction="sum", ignore_index=IGNORE_INDEX)
+def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor,
+                      chunks: int = 1) -> torch.Tensor:
+    """Summed cross entropy of (batch, seq, vocab) logits over the labels that are targets.
+
+    ``chunks`` > 1: computed over that many slices of the tokens, each recomputed in backward
+    (activation checkpointing), so the float32 copy of the logits, its softmax and its
+    gradient exist for one slice at a time instead of the whole batch: for a 128k vocabulary
+    at 2 x 2048 tokens that is ~6 GiB less at the peak. The same sum up to float rounding.
+    Vocab-sharded logits (tensor parallel's loss parallel) are not chunked."""
+    flat_logits, flat_labels = logits.flatten(0, 1), labels.flatten()
+    if chunks <= 1 or isinstance(logits, DTensor):
+        return _summed(flat_logits, flat_labels)
+    parts = zip(flat_logits.chunk(chunks), flat_labels.chunk(chunks))
+    return sum(checkpoint(_summed, part, target, use_reentrant=False)
+               for part, target in parts)
+
+
+def _summed(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float(), labels, reduction="sum", ignore_index=IGNORE_INDEX)
 
 
 def count_targets(labels: torch.Tensor) -> torch.Tensor:

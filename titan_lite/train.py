@@ -142,7 +142,8 @@ def build_model(cfg: JobConfig, model: Transformer, dims: ParallelDims,
     if dims.pp > 1:
         pipeline = Pipeline(model, cfg.parallelism, mesh["pp"], env.device,
                             cfg.training.local_batch_size,
-                            lambda stage: parallelize(stage, cfg, dims, mesh, env, draw_weights))
+                            lambda stage: parallelize(stage, cfg, dims, mesh, env, draw_weights),
+                            cfg.training.loss_chunks)
         return pipeline.parts, pipeline
     return [model], parallelize(model, cfg, dims, mesh, env, draw_weights)
 
@@ -221,6 +222,7 @@ class StepRecipe:
     reduce_every_micro: bool
     grad_scale: int  # the data-parallel degree, which the gradient reduction averages over
     label_copies: int  # ranks that load the same labels: tensor- and pipeline-parallel peers
+    loss_chunks: int = 1  # training.loss_chunks
 
 
 def step_recipe(cfg: JobConfig, dims: ParallelDims, device: torch.device) -> StepRecipe:
@@ -234,7 +236,8 @@ def step_recipe(cfg: JobConfig, dims: ParallelDims, device: torch.device) -> Ste
         loss_context=(loss_parallel if dims.tp > 1 and cfg.parallelism.enable_loss_parallel
                       else contextlib.nullcontext),
         reduce_every_micro=not fsdp or cfg.parallelism.fsdp_reduce_every_microbatch,
-        grad_scale=dims.dp, label_copies=dims.tp * dims.pp)
+        grad_scale=dims.dp, label_copies=dims.tp * dims.pp,
+        loss_chunks=cfg.training.loss_chunks)
 
 
 def forward_backward(runner: torch.nn.Module | Pipeline, next_batch: Callable[[], Batch],
@@ -257,7 +260,7 @@ def forward_backward(runner: torch.nn.Module | Pipeline, next_batch: Callable[[]
             with recipe.autocast:
                 logits = runner(batch.inputs, **batch.model_kwargs())
             with recipe.loss_context():  # loss parallel: cross entropy on vocab-sharded logits
-                loss = cross_entropy_sum(logits, batch.labels) * loss_scale
+                loss = cross_entropy_sum(logits, batch.labels, recipe.loss_chunks) * loss_scale
                 del logits  # the biggest activation; free it before backward allocates grads
                 loss.backward()
         step_loss += full_tensor(loss.detach())

@@ -92,9 +92,12 @@ def with_method(cfg: JobConfig, method: str) -> JobConfig:
 def plan(cfg: JobConfig, num_gpus: int, capacity_gib: float, gpu_name: str) -> list[Candidate]:
     """For each method of ``estimate.plan_methods`` in order, its fastest
     ``estimate.plan_top`` candidates that fit, fastest first."""
-    return [candidate for method in cfg.estimate.plan_methods
-            for candidate in _plan_method(with_method(cfg, method), num_gpus, capacity_gib,
-                                          gpu_name)]
+    found = [candidate for method in cfg.estimate.plan_methods
+             for candidate in _plan_method(with_method(cfg, method), num_gpus, capacity_gib,
+                                           gpu_name)]
+    for candidate in found:  # what to change in the job as configured, the method included
+        candidate.overrides = _overrides(cfg, candidate.cfg)
+    return found
 
 
 def _plan_method(cfg: JobConfig, num_gpus: int, capacity_gib: float,

@@ -210,7 +210,8 @@ def _pipeline_step(pipeline: Pipeline, next_batch: Callable[[], tuple], recipe: 
             if index == pipeline.num_stages - 1:
                 last_outputs.append(out)
                 with recipe.loss_context():
-                    out = cross_entropy_sum(out, micro_labels[micro]) / labels.numel()
+                    out = cross_entropy_sum(out, micro_labels[micro],
+                                            recipe.loss_chunks) / labels.numel()
             kept[index, micro] = (x, out)
         elif kind == "B":
             x, out = kept.pop((index, micro))

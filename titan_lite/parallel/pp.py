@@ -127,8 +127,10 @@ class Pipeline:
 
     def __init__(self, model: Transformer, cfg: Parallelism, pp_mesh: DeviceMesh,
                  device: torch.device, local_batch_size: int,
-                 prepare_stage: Callable[[Transformer], torch.nn.Module]):
-        """``prepare_stage`` parallelises and materialises one stage's meta-device model."""
+                 prepare_stage: Callable[[Transformer], torch.nn.Module], loss_chunks: int = 1):
+        """``prepare_stage`` parallelises and materialises one stage's meta-device model;
+        ``loss_chunks``: see ``cross_entropy_sum``."""
+        self.loss_chunks = loss_chunks
         stages = stage_layers(model.args.n_layers, cfg, pp_mesh.size())
         rank, size = pp_mesh.get_local_rank(), pp_mesh.size()
         indices = list(range(rank, len(stages), size))  # round-robin ("loop") placement
@@ -154,7 +156,7 @@ class Pipeline:
             scale_grads=False)
 
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return cross_entropy_sum(logits, labels) * self.loss_scale
+        return cross_entropy_sum(logits, labels, self.loss_chunks) * self.loss_scale
 
     def _run(self, batch: Batch, forward_only: bool) -> torch.Tensor:
         losses: list[torch.Tensor] = []
