@@ -224,3 +224,20 @@ def test_flops_count_no_weight_gradients_for_the_frozen_base():
     lora = lora_model(targets=[])  # nothing trained: forward + input gradients only
     attention = 12 * ARGS.n_layers * ARGS.n_heads * ARGS.head_dim * 32
     assert math.isclose(lora.flops_per_token(32) - attention, (full - attention) * 4 / 6)
+
+
+def test_bf16_compute_keeps_the_residual_stream_in_bf16_and_trains_float32_adapters():
+    with torch.device("meta"):
+        model = Transformer(ARGS)
+    apply_lora(model, 4, 8.0, 0.0, ALL, torch.bfloat16, compute_dtype=torch.bfloat16)
+    materialize(model, 0, CPU, CPU)
+    randomize_adapters(model)
+    dtypes = []
+    model.layers["0"].register_forward_hook(lambda m, i, out: dtypes.append(out.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(tokens())
+    assert dtypes == [torch.bfloat16] and torch.isfinite(logits.float()).all()
+    cross_entropy_sum(logits, tokens()).backward()
+    for name, p in adapter_parameters(model):
+        assert p.grad is not None and p.grad.dtype == torch.float32, name
+        assert torch.isfinite(p.grad).all(), name
