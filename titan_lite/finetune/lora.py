@@ -79,7 +79,13 @@ class LoRALinear(FrozenLinear):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x) + self.lora_b(self.lora_a(self.dropout(x))) * self.scale
+        inputs, adapter_dtype = self.dropout(x), self.lora_a.weight.dtype
+        if inputs.dtype == adapter_dtype or torch.is_autocast_enabled(x.device.type):
+            return super().forward(x) + self.lora_b(self.lora_a(inputs)) * self.scale
+        # Hidden states in another dtype without autocast (generating from a job that trained
+        # in bf16): the adapters compute in their own dtype.
+        update = self.lora_b(self.lora_a(inputs.to(adapter_dtype))) * self.scale
+        return super().forward(x) + update.to(x.dtype)
 
     @torch.no_grad()
     def init_adapter_weights(self) -> None:
