@@ -159,15 +159,6 @@ def build_meta_model(cfg: JobConfig, args: ModelArgs) -> Transformer:
     return model
 
 
-def prepare_base(parts: list[Transformer], cfg: JobConfig, args: ModelArgs
-                 ) -> dict[str, torch.Tensor] | None:
-    """Load model.init_from into the materialised parts; for LoRA, return the frozen base's
-    fingerprint (for the checkpoints)."""
-    if cfg.model.init_from:
-        load_pretrained(parts, cfg.model.init_from, args)
-    return base_fingerprint(parts) if cfg.lora.enable else None
-
-
 def build_finetuned_model(cfg: JobConfig, args: ModelArgs, device: torch.device,
                           checkpoint: str | None) -> Transformer:
     """A LoRA job's model in this one process (for generation and export): its base as
@@ -178,7 +169,8 @@ def build_finetuned_model(cfg: JobConfig, args: ModelArgs, device: torch.device,
     dims = ParallelDims(dp_replicate=1, dp_shard=1, tp=1, pp=1)
     env = DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1, device=device)
     parts, _ = build_model(single, build_meta_model(single, args), dims, None, env)
-    prepare_base(parts, single, args)
+    if cfg.model.init_from:
+        load_pretrained(parts, cfg.model.init_from, args)
     if checkpoint is not None:
         load_model_weights(parts, checkpoint, adapter_parameters)
     return parts[0].eval()
@@ -322,7 +314,8 @@ def train(cfg: JobConfig, env: DistEnv) -> TrainResult:
     num_params, flops_per_token = model.num_params(), model.flops_per_token(args.max_seq_len)
     check_model_fits(model, cfg, dims, env)
     parts, runner = build_model(cfg, model, dims, mesh, env)
-    frozen_base = prepare_base(parts, cfg, args)
+    if cfg.model.init_from:
+        load_pretrained(parts, cfg.model.init_from, args)
     modules = torch.nn.ModuleList(parts)  # one handle on this rank's parameters
     optimizer = build_optimizer(modules, cfg.optimizer)
     scheduler = build_lr_scheduler(optimizer, cfg.lr_scheduler, cfg.training.steps)
@@ -337,6 +330,8 @@ def train(cfg: JobConfig, env: DistEnv) -> TrainResult:
     peak, peak_source = peak_flops(env.device, compute_dtype, cfg.metrics)
     checkpointer, preemption, start_step = None, None, 0
     if cfg.checkpoint.enable:
+        # a LoRA run's checkpoints identify the frozen base they were trained on
+        frozen_base = base_fingerprint(parts) if cfg.lora.enable else None
         checkpointer = Checkpointer(cfg.checkpoint, cfg.job.dump_folder, parts, optimizer,
                                     scheduler, loader, frozen_base,
                                     save_frozen=cfg.lora.save_base)
