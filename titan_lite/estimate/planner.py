@@ -42,7 +42,7 @@ from titan_lite.estimate.trace import (
 )
 from titan_lite.metrics import gpu_peak_flops
 from titan_lite.finetune.nf4 import BYTES_PER_WEIGHT as NF4_BYTES_PER_WEIGHT
-from titan_lite.finetune.nf4 import block_linears
+from titan_lite.finetune.lora import block_linears
 from titan_lite.models.llama3 import FLAVORS
 from titan_lite.parallel.activation_checkpoint import checkpoint_every
 from titan_lite.train import BYTES_PER_PARAM, build_meta_model

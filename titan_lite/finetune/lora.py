@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from titan_lite.models.llama3 import Transformer
 
@@ -44,10 +45,16 @@ class _FrozenLinearFunction(torch.autograd.Function):
         return grad @ weight.to(grad.dtype), None  # autograd casts it to x's dtype
 
 
+def is_quantized(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` (or a DTensor's shard) is a quantised tensor subclass (NF4)."""
+    local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+    return type(local) not in (torch.Tensor, nn.Parameter)
+
+
 def frozen_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Linear map by a frozen weight: a plain tensor of any float dtype, or a quantised tensor
     subclass (NF4), which dequantises itself block by block inside ``F.linear``."""
-    if type(weight) not in (torch.Tensor, nn.Parameter) or weight.dtype == x.dtype:
+    if is_quantized(weight) or weight.dtype == x.dtype:
         return F.linear(x, weight)
     return _FrozenLinearFunction.apply(x, weight)
 
@@ -139,6 +146,14 @@ def apply_lora(model: Transformer, rank: int, alpha: float, dropout: float,
         model.tok_embeddings = FrozenEmbedding(old.num_embeddings, old.embedding_dim,
                                                base_dtype, compute_dtype)
     model.norm.weight = nn.Parameter(model.norm.weight.to(base_dtype), requires_grad=False)
+
+
+def block_linears(parts: Iterable[nn.Module]) -> Iterator[tuple[str, FrozenLinear]]:
+    """The frozen linears inside the transformer blocks (what QLoRA quantises)."""
+    for part in parts:
+        for name, module in part.named_modules():
+            if isinstance(module, FrozenLinear) and name.startswith("layers."):
+                yield name, module
 
 
 def is_adapter(name: str) -> bool:

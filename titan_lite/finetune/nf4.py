@@ -13,13 +13,12 @@ import contextlib
 import functools
 import importlib.util
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
 
-from titan_lite.finetune.lora import FrozenLinear
+from titan_lite.finetune.lora import block_linears, is_quantized
 
 INSTALL_HINT = "pip install -e '.[qlora]' (torchao)"
 BLOCK_SIZE, SCALER_BLOCK_SIZE = 64, 256  # the QLoRA paper's, and torchao's defaults
@@ -55,12 +54,6 @@ def _to_nf4() -> Callable[..., torch.Tensor]:
     return to_nf4
 
 
-def is_quantized(tensor: torch.Tensor) -> bool:
-    """Whether ``tensor`` (or a DTensor's shard) is a quantised tensor subclass."""
-    local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
-    return type(local) not in (torch.Tensor, nn.Parameter)
-
-
 def dequantized(tensor: torch.Tensor) -> torch.Tensor:
     """A quantised tensor's dense values (in its nominal dtype); any other tensor as it is."""
     return tensor.get_original_weight() if is_quantized(tensor) else tensor
@@ -91,14 +84,6 @@ def nf4_problems(shape: tuple[int, int], shards: int) -> str | None:
         return (f"a {rows} x {cols} weight split {shards} way(s) is not a whole number of "
                 f"{BLOCK_SIZE * SCALER_BLOCK_SIZE}-weight NF4 scale blocks per shard")
     return None
-
-
-def block_linears(parts: Iterable[nn.Module]) -> Iterator[tuple[str, FrozenLinear]]:
-    """The frozen linears inside the transformer blocks (what QLoRA quantises)."""
-    for part in parts:
-        for name, module in part.named_modules():
-            if isinstance(module, FrozenLinear) and name.startswith("layers."):
-                yield name, module
 
 
 @torch.no_grad()
