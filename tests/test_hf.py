@@ -21,7 +21,8 @@ from titan_lite.models.llama3 import Transformer
 from titan_lite.parallel.dims import ParallelDims, build_mesh
 from titan_lite.parallel.fsdp import apply_fsdp
 from titan_lite.parallel.tp import apply_tp
-from titan_lite.train import load_pretrained, train
+from titan_lite.build import load_pretrained
+from titan_lite.train import train
 
 transformers = pytest.importorskip("transformers")
 

@@ -27,7 +27,7 @@ from titan_lite.distributed import DTYPES
 from titan_lite.generation import generate, prompt_ids, stop_ids
 from titan_lite.models.llama3 import FLAVORS, Transformer
 from titan_lite.tokenizer import Tokenizer, build_tokenizer
-from titan_lite.train import build_finetuned_model, load_pretrained
+from titan_lite.build import build_finetuned_model, load_pretrained
 
 _STEP = re.compile(r"step-\d+")
 

@@ -316,7 +316,7 @@ def export_checkpoint(argv: list[str] | None = None) -> None:
     from titan_lite.finetune import merge_adapters
     from titan_lite.models.llama3 import FLAVORS, Transformer
     from titan_lite.tokenizer import build_tokenizer
-    from titan_lite.train import build_finetuned_model
+    from titan_lite.build import build_finetuned_model
 
     parser = argparse.ArgumentParser(prog="python -m titan_lite.hf export",
                                      description=export_checkpoint.__doc__)

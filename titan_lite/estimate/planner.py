@@ -45,7 +45,7 @@ from titan_lite.finetune.nf4 import BYTES_PER_WEIGHT as NF4_BYTES_PER_WEIGHT
 from titan_lite.finetune.lora import block_linears
 from titan_lite.models.llama3 import FLAVORS
 from titan_lite.parallel.activation_checkpoint import checkpoint_every
-from titan_lite.train import BYTES_PER_PARAM, build_meta_model
+from titan_lite.build import BYTES_PER_PARAM, build_meta_model
 
 ASSUMED_MFU = 0.4
 LAUNCH_SECONDS_PER_LAYER = 3e-4  # ~30 kernels per block forward + backward, ~10 us each

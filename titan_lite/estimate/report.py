@@ -11,7 +11,7 @@ from titan_lite.estimate.gpus import ALLOCATOR_SLACK, CUDA_CONTEXT_GIB, GPUS
 from titan_lite.estimate.planner import format_plan, plan
 from titan_lite.estimate.trace import GIB, MemoryEstimate, estimate_memory, job_dims
 from titan_lite.estimate.tracker import GRADS, LABELS, OPTIM, PARAMS
-from titan_lite.train import BYTES_PER_PARAM
+from titan_lite.build import BYTES_PER_PARAM
 
 
 def describe_job(cfg: JobConfig, num_gpus: int) -> str:

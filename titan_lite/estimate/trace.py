@@ -34,14 +34,8 @@ from titan_lite.models.llama3 import FLAVORS, ModelArgs, Transformer
 from titan_lite.optim import build_optimizer
 from titan_lite.parallel.dims import ParallelDims, build_mesh, resolve_degrees
 from titan_lite.parallel.pp import Pipeline
-from titan_lite.train import (
-    StepRecipe,
-    build_meta_model,
-    build_model,
-    forward_backward,
-    optimizer_step,
-    step_recipe,
-)
+from titan_lite.build import build_meta_model, build_model
+from titan_lite.train import StepRecipe, forward_backward, optimizer_step, step_recipe
 
 GIB = 2**30
 
