@@ -10,6 +10,7 @@ from test_hf import TOKENS, hf_folder  # noqa: F401 - the fixture is used by nam
 
 from titan_lite.config import check_job, load_config
 from titan_lite.finetune import (
+    FrozenLinear,
     LoRALinear,
     adapter_parameters,
     apply_lora,
@@ -170,6 +171,20 @@ def test_nf4_round_trip_has_the_formats_error_and_size():
     assert BYTES_PER_WEIGHT < 0.52
 
 
+def test_nf4_dequantised_in_slices_equals_it_whole():
+    from titan_lite.finetune.nf4 import quantize_linears, write_quantized
+
+    linear = FrozenLinear(256, 512, torch.bfloat16)
+    quantize_linears([linear], CPU)
+    write_quantized(linear.weight, torch.randn(512, 256, generator=torch.Generator()
+                                                 .manual_seed(0)).bfloat16())
+    whole = linear.weight.get_original_weight()
+    torch.testing.assert_close(dequantized(linear.weight, rows_per_slice=64), whole,
+                               rtol=0, atol=0)
+    x = torch.randn(3, 256, dtype=torch.bfloat16, requires_grad=True)
+    torch.testing.assert_close(linear(x), torch.nn.functional.linear(x, whole), rtol=0, atol=0)
+
+
 def test_qlora_forward_equals_lora_on_the_dequantised_weights():
     qlora = lora_model(base_dtype=torch.bfloat16, quantize=True)
     randomize_adapters(qlora)
@@ -217,6 +232,15 @@ def test_quantize_base_without_torchao_names_the_install_command(repo_cwd, monke
                          1)
     assert any("pip install -e '.[qlora]'" in p and p.startswith("lora.quantize_base:")
                for p in problems), problems
+
+
+def test_lora_modules_are_built_where_the_model_is():
+    """On the meta device, so that materialising places every weight (adapters, frozen output)
+    on the training device instead of leaving real host tensors behind."""
+    with torch.device("meta"):
+        model = Transformer(ARGS)
+    apply_lora(model, 4, 8.0, 0.0, ALL, torch.bfloat16)
+    assert {p.device.type for p in model.parameters()} == {"meta"}
 
 
 def test_flops_count_no_weight_gradients_for_the_frozen_base():

@@ -1,8 +1,9 @@
-"""Chunked cross entropy: the same loss and gradients as in one piece, with a smaller peak."""
+"""Chunked cross entropy (and output projection): the same loss and gradients as in one piece,
+with a smaller peak."""
 
 import torch
 
-from titan_lite.loss import IGNORE_INDEX, cross_entropy_sum
+from titan_lite.loss import IGNORE_INDEX, cross_entropy_sum, loss_head
 from titan_lite.memory import TensorMemoryTracker
 
 
@@ -33,6 +34,31 @@ def test_chunked_cross_entropy_matches_one_piece_with_a_smaller_peak():
     assert chunked_peak < 0.6 * peak, (chunked_peak, peak)
 
 
+def projection_loss_grads_and_peak(chunks: int):
+    generator = torch.Generator().manual_seed(1)
+    hidden = torch.randn(2, 64, 32, generator=generator).requires_grad_()
+    output = torch.nn.Linear(32, 2000, bias=False)
+    torch.nn.init.normal_(output.weight, std=0.2, generator=generator)
+    labels = torch.randint(0, 2000, (2, 64), generator=generator)
+    labels[0, :20] = IGNORE_INDEX
+    tracker = TensorMemoryTracker()
+    tracker.track([hidden, output.weight])
+    with tracker:
+        loss = loss_head(labels, chunks)(hidden, output)
+        loss.backward()
+    return loss.detach(), hidden.grad, output.weight.grad, tracker.peak_bytes
+
+
+def test_chunked_projection_and_loss_match_one_piece_without_the_full_logits():
+    loss, hidden_grad, weight_grad, peak = projection_loss_grads_and_peak(1)
+    chunked = projection_loss_grads_and_peak(8)
+    torch.testing.assert_close(chunked[0], loss, rtol=1e-6, atol=0)
+    torch.testing.assert_close(chunked[1], hidden_grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(chunked[2], weight_grad, rtol=1e-5, atol=1e-6)
+    logits_bytes = 2 * 64 * 2000 * 4
+    assert chunked[3] <= peak - logits_bytes, (chunked[3], peak)
+
+
 def test_training_with_chunked_loss_matches_one_piece(repo_cwd):
     from conftest import CPU_ENV
 
@@ -41,7 +67,11 @@ def test_training_with_chunked_loss_matches_one_piece(repo_cwd):
 
     base = ["--training.seq_len", "64", "--training.local_batch_size", "2", "--training.steps",
             "2", "--metrics.log_freq", "100", "--metrics.cpu_peak_tflops", "1",
-            "--metrics.enable_jsonl", "false"]
-    one = train(load_config(base), CPU_ENV).losses
-    chunked = train(load_config([*base, "--training.loss_chunks", "4"]), CPU_ENV).losses
-    torch.testing.assert_close(chunked, one, rtol=0, atol=1e-5)
+            "--metrics.enable_jsonl", "false", "--validation.split", "0.1",
+            "--validation.interval", "2", "--validation.steps", "2"]
+    one = train(load_config(base), CPU_ENV)
+    chunked = train(load_config([*base, "--training.loss_chunks", "4"]), CPU_ENV)
+    torch.testing.assert_close(chunked.losses, one.losses, rtol=0, atol=1e-5)
+    torch.testing.assert_close(chunked.validation_losses, one.validation_losses, rtol=0,
+                               atol=1e-5)
+    assert set(one.validation_losses) == {0, 2}

@@ -20,7 +20,8 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from titan_lite.finetune.lora import LoRALinear, base_parameters, is_quantized
+from titan_lite.finetune.lora import LoRALinear, base_parameters
+from titan_lite.finetune.nf4 import is_quantized
 from titan_lite.finetune.nf4 import dequantized, write_quantized
 from titan_lite.models.llama3 import ModelArgs, RopeScaling
 from titan_lite.parallel.init import local_offset

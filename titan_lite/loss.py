@@ -11,6 +11,8 @@ sum(all targets' losses) / count(all targets).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -20,24 +22,44 @@ from torch.utils.checkpoint import checkpoint
 IGNORE_INDEX = -100  # a label that is not a target (prompt token, padding, sample boundary)
 
 
-def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor,
-                      chunks: int = 1) -> torch.Tensor:
-    """Summed cross entropy of (batch, seq, vocab) logits over the labels that are targets.
+Projection = Callable[[torch.Tensor], torch.Tensor]  # last hidden states -> logits
 
-    ``chunks`` > 1: computed over that many slices of the tokens, each recomputed in backward
-    (activation checkpointing), so the float32 copy of the logits, its softmax and its
-    gradient exist for one slice at a time instead of the whole batch: for a 128k vocabulary
-    at 2 x 2048 tokens that is ~6 GiB less at the peak. The same sum up to float rounding.
-    Vocab-sharded logits (tensor parallel's loss parallel) are not chunked."""
-    flat_logits, flat_labels = logits.flatten(0, 1), labels.flatten()
-    if chunks <= 1 or isinstance(logits, DTensor):
-        return _summed(flat_logits, flat_labels)
-    parts = zip(flat_logits.chunk(chunks), flat_labels.chunk(chunks))
-    return sum(checkpoint(_summed, part, target, use_reentrant=False)
+
+def cross_entropy_sum(hidden: torch.Tensor, labels: torch.Tensor, chunks: int = 1,
+                      project: Projection | None = None) -> torch.Tensor:
+    """Summed cross entropy over the labels that are targets, of (batch, seq, vocab) logits, or
+    with ``project`` (the model's output projection) of the logits of (batch, seq, dim) hidden
+    states.
+
+    ``chunks`` > 1: computed over that many slices of the tokens, each slice's projection and
+    loss recomputed in backward (activation checkpointing), so the logits, their float32 copy,
+    softmax and gradient exist for one slice at a time, never for the whole batch: for a 128k
+    vocabulary at 2 x 2048 tokens that is ~7 GiB less at the peak. The same sum up to float
+    rounding. Tensor parallel's layouts are not chunked: its sequence-sharded hidden states are
+    projected whole, and vocab-sharded logits (loss parallel) go to the loss whole."""
+    if project is not None and isinstance(hidden, DTensor):
+        hidden, project = project(hidden), None
+    if isinstance(hidden, DTensor):
+        chunks = 1
+    flat_hidden, flat_labels = hidden.flatten(0, 1), labels.flatten()
+    if chunks <= 1:
+        return _summed(flat_hidden, flat_labels, project)
+    parts = zip(flat_hidden.chunk(chunks), flat_labels.chunk(chunks))
+    return sum(checkpoint(_summed, part, target, project, use_reentrant=False)
                for part, target in parts)
 
 
-def _summed(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def loss_head(labels: torch.Tensor, chunks: int = 1
+              ) -> Callable[[torch.Tensor, Projection], torch.Tensor]:
+    """A ``head`` for ``Transformer.forward``: the model returns the summed cross entropy of
+    ``labels`` (``cross_entropy_sum``) instead of its logits, which are then computed slice by
+    slice inside the loss and never held whole."""
+    return lambda hidden, project: cross_entropy_sum(hidden, labels, chunks, project)
+
+
+def _summed(hidden: torch.Tensor, labels: torch.Tensor,
+            project: Projection | None) -> torch.Tensor:
+    logits = hidden if project is None else project(hidden)
     return F.cross_entropy(logits.float(), labels, reduction="sum", ignore_index=IGNORE_INDEX)
 
 

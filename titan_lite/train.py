@@ -38,7 +38,7 @@ from titan_lite.distributed import (
     shutdown_and_exit,
 )
 from titan_lite.finetune import base_fingerprint, describe_parameters
-from titan_lite.loss import cross_entropy_sum, global_target_count, sum_over_ranks
+from titan_lite.loss import global_target_count, loss_head, sum_over_ranks
 from titan_lite.memory import TensorMemoryTracker
 from titan_lite.metrics import MetricsLogger, peak_flops
 from titan_lite.models.llama3 import FLAVORS, Transformer
@@ -122,11 +122,11 @@ def forward_backward(runner: torch.nn.Module | Pipeline, next_batch: Callable[[]
     for micro, batch in enumerate(batches):
         last = micro == len(batches) - 1
         with gradient_sync(runner, last or recipe.reduce_every_micro):
-            with recipe.autocast:
-                logits = runner(batch.inputs, **batch.model_kwargs())
-            with recipe.loss_context():  # loss parallel: cross entropy on vocab-sharded logits
-                loss = cross_entropy_sum(logits, batch.labels, recipe.loss_chunks) * loss_scale
-                del logits  # the biggest activation; free it before backward allocates grads
+            # loss parallel: the cross entropy of vocab-sharded logits, forward and backward
+            with recipe.loss_context():
+                with recipe.autocast:
+                    loss = runner(batch.inputs, **batch.model_kwargs(),
+                                  head=loss_head(batch.labels, recipe.loss_chunks)) * loss_scale
                 loss.backward()
         step_loss += full_tensor(loss.detach())
     return step_loss / recipe.grad_scale
@@ -165,7 +165,7 @@ def build_evaluation(cfg: JobConfig, data: Data, parts: list[Transformer],
         return None
     validator = None if data.validation is None else Validator(
         data.validation, runner, env.device, recipe.autocast, recipe.loss_context, dims.tp,
-        recipe.label_copies)
+        recipe.label_copies, recipe.loss_chunks)
     template = None if cfg.data.format == "text" else build_chat_template(
         cfg.data.chat_template, tokenizer, cfg.tokenizer.kind)
     return Evaluation(cfg, validator, parts[0], tokenizer, template, env.device,

@@ -17,7 +17,7 @@ from titan_lite.config import JobConfig
 from titan_lite.data import Batch, ChatTemplate, ValidationLoader
 from titan_lite.distributed import full_tensor
 from titan_lite.generation import generate, prompt_ids, stop_ids
-from titan_lite.loss import count_targets, cross_entropy_sum, sum_over_ranks
+from titan_lite.loss import count_targets, loss_head, sum_over_ranks
 from titan_lite.parallel.pp import Pipeline
 from titan_lite.tokenizer import Tokenizer
 
@@ -37,21 +37,22 @@ class Validator:
 
     def __init__(self, loader: ValidationLoader, runner: nn.Module | Pipeline,
                  device: torch.device, autocast: torch.autocast, loss_context,
-                 tp_degree: int, label_copies: int):
+                 tp_degree: int, label_copies: int, loss_chunks: int):
         """``tp_degree``: ranks holding the same loss; ``label_copies``: ranks loading the
-        same labels (tensor- and pipeline-parallel peers)."""
+        same labels (tensor- and pipeline-parallel peers); ``loss_chunks``: slices the loss
+        is computed in (``cross_entropy_sum``), so the logits are never held whole."""
         self.loader, self.runner, self.device = loader, runner, device
         self.autocast, self.loss_context = autocast, loss_context
         self.tp_degree, self.label_copies = tp_degree, label_copies
+        self.loss_chunks = loss_chunks
 
     def _loss_sum(self, batch: Batch) -> torch.Tensor:
         if isinstance(self.runner, Pipeline):
             with self.autocast, self.loss_context():
                 return full_tensor(self.runner.evaluate(batch))
-        with self.autocast:
-            logits = self.runner(batch.inputs, **batch.model_kwargs())
-        with self.loss_context():
-            return full_tensor(cross_entropy_sum(logits, batch.labels))
+        with self.loss_context(), self.autocast:
+            return full_tensor(self.runner(batch.inputs, **batch.model_kwargs(),
+                                           head=loss_head(batch.labels, self.loss_chunks)))
 
     @torch.no_grad()
     def run(self) -> ValidationResult:

@@ -13,10 +13,10 @@ from titan_lite.finetune.lora import (
     apply_lora,
     base_parameters,
     is_adapter,
-    is_quantized,
     merge_adapters,
+    quantize_block_linears,
 )
-from titan_lite.finetune.nf4 import nf4_available, quantize_block_linears
+from titan_lite.finetune.nf4 import is_quantized, nf4_available
 
 __all__ = [
     "BLOCK_TARGETS", "TARGETS", "FrozenLinear", "LoRALinear", "adapter_parameters",

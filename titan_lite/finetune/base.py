@@ -9,8 +9,8 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Partial
 
 from titan_lite.distributed import local_shard
-from titan_lite.finetune.lora import base_parameters, is_quantized
-from titan_lite.finetune.nf4 import dequantized
+from titan_lite.finetune.lora import base_parameters
+from titan_lite.finetune.nf4 import dequantized, is_quantized
 from titan_lite.memory import tensor_bytes
 
 

@@ -18,8 +18,7 @@ from collections.abc import Iterable, Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.tensor import DTensor
-
+from titan_lite.finetune.nf4 import dequantized, is_quantized, quantize_linears
 from titan_lite.models.llama3 import Transformer
 
 BLOCK_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
@@ -28,33 +27,28 @@ _ADAPTER = re.compile(r"(.+)\.lora_[ab]\.weight")
 
 
 class _FrozenLinearFunction(torch.autograd.Function):
-    """x @ W^T for a frozen W stored in another dtype than x. Saves W itself for backward (not
-    the input, W needs no gradient, nor a cast copy of W: that would keep a second, wider copy
-    of every frozen weight alive until backward)."""
+    """x @ W^T for a frozen W stored in another dtype than x, or quantised (NF4). Saves W
+    itself for backward (not the input, W needs no gradient, nor a cast or dequantised copy of
+    W: that would keep a second, wider copy of every frozen weight alive until backward)."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         ctx.save_for_backward(weight)
+        dense = dequantized(weight)
         if torch.is_autocast_enabled(x.device.type):  # autocast casts both operands itself
-            return F.linear(x, weight)
-        return F.linear(x, weight.to(x.dtype))
+            return F.linear(x, dense)
+        return F.linear(x, dense.to(x.dtype))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
         (weight,) = ctx.saved_tensors
-        return grad @ weight.to(grad.dtype), None  # autograd casts it to x's dtype
-
-
-def is_quantized(tensor: torch.Tensor) -> bool:
-    """Whether ``tensor`` (or a DTensor's shard) is a quantised tensor subclass (NF4)."""
-    local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
-    return type(local) not in (torch.Tensor, nn.Parameter)
+        return grad @ dequantized(weight).to(grad.dtype), None  # autograd casts it to x's dtype
 
 
 def frozen_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Linear map by a frozen weight: a plain tensor of any float dtype, or a quantised tensor
-    subclass (NF4), which dequantises itself block by block inside ``F.linear``."""
-    if is_quantized(weight) or weight.dtype == x.dtype:
+    (NF4), dequantised slice by slice in forward and again in backward."""
+    if not is_quantized(weight) and weight.dtype == x.dtype:
         return F.linear(x, weight)
     return _FrozenLinearFunction.apply(x, weight)
 
@@ -130,6 +124,12 @@ def apply_lora(model: Transformer, rank: int, alpha: float, dropout: float,
     and put adapters on the linears named in ``targets`` (see ``TARGETS``); the hidden states
     start in ``compute_dtype`` (see ``FrozenEmbedding``)."""
     adapter = {"rank": rank, "alpha": alpha, "dropout": dropout}
+    with torch.device(model.norm.weight.device):  # new modules where the model is (meta)
+        _replace_modules(model, adapter, targets, base_dtype, compute_dtype)
+
+
+def _replace_modules(model: Transformer, adapter: dict, targets: list[str],
+                     base_dtype: torch.dtype, compute_dtype: torch.dtype) -> None:
     for block in model.layers.values():
         for parent in (block.attention, block.feed_forward):
             for name, child in list(parent.named_children()):
@@ -142,9 +142,8 @@ def apply_lora(model: Transformer, rank: int, alpha: float, dropout: float,
         model.output = _frozen(model.output, base_dtype,
                                adapter if "output" in targets else None)
     old = model.tok_embeddings
-    with torch.device(old.weight.device):
-        model.tok_embeddings = FrozenEmbedding(old.num_embeddings, old.embedding_dim,
-                                               base_dtype, compute_dtype)
+    model.tok_embeddings = FrozenEmbedding(old.num_embeddings, old.embedding_dim, base_dtype,
+                                           compute_dtype)
     model.norm.weight = nn.Parameter(model.norm.weight.to(base_dtype), requires_grad=False)
 
 
@@ -154,6 +153,11 @@ def block_linears(parts: Iterable[nn.Module]) -> Iterator[tuple[str, FrozenLinea
         for name, module in part.named_modules():
             if isinstance(module, FrozenLinear) and name.startswith("layers."):
                 yield name, module
+
+
+def quantize_block_linears(model: nn.Module, device: torch.device) -> None:
+    """QLoRA: the block linears' frozen weights in NF4 on ``device`` (``quantize_linears``)."""
+    quantize_linears((module for _, module in block_linears([model])), device)
 
 
 def is_adapter(name: str) -> bool:

@@ -13,17 +13,20 @@ import contextlib
 import functools
 import importlib.util
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
-
-from titan_lite.finetune.lora import block_linears, is_quantized
+from torch.distributed.tensor import DTensor
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 INSTALL_HINT = "pip install -e '.[qlora]' (torchao)"
 BLOCK_SIZE, SCALER_BLOCK_SIZE = 64, 256  # the QLoRA paper's, and torchao's defaults
 # 4-bit codes, an int8 scale per block, a float32 factor per block of scales
 BYTES_PER_WEIGHT = 0.5 + 1 / BLOCK_SIZE + 4 / (BLOCK_SIZE * SCALER_BLOCK_SIZE)
+# Rows dequantised at a time: torchao's dequantisation makes int64 code indices, 16 bytes per
+# weight (0.9 GiB for an 8B FFN weight); in slices of 1024 rows they are at most 64 MiB.
+DEQUANTIZE_ROWS = 1024
 
 
 def nf4_available() -> bool:
@@ -54,9 +57,23 @@ def _to_nf4() -> Callable[..., torch.Tensor]:
     return to_nf4
 
 
-def dequantized(tensor: torch.Tensor) -> torch.Tensor:
-    """A quantised tensor's dense values (in its nominal dtype); any other tensor as it is."""
-    return tensor.get_original_weight() if is_quantized(tensor) else tensor
+def is_quantized(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` (or a DTensor's shard) is a quantised tensor subclass (NF4): a
+    wrapper around its packed data (not a plain, nor a fake tensor of the estimator)."""
+    local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+    return is_traceable_wrapper_subclass(local)
+
+
+def dequantized(tensor: torch.Tensor, rows_per_slice: int = DEQUANTIZE_ROWS) -> torch.Tensor:
+    """A quantised tensor's dense values (in its nominal dtype), dequantised ``rows_per_slice``
+    rows at a time where the rows split into whole scale blocks; any other tensor as it is."""
+    if not is_quantized(tensor):
+        return tensor
+    rows, cols = tensor.shape
+    slices = rows // rows_per_slice
+    if slices <= 1 or rows % rows_per_slice or nf4_problems((rows, cols), slices):
+        return tensor.get_original_weight()
+    return torch.cat([part.get_original_weight() for part in torch.chunk(tensor, slices)])
 
 
 @torch.no_grad()
@@ -87,12 +104,12 @@ def nf4_problems(shape: tuple[int, int], shards: int) -> str | None:
 
 
 @torch.no_grad()
-def quantize_block_linears(model: nn.Module, device: torch.device) -> None:
-    """Give each block linear an NF4 weight on ``device`` in place of its (meta-device) dense
-    one. Call it on the built model before sharding it: FSDP then shards the NF4 tensors, and
-    the weights are written later, by the initialisation or the load (``write_quantized``)."""
+def quantize_linears(linears: Iterable[nn.Module], device: torch.device) -> None:
+    """Give each linear an NF4 weight on ``device`` in place of its (meta-device) dense one.
+    Call it on the built model before sharding it: FSDP then shards the NF4 tensors, and the
+    weights are written later, by the initialisation or the load (``write_quantized``)."""
     to_nf4 = _to_nf4()
-    for _, module in block_linears([model]):
+    for module in linears:
         dense = torch.zeros(module.weight.shape, dtype=module.weight.dtype, device=device)
         module.weight = nn.Parameter(to_nf4(dense, BLOCK_SIZE, SCALER_BLOCK_SIZE),
                                      requires_grad=False)

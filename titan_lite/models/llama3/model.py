@@ -19,6 +19,9 @@ from torch import nn
 from titan_lite.models.llama3.args import ModelArgs, RopeScaling
 from titan_lite.models.llama3.attention import AttentionMask, KVCache, attend, document_mask
 
+# Transformer.forward's optional head: (final hidden states, output projection) -> output
+Head = Callable[[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]], torch.Tensor]
+
 
 def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
     """Inverse frequencies of the rotary embedding, with Llama 3.1 scaling when given."""
@@ -161,7 +164,7 @@ class Transformer(nn.Module):
         self.register_buffer("rope", rope_table(args, args.max_seq_len), persistent=False)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, head: Head | None = None) -> torch.Tensor:
         """tokens (batch, seq) int64 -> logits (batch, seq, vocab).
 
         ``positions`` (batch, seq): each token's position in its own sample, restarting at 0
@@ -169,7 +172,10 @@ class Transformer(nn.Module):
         one causal sequence at positions 0..seq-1. ``cache``: generation, continuing after the
         positions the cache holds. A pipeline stage holds only some of the modules (the others
         are None): without the embedding it takes hidden states in, without the final norm it
-        hands them on.
+        hands them on. ``head(hidden, project)``: what to return instead of the logits, given
+        the final norm's output and the output projection (e.g. the loss, computed from the
+        logits slice by slice; run inside forward, so parallel wrappers see the projection
+        used where they expect it).
         """
         seq = tokens.shape[1]
         if cache is not None:
@@ -192,10 +198,15 @@ class Transformer(nn.Module):
         if self.norm is None:
             return h
         h = self.norm(h)
+        return self.project(h) if head is None else head(h, self.project)
+
+    def project(self, h: torch.Tensor) -> torch.Tensor:
+        """The output projection: final hidden states -> logits."""
         if self.args.tie_word_embeddings:
             # (a cast only when the table is stored narrower, e.g. a frozen fine-tuning base)
             return F.linear(h, self.tok_embeddings.weight.to(h.dtype))
         return self.output(h)
+
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0,
