@@ -175,3 +175,18 @@ def test_planner_proposes_each_method_full_first_with_its_frozen_base_counted(tm
     toml.write_text("\n".join(_toml(qlora.cfg)) + "\n")
     loaded = load_config(["--config", str(toml)])
     assert loaded.lora.enable and loaded.lora.quantize_base == "nf4"
+
+
+def test_embedding_on_host_takes_the_table_out_of_device_memory():
+    from titan_lite.estimate.trace import model_args
+    from titan_lite.estimate.tracker import HOST_WEIGHTS
+
+    base = ["--training.local_batch_size", "2", "--training.seq_len", "128", "--lora.enable",
+            "true", "--training.mixed_precision_param", "bfloat16"]
+    on_device = estimate_memory(load_config(base), 2)  # FSDP over 2 ranks
+    on_host = estimate_memory(load_config([*base, "--lora.embedding_on_host", "true"]), 2)
+    args = model_args(on_host.cfg)
+    table = args.vocab_size * args.dim * 2  # bfloat16, whole on every rank
+    assert on_host.worst.host[HOST_WEIGHTS] == table
+    # FSDP gathers the root (embedding, norm, output) for the whole step: the full table
+    assert on_device.worst.device_peak - on_host.worst.device_peak >= table

@@ -18,6 +18,8 @@ from titan_lite.finetune import (
     adapter_parameters,
     apply_lora,
     base_parameters,
+    host_parameters,
+    place_on_host,
     quantize_block_linears,
 )
 from titan_lite.hf import architecture_mismatches, args_from_hf_config, load_hf_weights
@@ -52,8 +54,9 @@ def check_model_fits(model: Transformer, cfg: JobConfig, dims: ParallelDims,
     the memory that holds them (host memory under CPU offload)."""
     offload = cfg.training.enable_cpu_offload
     shards = dims.state_shards(offload)
+    on_host = set(host_parameters(model).values())
     need = sum(p.numel() * (BYTES_PER_PARAM if p.requires_grad else p.element_size())
-               for p in model.parameters()) // shards
+               for p in model.parameters() if offload or p not in on_host) // shards
     where = torch.device("cpu") if offload else env.device
     have = available_memory_per_rank(where, env.local_world_size)
     if need > have:
@@ -69,8 +72,9 @@ def check_model_fits(model: Transformer, cfg: JobConfig, dims: ParallelDims,
 
 def parallelize(model: Transformer, cfg: JobConfig, dims: ParallelDims, mesh: DeviceMesh | None,
                 env: DistEnv, draw_weights: bool = True) -> torch.nn.Module:
-    """Apply TP, activation checkpointing, QLoRA's NF4 storage and FSDP to a meta-device model
-    (or pipeline stage), then allocate this rank's shards and draw the weights. Returns the
+    """Apply TP, activation checkpointing, QLoRA's NF4 storage, host placement (of a frozen
+    embedding) and FSDP to a meta-device model (or pipeline stage), then allocate this rank's
+    shards and draw the weights. Returns the
     module to call, which is ``model`` itself except under DDP."""
     if dims.tp > 1:
         apply_tp(model, mesh["tp"], cfg.parallelism.enable_loss_parallel)
@@ -79,12 +83,14 @@ def parallelize(model: Transformer, cfg: JobConfig, dims: ParallelDims, mesh: De
     param_device = torch.device("cpu") if offload else env.device
     if cfg.lora.quantize_base == "nf4":
         quantize_block_linears(model, param_device)
+    host = place_on_host(model)
     fsdp = dims.uses_fsdp(offload)
     if fsdp:
-        apply_fsdp(model, mesh, cfg.training, cfg.parallelism, pipelined=dims.pp > 1)
+        apply_fsdp(model, mesh, cfg.training, cfg.parallelism, pipelined=dims.pp > 1,
+                   ignored_params=set(host.values()))
     materialize(model, cfg.job.seed, env.device, param_device, draw_weights)
     if dims.dp_replicate > 1 and not fsdp:
-        return apply_ddp(model, mesh)
+        return apply_ddp(model, mesh, ignored=list(host))
     return model
 
 
@@ -109,7 +115,8 @@ def build_meta_model(cfg: JobConfig, args: ModelArgs) -> Transformer:
     lora = cfg.lora
     if lora.enable:
         apply_lora(model, lora.rank, lora.alpha, lora.dropout, lora.target_modules,
-                   DTYPES[lora.base_dtype], DTYPES[cfg.training.mixed_precision_param])
+                   DTYPES[lora.base_dtype], DTYPES[cfg.training.mixed_precision_param],
+                   lora.embedding_on_host)
     return model
 
 

@@ -93,6 +93,10 @@ def _lora_problems(cfg: JobConfig, dims: ParallelDims | None) -> list[str]:
     if "output" in lora.target_modules and args.tie_word_embeddings:
         problems.append(f"lora.target_modules: flavor {cfg.model.flavor} ties the output to "
                         "the embedding, so 'output' cannot get its own adapter")
+    if lora.embedding_on_host and args.tie_word_embeddings:
+        problems.append(f"lora.embedding_on_host: flavor {cfg.model.flavor} ties the output "
+                        "to the embedding; its table must be on the device for the output "
+                        "projection")
     for degree, name in ((dims.tp if dims else 1, "tensor_parallel_degree"),
                          (dims.pp if dims else 1, "pipeline_parallel_degree")):
         if degree > 1:

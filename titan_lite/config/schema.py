@@ -208,6 +208,12 @@ class Lora:
                              "backward; embeddings, norms and the output stay in base_dtype. "
                              "Needs the qlora extra: pip install -e '.[qlora]'.",
                              choices=["none", "nf4"])
+    embedding_on_host: bool = opt(False, "Keep the frozen embedding table in host memory: "
+                                  "the lookup runs on the host and only the batch's rows go "
+                                  "to the device (~1 GiB less for an 8B on a GPU; FSDP and "
+                                  "DDP leave the table out, each rank holds it whole). Not "
+                                  "with tied embeddings (1B, 3B), whose table is the output "
+                                  "projection too.")
     save_base: bool = opt(False, "Also store the frozen base in checkpoints (by default they "
                           "hold only the adapters and their optimizer states, and a "
                           "fingerprint the resume checks the base against).")

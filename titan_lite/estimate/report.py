@@ -43,7 +43,7 @@ def format_estimate(estimate: MemoryEstimate, capacity_gib: float | None,
     lines.append(f"device memory of rank {worst.rank} at its peak:")
     lines += _table(worst.device, worst.device_peak, "traced peak")
     if worst.host_peak:
-        lines.append("host memory of each rank (CPU offload) at its peak:")
+        lines.append("host memory of each rank at its peak:")
         lines += _table(worst.host, worst.host_peak, "host peak")
     lines.append(closed_form_line(estimate))
     required = estimate.required_gib()

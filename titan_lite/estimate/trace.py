@@ -23,12 +23,14 @@ from titan_lite.estimate.tracker import (
     BUFFERS,
     COMM,
     GRADS,
+    HOST_WEIGHTS,
     OFFLOADED,
     OPTIM,
     OPTIM_STEP,
     PARAMS,
     LabelledTracker,
 )
+from titan_lite.finetune import host_parameters
 from titan_lite.loss import cross_entropy_sum
 from titan_lite.models.llama3 import FLAVORS, ModelArgs, Transformer
 from titan_lite.optim import build_optimizer
@@ -152,13 +154,15 @@ def _trace_steps(cfg: JobConfig, args: ModelArgs, dims: ParallelDims, mesh: Devi
     step(None)  # creates the optimizer states; DTensor caches its sharding decisions
     tracker = LabelledTracker(OFFLOADED if t.enable_cpu_offload else ())
     tracker.label(params, PARAMS)
+    tracker.label(host_parameters(modules).values(), HOST_WEIGHTS)
     tracker.label(modules.buffers(), BUFFERS)
     tracker.label(received.values(), COMM)
     tracker.label((s for state in optimizer.state.values() for s in state.values()), OPTIM)
     # DDP's flat gradient buckets (allocated when it wraps the model), alive for the trace
     buckets = [torch.empty(sum(p.numel() for p in params))] if ddp_buckets else []
     tracker.label(buckets, COMM)
-    state = {PARAMS: tracker.live[PARAMS], OPTIM: tracker.live[OPTIM]}
+    state = {PARAMS: tracker.live[PARAMS] + tracker.live[HOST_WEIGHTS],
+             OPTIM: tracker.live[OPTIM]}
     grad_bytes: dict[int, int] = {}
 
     def on_grad(param: torch.Tensor) -> None:  # the gradient is assigned (or accumulated)

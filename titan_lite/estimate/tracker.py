@@ -13,18 +13,22 @@ from titan_lite.memory import TensorMemoryTracker, storages
 PARAMS, GRADS, OPTIM = "parameters", "gradients", "optimizer states"
 BUFFERS, GATHERED, COMM = "buffers", "gathered parameters", "communication buffers"
 ACTIVATIONS, BACKWARD, OPTIM_STEP = "activations", "backward temporaries", "optimizer step"
-LABELS = (PARAMS, GRADS, OPTIM, BUFFERS, GATHERED, COMM, ACTIVATIONS, BACKWARD, OPTIM_STEP)
+HOST_WEIGHTS, SAVED_ON_HOST = "weights kept on host", "offloaded activations"
+LABELS = (PARAMS, HOST_WEIGHTS, GRADS, OPTIM, BUFFERS, GATHERED, COMM, ACTIVATIONS,
+          SAVED_ON_HOST, BACKWARD, OPTIM_STEP)
 OFFLOADED = (PARAMS, GRADS, OPTIM, OPTIM_STEP)  # host memory under CPU offload
+ALWAYS_ON_HOST = (HOST_WEIGHTS, SAVED_ON_HOST)
 
 
 class LabelledTracker(TensorMemoryTracker):
     """TensorMemoryTracker that labels each storage and keeps the per-label breakdown at the
-    device peak and at the host peak (host = the ``host_labels``, e.g. offloaded state)."""
+    device peak and at the host peak (host = the ``host_labels``, e.g. offloaded state, and
+    ``ALWAYS_ON_HOST``)."""
 
     def __init__(self, host_labels: Iterable[str] = ()) -> None:
         super().__init__()
         self.phase = ACTIVATIONS  # the label of storages created outside backward
-        self.host_labels = frozenset(host_labels)
+        self.host_labels = frozenset(host_labels) | frozenset(ALWAYS_ON_HOST)
         self._labels: dict[int, str] = {}
         self.live: Counter[str] = Counter()
         self.device_peak, self.host_peak = 0, 0

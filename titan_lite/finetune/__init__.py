@@ -12,14 +12,17 @@ from titan_lite.finetune.lora import (
     adapter_parameters,
     apply_lora,
     base_parameters,
+    host_parameters,
     is_adapter,
     merge_adapters,
+    place_on_host,
     quantize_block_linears,
 )
 from titan_lite.finetune.nf4 import is_quantized, nf4_available
 
 __all__ = [
     "BLOCK_TARGETS", "TARGETS", "FrozenLinear", "LoRALinear", "adapter_parameters",
-    "apply_lora", "base_fingerprint", "base_parameters", "describe_parameters", "is_adapter",
-    "is_quantized", "merge_adapters", "nf4_available", "quantize_block_linears",
+    "apply_lora", "base_fingerprint", "base_parameters", "describe_parameters",
+    "host_parameters", "is_adapter", "is_quantized", "merge_adapters", "nf4_available",
+    "place_on_host", "quantize_block_linears",
 ]

@@ -99,16 +99,35 @@ class FrozenEmbedding(nn.Embedding):
     """A frozen embedding table that hands its hidden states on in the training's compute
     dtype, whatever dtype it is stored in: float32 when computing in float32; bfloat16 under
     bf16 mixed precision, so that the residual stream and the activations that activation
-    checkpointing keeps are half the size (as FSDP's bf16 policy makes them anyway)."""
+    checkpointing keeps are half the size (as FSDP's bf16 policy makes them anyway).
+
+    ``on_host``: the table stays in host memory (see ``host_parameters``); the lookup runs
+    there and only the looked-up rows go to the tokens' device."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, dtype: torch.dtype,
-                 compute_dtype: torch.dtype):
+                 compute_dtype: torch.dtype, on_host: bool = False):
         super().__init__(num_embeddings, embedding_dim, dtype=dtype)
         self.weight.requires_grad_(False)
-        self.compute_dtype = compute_dtype
+        self.compute_dtype, self.on_host = compute_dtype, on_host
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return super().forward(tokens).to(self.compute_dtype)
+        rows = F.embedding(tokens.to(self.weight.device), self.weight)
+        return rows.to(tokens.device, self.compute_dtype, non_blocking=True)
+
+
+def host_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Frozen weights that stay in host memory (an ``on_host`` embedding table), by name."""
+    return {f"{name}.weight": module.weight for name, module in model.named_modules()
+            if isinstance(module, FrozenEmbedding) and module.on_host}
+
+
+def place_on_host(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Allocate the host-resident weights (``host_parameters``) of a meta-device model in host
+    memory; returns them, for FSDP and DDP to leave out (every rank holds them whole)."""
+    for module in model.modules():
+        if isinstance(module, FrozenEmbedding) and module.on_host:
+            module.to_empty(device="cpu")
+    return host_parameters(model)
 
 
 def _frozen(module: nn.Linear, dtype: torch.dtype, adapter: dict | None) -> FrozenLinear:
@@ -119,13 +138,15 @@ def _frozen(module: nn.Linear, dtype: torch.dtype, adapter: dict | None) -> Froz
 
 def apply_lora(model: Transformer, rank: int, alpha: float, dropout: float,
                targets: list[str], base_dtype: torch.dtype,
-               compute_dtype: torch.dtype = torch.float32) -> None:
+               compute_dtype: torch.dtype = torch.float32,
+               embedding_on_host: bool = False) -> None:
     """Freeze ``model`` (built on the meta device, before any parallelism) in ``base_dtype``
     and put adapters on the linears named in ``targets`` (see ``TARGETS``); the hidden states
-    start in ``compute_dtype`` (see ``FrozenEmbedding``)."""
+    start in ``compute_dtype`` (see ``FrozenEmbedding``, also for ``embedding_on_host``)."""
     adapter = {"rank": rank, "alpha": alpha, "dropout": dropout}
     with torch.device(model.norm.weight.device):  # new modules where the model is (meta)
         _replace_modules(model, adapter, targets, base_dtype, compute_dtype)
+    model.tok_embeddings.on_host = embedding_on_host
 
 
 def _replace_modules(model: Transformer, adapter: dict, targets: list[str],

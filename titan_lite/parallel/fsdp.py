@@ -18,12 +18,14 @@ from titan_lite.parallel.dims import data_parallel_mesh
 
 
 def apply_fsdp(model: Transformer, mesh: DeviceMesh, training: Training,
-               parallelism: Parallelism, pipelined: bool = False) -> None:
+               parallelism: Parallelism, pipelined: bool = False,
+               ignored_params: set[torch.nn.Parameter] | None = None) -> None:
     """Shard ``model`` in place over the data-parallel dims of ``mesh`` (HSDP when replicated).
 
     Call it on the meta device, after activation checkpointing: each block becomes one
     all-gather / reduce-scatter unit, and the optimizer must be built on the resulting DTensors.
-    ``pipelined``: ``model`` is a pipeline stage.
+    ``pipelined``: ``model`` is a pipeline stage. ``ignored_params``: left as they are (not
+    sharded nor moved), e.g. frozen weights kept in host memory.
     """
     param_dtype = DTYPES[training.mixed_precision_param]
     mp_policy = MixedPrecisionPolicy(
@@ -48,4 +50,4 @@ def apply_fsdp(model: Transformer, mesh: DeviceMesh, training: Training,
     # None lets FSDP keep the root's parameters gathered after forward (needed first in backward).
     root_reshard = {"default": None, "always": True, "never": False}[policy]
     fully_shard(model, mesh=dp_mesh, mp_policy=mp_policy, offload_policy=offload_policy,
-                reshard_after_forward=root_reshard)
+                reshard_after_forward=root_reshard, ignored_params=ignored_params)

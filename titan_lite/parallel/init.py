@@ -71,8 +71,13 @@ def materialize(model: Transformer, seed: int, compute_device: torch.device,
     """Allocate the parameters on ``param_device`` (host memory under CPU offload) and the
     buffers on ``compute_device``, then initialise the weights from ``seed`` (unless
     ``draw_weights`` is false: the memory estimator only needs the storage)."""
-    # Only what is still on the meta device: a transform may have created real weights (NF4).
-    model._apply(lambda t: torch.empty_like(t, device=param_device) if t.is_meta else t)
+    # Only modules with tensors still on the meta device: a transform may have created real
+    # weights (NF4, a table kept in host memory), which must not be swapped for themselves.
+    for module in model.modules():
+        own = [*module._parameters.values(), *module._buffers.values()]
+        if any(t is not None and t.is_meta for t in own):
+            module._apply(lambda t: torch.empty_like(t, device=param_device) if t.is_meta
+                          else t, recurse=False)
     for module in model.modules():
         for name, buffer in module._buffers.items():
             if buffer is not None:
