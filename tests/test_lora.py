@@ -211,6 +211,7 @@ def test_qlora_forward_equals_lora_on_the_dequantised_weights():
     (["--lora.quantize_base", "nf4", "--lora.save_base", "true"], "lora.save_base"),
     (["--lora.quantize_base", "nf4", "--training.enable_cpu_offload", "true"],
      "lora.quantize_base"),  # on one rank
+    (["--lora.embedding_on_host", "true", "--model.flavor", "1B"], "lora.embedding_on_host"),
 ])
 def test_bad_lora_keys_are_refused_naming_the_key(repo_cwd, overrides, key):
     from titan_lite.config import ConfigError

@@ -44,6 +44,7 @@ from titan_lite.metrics import MetricsLogger, peak_flops
 from titan_lite.models.llama3 import FLAVORS, Transformer
 from titan_lite.optim import build_lr_scheduler, build_optimizer, clip_gradients
 from titan_lite.parallel.accumulation import gradient_sync
+from titan_lite.parallel.activation_offload import OffloadSavedActivations
 from titan_lite.parallel.dims import (
     ParallelDims,
     build_mesh,
@@ -88,6 +89,14 @@ class StepRecipe:
     grad_scale: int  # the data-parallel degree, which the gradient reduction averages over
     label_copies: int  # ranks that load the same labels: tensor- and pipeline-parallel peers
     loss_chunks: int = 1  # training.loss_chunks
+    offload_activations: bool = False  # activation_checkpoint.offload
+    on_offload: Callable[[torch.Tensor], None] | None = None  # sees each host copy
+
+    def saved_tensors(self, module: torch.nn.Module) -> ContextManager:
+        """Where the forward of ``module`` keeps what backward needs: here, or host memory."""
+        if not self.offload_activations:
+            return contextlib.nullcontext()
+        return OffloadSavedActivations(module, self.on_offload)
 
 
 def step_recipe(cfg: JobConfig, dims: ParallelDims, device: torch.device) -> StepRecipe:
@@ -102,7 +111,8 @@ def step_recipe(cfg: JobConfig, dims: ParallelDims, device: torch.device) -> Ste
                       else contextlib.nullcontext),
         reduce_every_micro=not fsdp or cfg.parallelism.fsdp_reduce_every_microbatch,
         grad_scale=dims.dp, label_copies=dims.tp * dims.pp,
-        loss_chunks=cfg.training.loss_chunks)
+        loss_chunks=cfg.training.loss_chunks,
+        offload_activations=cfg.activation_checkpoint.offload)
 
 
 def forward_backward(runner: torch.nn.Module | Pipeline, next_batch: Callable[[], Batch],
@@ -124,7 +134,7 @@ def forward_backward(runner: torch.nn.Module | Pipeline, next_batch: Callable[[]
         with gradient_sync(runner, last or recipe.reduce_every_micro):
             # loss parallel: the cross entropy of vocab-sharded logits, forward and backward
             with recipe.loss_context():
-                with recipe.autocast:
+                with recipe.autocast, recipe.saved_tensors(runner):
                     loss = runner(batch.inputs, **batch.model_kwargs(),
                                   head=loss_head(batch.labels, recipe.loss_chunks)) * loss_scale
                 loss.backward()

@@ -47,6 +47,9 @@ def check_job(cfg: JobConfig, world_size: int, training_here: bool = True) -> li
     if cfg.metrics.enable_tensorboard and importlib.util.find_spec("tensorboard") is None:
         problems.append("metrics.enable_tensorboard: the tensorboard package is not installed "
                         "(pip install tensorboard)")
+    if cfg.activation_checkpoint.offload and dims is not None and dims.pp > 1:
+        problems.append("activation_checkpoint.offload: not supported with pipeline parallel "
+                        "yet")
     if cfg.checkpoint.load_step == 0:
         problems.append("checkpoint.load_step: 0 is not a step (use -1 for the newest "
                         "checkpoint, or a saved step >= 1)")
@@ -132,6 +135,10 @@ def _local_problems(cfg: JobConfig) -> list[str]:
     problems = []
     if cfg.training.device == "cuda" and not _cuda_available():
         problems.append("training.device: 'cuda' was asked for but no CUDA device is visible")
+    if cfg.activation_checkpoint.offload and (cfg.training.device == "cpu"
+                                              or not _cuda_available()):
+        problems.append("activation_checkpoint.offload: needs a GPU (it moves saved "
+                        "activations to host memory, where a CPU run keeps them anyway)")
     if not cfg.data.paths:
         problems.append("data.paths: empty; name at least one corpus file or folder")
     if cfg.model.init_from and not any(

@@ -184,6 +184,9 @@ class ActivationCheckpoint:
                                    "outputs of matmuls and attention and recompute the cheap "
                                    "ops (norms, activations, RoPE); an integer k: checkpoint "
                                    "every k-th block fully.")
+    offload: bool = opt(False, "Move what the forward saves for backward (with full AC: each "
+                        "block's input, ~1 GiB for an 8B at 2 x 2048 tokens) to pinned host "
+                        "memory, and back in backward. GPU only; not with pipeline parallel.")
 
 
 @dataclass

@@ -28,6 +28,7 @@ from titan_lite.estimate.tracker import (
     OPTIM,
     OPTIM_STEP,
     PARAMS,
+    SAVED_ON_HOST,
     LabelledTracker,
 )
 from titan_lite.finetune import host_parameters
@@ -137,6 +138,8 @@ def _trace_steps(cfg: JobConfig, args: ModelArgs, dims: ParallelDims, mesh: Devi
         return Batch(tokens[:, :-1], tokens[:, 1:])
 
     def step(tracker: LabelledTracker | None) -> None:
+        traced = recipe if tracker is None else replace(  # offloaded: host memory
+            recipe, on_offload=lambda copy: tracker.label([copy], SAVED_ON_HOST))
         if isinstance(runner, Pipeline):
             # FSDP computes in its param dtype; autocast keeps the residual stream in fp32
             hidden = (DTYPES[t.mixed_precision_param] if dims.uses_fsdp(t.enable_cpu_offload)
@@ -144,7 +147,7 @@ def _trace_steps(cfg: JobConfig, args: ModelArgs, dims: ParallelDims, mesh: Devi
             outputs = _pipeline_step(runner, next_batch, recipe,
                                      env.rank // (env.world_size // dims.pp), hidden, received)
         else:
-            outputs = forward_backward(runner, next_batch, env.device, recipe)
+            outputs = forward_backward(runner, next_batch, env.device, traced)
         if tracker is not None:
             tracker.phase = OPTIM_STEP
         optimizer_step(params, optimizer, t.max_norm, group)
