@@ -3,7 +3,8 @@ configs on common GPUs, 1, 2 and 8 of them. Runs on CPU (fake tensors), ~20 minu
 
     python bench/fit_table.py [--configs train_configs/llama3_8b.toml] [--gpus "RTX 4090,H100"]
     python bench/fit_table.py --knobs     # what offload, bf16 and AC do to the 8B on 2 GPUs
-    python bench/fit_table.py --methods   # 8B full / LoRA / QLoRA on one 8-80 GB card
+    python bench/fit_table.py --methods   # 8B full / LoRA / QLoRA on one 8-80 GB card, and
+                                          # what each memory knob adds (~15 minutes)
 """
 
 from __future__ import annotations
@@ -73,12 +74,24 @@ def knobs_table(config: str) -> None:
 
 CARDS_GB = (8, 12, 16, 24, 80)
 CARD_USABLE = 0.983  # torch reports 23.6 GiB of a "24 GB" RTX 4090, 79.2 of an 80 GB H100
-METHODS = {"full": [], "LoRA": ["--lora.enable", "true"],
-           "QLoRA": ["--lora.enable", "true", "--lora.quantize_base", "nf4"]}
+LORA = ["--lora.enable", "true"]
+METHODS = {"full": [], "LoRA": LORA, "QLoRA": [*LORA, "--lora.quantize_base", "nf4"]}
+ONE_GPU = ["--training.local_batch_size", "2", "--training.global_batch_size", "2"]
+# The memory knobs in the order the knobs table adds them; the methods table has them all on.
+MEMORY_KNOBS = {
+    "loss in 8 slices": ["--training.loss_chunks", "8"],
+    "embedding in host memory": ["--lora.embedding_on_host", "true"],
+    "activation offload": ["--activation_checkpoint.offload", "true"],
+}
+
+
+def _knobs_for(method: str) -> list[str]:
+    return [flag for name, flags in MEMORY_KNOBS.items() for flag in flags
+            if method != "full" or name != "embedding in host memory"]  # a frozen table only
 
 
 def methods_table(config: str) -> None:
-    """One GPU, batch 2 x seq, bf16, full AC, cross entropy in 8 slices: each method with and
+    """One GPU, batch 2 x seq, bf16, full AC and every memory knob: each method with and
     without CPU offload; the traced device peak, what it needs with the allowances, host
     memory, and the verdict per card."""
     from titan_lite.config import check_job
@@ -89,10 +102,8 @@ def methods_table(config: str) -> None:
     for method, flags in METHODS.items():
         for seq in (512, 2048):
             for offload in ("false", "true"):
-                cfg = load_config(["--config", config, *flags, "--training.seq_len", str(seq),
-                                   "--training.loss_chunks", "8",
-                                   "--training.local_batch_size", "2",
-                                   "--training.global_batch_size", "2",
+                cfg = load_config(["--config", config, *flags, *_knobs_for(method), *ONE_GPU,
+                                   "--training.seq_len", str(seq),
                                    "--training.enable_cpu_offload", offload])
                 refused = check_job(cfg, 1, training_here=False)
                 if refused:
@@ -107,12 +118,35 @@ def methods_table(config: str) -> None:
                       flush=True)
 
 
+def method_knobs_table(config: str) -> None:
+    """One GPU, batch 2 x 2048, bf16, full AC: the traced device peak of LoRA (base on the GPU
+    and in host memory) and QLoRA as each memory knob is added to the previous ones."""
+    on_gpu, on_host = ["--training.enable_cpu_offload", "false"], [
+        "--training.enable_cpu_offload", "true"]
+    jobs = {"LoRA": [*LORA, *on_gpu], "LoRA, base in host memory": [*LORA, *on_host],
+            "QLoRA": [*METHODS["QLoRA"], *on_gpu]}
+    print("| traced peak GiB (needs) | " + " | ".join(jobs) + " |")
+    print("|---|" + "---|" * len(jobs))
+    steps = [("no memory knob", [])]
+    for name, flags in MEMORY_KNOBS.items():
+        steps.append((f"+ {name}", [*steps[-1][1], *flags]))
+    for name, flags in steps:
+        cells = []
+        for job in jobs.values():
+            estimate = estimate_memory(load_config(["--config", config, *job, *ONE_GPU,
+                                                    "--training.seq_len", "2048", *flags]), 1)
+            cells.append(f"{estimate.worst.device_peak / GIB:.2f} "
+                         f"({estimate.required_gib():.2f})")
+        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--knobs", action="store_true",
                         help="instead: what each memory knob does to the 8B on 2 GPUs")
     parser.add_argument("--methods", action="store_true",
-                        help="instead: the 8B with full / LoRA / QLoRA on one 8-80 GB card")
+                        help="instead: the 8B with full / LoRA / QLoRA on one 8-80 GB card, "
+                             "and what each memory knob adds to LoRA and QLoRA")
     parser.add_argument("--configs", default="train_configs/llama3_8b.toml,"
                                               "train_configs/llama3_70b.toml")
     parser.add_argument("--gpus", default="RTX 4090,A100-40GB,H100")
@@ -124,6 +158,8 @@ def main() -> None:
         return
     if args.methods:
         methods_table("train_configs/llama3_8b_sft.toml")
+        print()
+        method_knobs_table("train_configs/llama3_8b_sft.toml")
         return
     print("| model | GPUs | best layout that fits (planner) | needs GiB/GPU | host GiB/rank | "
           "tokens/s/GPU (cost model) |")
