@@ -64,14 +64,16 @@ def test_rows_hold_very_unequal_target_counts(repo_cwd, sft_file, tmp_path):
 
 
 @pytest.mark.parametrize("name, world, overrides", [
-    ("fsdp2-accum2", 2, ["--training.local_batch_size", "1", "--training.global_batch_size",
-                         "4"]),
+    # (the reference computes its loss in one piece; some layouts in 4 token slices)
+    ("fsdp2-accum2-losschunks4", 2, ["--training.local_batch_size", "1",
+                                     "--training.global_batch_size", "4",
+                                     "--training.loss_chunks", "4"]),
     ("ddp2", 2, ["--parallelism.dp_shard", "1", "--parallelism.dp_replicate", "2",
                  "--training.local_batch_size", "2"]),
-    ("tp2", 2, ["--parallelism.tensor_parallel_degree", "2", "--training.local_batch_size",
-                "4"]),
-    ("pp2", 2, ["--parallelism.pipeline_parallel_degree", "2", "--training.local_batch_size",
-                "4"]),
+    ("tp2-losschunks4", 2, ["--parallelism.tensor_parallel_degree", "2",
+                            "--training.local_batch_size", "4", "--training.loss_chunks", "4"]),
+    ("pp2-losschunks4", 2, ["--parallelism.pipeline_parallel_degree", "2",
+                            "--training.local_batch_size", "4", "--training.loss_chunks", "4"]),
 ])
 def test_layouts_match_one_process_on_masked_data_with_validation(tmp_path, sft_file,
                                                                    sft_reference, name, world,

@@ -51,14 +51,14 @@ def test_lora_trains_only_adapters(lora_reference):
 
 @pytest.mark.parametrize("name, world, overrides", [
     ("fsdp2", 2, ["--training.local_batch_size", "2"]),
-    # (the table kept on host is left out of DDP and FSDP)
+    # (the table kept on host is left out of DDP and FSDP; the loss in slices or in one piece)
     ("ddp2-hostembedding", 2, ["--training.local_batch_size", "2", "--parallelism.dp_replicate",
                                "2", "--parallelism.dp_shard", "1",
                                "--lora.embedding_on_host", "true"]),
     ("fsdp2-offload-fullac-accum2-hostembedding", 2, [
         "--training.local_batch_size", "1", "--training.global_batch_size", "4",
         "--training.enable_cpu_offload", "true", "--activation_checkpoint.mode", "full",
-        "--lora.embedding_on_host", "true"]),
+        "--lora.embedding_on_host", "true", "--training.loss_chunks", "4"]),
 ])
 def test_lora_layouts_match_one_process(tmp_path, lora_reference, name, world, overrides):
     assert_matches(run_layout(tmp_path, name, world, *LORA, *overrides), lora_reference)

@@ -1,7 +1,7 @@
 """Building the job's model: on the meta device with its fine-tuning transform, parallelised in
-the fixed order (TP -> AC -> NF4 storage -> FSDP -> materialise), checked to fit, and loaded
-from ``model.init_from``; also the single-process model of a LoRA job for generation and
-export."""
+the fixed order (TP -> AC -> NF4 storage -> host placement -> FSDP -> materialise), checked to
+fit, and loaded from ``model.init_from``; also the single-process model of a LoRA job for
+generation and export."""
 
 from __future__ import annotations
 
@@ -74,8 +74,8 @@ def parallelize(model: Transformer, cfg: JobConfig, dims: ParallelDims, mesh: De
                 env: DistEnv, draw_weights: bool = True) -> torch.nn.Module:
     """Apply TP, activation checkpointing, QLoRA's NF4 storage, host placement (of a frozen
     embedding) and FSDP to a meta-device model (or pipeline stage), then allocate this rank's
-    shards and draw the weights. Returns the
-    module to call, which is ``model`` itself except under DDP."""
+    shards and draw the weights. Returns the module to call, which is ``model`` itself except
+    under DDP."""
     if dims.tp > 1:
         apply_tp(model, mesh["tp"], cfg.parallelism.enable_loss_parallel)
     apply_activation_checkpointing(model, cfg.activation_checkpoint)

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+
 from titan_lite.finetune.nf4 import dequantized, is_quantized, quantize_linears
 from titan_lite.models.llama3 import Transformer
 
