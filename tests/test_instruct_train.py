@@ -134,14 +134,10 @@ def test_resume_is_exact_with_validation_on(repo_cwd, sft_file, tmp_path):
                for r in records if "val_loss" in r)
 
 
+# (each message itself, and the others, are tested in process: test_instruct_data.py)
 @pytest.mark.parametrize("content, message", [
-    ('{"instruction": "q", "output": "a"}\n{"instruction": "q2"}\n',
-     "sft.jsonl:2: field 'output' missing"),
-    ('{"messages": [{"role": "user", "content": "q"}]}\n',
-     "sft.jsonl:1: field 'instruction' missing: this is a chat record"),
     ('{"instruction": "' + "long " * 300 + '", "output": "a"}\n',
      "data.paths: none of the 1 samples fits training.seq_len 256"),
-    ("", "data.paths: no records in"),
 ])
 def test_bad_data_through_run_train_exits_2_on_every_rank_with_one_line(tmp_path, content,
                                                                         message):
@@ -161,23 +157,24 @@ def test_bad_data_through_run_train_exits_2_on_every_rank_with_one_line(tmp_path
 
 
 def test_shipped_example_learns_and_answers_from_its_checkpoint(tmp_path):
-    """train_configs/debug_sft.toml, shortened to 150 steps (the full 400 take ~4 minutes):
-    validation loss falls, the held-out sample questions get right answers, and generate
-    answers from the saved checkpoint."""
+    """train_configs/debug_sft.toml, shortened to 100 steps (the full 400 take ~4 minutes):
+    validation loss falls, the held-out yes/no questions get right answers (the first-word
+    question needs ~150 steps: the README's full run), and generate answers from the saved
+    checkpoint."""
     out = str(tmp_path / "run")
-    steps = ["--training.steps", "150", "--validation.interval", "75", "--checkpoint.interval",
-             "150", "--job.dump_folder", out]
+    steps = ["--training.steps", "100", "--validation.interval", "50", "--checkpoint.interval",
+             "100", "--job.dump_folder", out]
     result = subprocess.run(["./run_train.sh", "--config", "train_configs/debug_sft.toml",
                              *steps], cwd=REPO, env={**python_env(), "OMP_NUM_THREADS": "2"},
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in open(os.path.join(out, "metrics", "rank0.jsonl"))]
     val = {r["step"]: r["val_loss"] for r in records if "val_loss" in r}
-    assert list(val) == [0, 75, 150] and val[150] < 0.1 * val[0], val
+    assert list(val) == [0, 50, 100] and val[100] < 0.1 * val[0], val
     answers = [line.rsplit(" -> ", 1)[1] for line in result.stdout.splitlines()
-               if "sample after step 150" in line]
-    assert answers == ["'Yes.'", "'No.'", "'The'"], result.stdout[-3000:]
-    assert complete_steps(os.path.join(out, "checkpoint")) == [150]
+               if "sample after step 100" in line]
+    assert answers[:2] == ["'Yes.'", "'No.'"], result.stdout[-3000:]
+    assert complete_steps(os.path.join(out, "checkpoint")) == [100]
     asked = subprocess.run(
         [sys.executable, "-m", "titan_lite.generate", "--config", "train_configs/debug_sft.toml",
          "--job.dump_folder", out, "--chat", "--prompt",
