@@ -13,8 +13,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-from titan_lite.finetune.nf4 import is_quantized
-from titan_lite.finetune.nf4 import write_quantized
+from titan_lite.finetune.nf4 import is_quantized, write_quantized
 from titan_lite.models.llama3 import Transformer
 
 

@@ -207,7 +207,6 @@ class Transformer(nn.Module):
             return F.linear(h, self.tok_embeddings.weight.to(h.dtype))
         return self.output(h)
 
-
     @torch.no_grad()
     def init_weights(self, seed: int = 0,
                      unit_context: Callable[[nn.Module], ContextManager] = nullcontext) -> None:
