@@ -106,6 +106,11 @@ def test_missing_and_malformed_files(tmp_path):
      "pipeline_parallel_microbatch_size: 3 does not divide training.local_batch_size (8)"),
     (["--parallelism.pipeline_parallel_degree", "2", "--training.global_batch_size", "16"], 2,
      "gradient accumulation is not supported with pipeline parallel"),
+    (["--training.loss_chunks", "129", "--training.seq_len", "16"], 1,
+     "training.loss_chunks: 129 slices for 128 tokens per micro-batch"),
+    (["--parallelism.pipeline_parallel_degree", "2", "--training.loss_chunks", "20",
+      "--training.seq_len", "16"], 2,
+     "training.loss_chunks: 20 slices for 16 tokens per micro-batch"),
     (["--parallelism.pipeline_parallel_degree", "2", "--model.flavor", "1B"], 2,
      "tied input/output embeddings (1B, 3B) cannot be split across pipeline stages"),
 ])

@@ -75,3 +75,27 @@ def test_training_with_chunked_loss_matches_one_piece(repo_cwd):
     torch.testing.assert_close(chunked.validation_losses, one.validation_losses, rtol=0,
                                atol=1e-5)
     assert set(one.validation_losses) == {0, 2}
+
+
+def test_auto_loss_chunks_slices_large_vocabularies_only():
+    from titan_lite.loss import AUTO_CHUNKS, resolve_loss_chunks
+
+    assert resolve_loss_chunks(0, 128_256, 2 * 2048) == AUTO_CHUNKS == 8  # Llama 3
+    assert resolve_loss_chunks(0, 32_000, 4096) == 8  # Llama 2
+    assert resolve_loss_chunks(0, 2256, 4096) == 1  # the test tokenizer: one piece
+    assert resolve_loss_chunks(0, 128_256, 5) == 5  # never more slices than tokens
+    assert resolve_loss_chunks(3, 128_256, 4096) == 3  # a configured count is kept
+
+
+def test_estimator_resolves_auto_loss_chunks(repo_cwd):
+    from titan_lite.config import load_config
+    from titan_lite.estimate import estimate_memory
+
+    # LoRA: no AdamW states of the whole model, so the peak is in backward, at the loss
+    flags = ["--model.flavor", "1B", "--training.seq_len", "256", "--training.local_batch_size",
+             "1", "--tokenizer.path", "none", "--lora.enable", "true"]  # the flavor's 128k vocab
+    auto = estimate_memory(load_config(flags), 1)
+    one_piece = estimate_memory(load_config([*flags, "--training.loss_chunks", "1"]), 1)
+    assert auto.cfg.training.loss_chunks == 8 and one_piece.cfg.training.loss_chunks == 1
+    # at least the float32 logits of 256 tokens x 128,256 (125 MiB) are never whole
+    assert one_piece.worst.device_peak - auto.worst.device_peak > 256 * 128_256 * 4

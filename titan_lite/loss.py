@@ -20,6 +20,10 @@ from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100  # a label that is not a target (prompt token, padding, sample boundary)
+# training.loss_chunks = 0 (auto): this many slices for vocabularies of AUTO_CHUNKS_VOCAB tokens
+# or more (Llama 2's 32,000 included), where the float32 logits and their gradient are the
+# step's largest temporaries; smaller vocabularies gain nothing from slicing.
+AUTO_CHUNKS, AUTO_CHUNKS_VOCAB = 8, 32_000
 
 
 Projection = Callable[[torch.Tensor], torch.Tensor]  # last hidden states -> logits
@@ -47,6 +51,14 @@ def cross_entropy_sum(hidden: torch.Tensor, labels: torch.Tensor, chunks: int = 
     parts = zip(flat_hidden.chunk(chunks), flat_labels.chunk(chunks))
     return sum(checkpoint(_summed, part, target, project, use_reentrant=False)
                for part, target in parts)
+
+
+def resolve_loss_chunks(configured: int, vocab_size: int, micro_batch_tokens: int) -> int:
+    """``training.loss_chunks`` made concrete: ``configured`` unless it is 0 (auto), then
+    AUTO_CHUNKS slices for a large vocabulary (at most one per token), else one piece."""
+    if configured:
+        return configured
+    return min(AUTO_CHUNKS, micro_batch_tokens) if vocab_size >= AUTO_CHUNKS_VOCAB else 1
 
 
 def loss_head(labels: torch.Tensor, chunks: int = 1

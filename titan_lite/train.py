@@ -38,7 +38,12 @@ from titan_lite.distributed import (
     shutdown_and_exit,
 )
 from titan_lite.finetune import base_fingerprint, describe_parameters
-from titan_lite.loss import global_target_count, loss_head, sum_over_ranks
+from titan_lite.loss import (
+    global_target_count,
+    loss_head,
+    resolve_loss_chunks,
+    sum_over_ranks,
+)
 from titan_lite.memory import TensorMemoryTracker
 from titan_lite.metrics import MetricsLogger, peak_flops
 from titan_lite.models.llama3 import FLAVORS, Transformer
@@ -79,6 +84,13 @@ def tokens_per_rank_per_step(cfg: JobConfig, dims: ParallelDims, world_size: int
     return global_tokens // world_size
 
 
+def resolve_auto_keys(cfg: JobConfig, dims: ParallelDims, vocab_size: int) -> JobConfig:
+    """``cfg`` with the keys that default to 'auto' set to what this model and layout get."""
+    chunks = resolve_loss_chunks(cfg.training.loss_chunks, vocab_size,
+                                 dims.micro_batch_tokens(cfg.training, cfg.parallelism))
+    return replace(cfg, training=replace(cfg.training, loss_chunks=chunks))
+
+
 @dataclass
 class StepRecipe:
     """How one optimizer step runs in this layout (shared by training and the estimator)."""
@@ -88,7 +100,7 @@ class StepRecipe:
     reduce_every_micro: bool
     grad_scale: int  # the data-parallel degree, which the gradient reduction averages over
     label_copies: int  # ranks that load the same labels: tensor- and pipeline-parallel peers
-    loss_chunks: int = 1  # training.loss_chunks
+    loss_chunks: int = 1  # training.loss_chunks (resolved)
     offload_activations: bool = False  # activation_checkpoint.offload
     on_offload: Callable[[torch.Tensor], None] | None = None  # sees each host copy
 
@@ -193,6 +205,7 @@ def train(cfg: JobConfig, env: DistEnv) -> TrainResult:
     tokenizer = build_tokenizer(cfg.tokenizer.kind, cfg.tokenizer.path)
     args = replace(FLAVORS[cfg.model.flavor], vocab_size=tokenizer.vocab_size,
                    max_seq_len=cfg.training.seq_len)
+    cfg = resolve_auto_keys(cfg, dims, args.vocab_size)
     model = build_meta_model(cfg, args)
     num_params, flops_per_token = model.num_params(), model.flops_per_token(args.max_seq_len)
     check_model_fits(model, cfg, dims, env)

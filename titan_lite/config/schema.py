@@ -126,11 +126,13 @@ class Training:
                                      choices=["float32", "bfloat16"])
     mixed_precision_reduce: str = opt("float32", "dtype of FSDP's gradient reduce-scatter "
                                       "(FSDP only).", choices=["float32", "bfloat16"])
-    loss_chunks: int = opt(1, "Compute the output projection and the cross entropy over "
-                           "this many slices of the tokens, each recomputed in backward, so "
-                           "the logits, their float32 copy, softmax and gradient exist for one "
-                           "slice at a time (~7 GiB less for a 128k vocabulary at 2 x 2048 "
-                           "tokens; same loss up to rounding). 1: in one piece.", min=1)
+    loss_chunks: int = opt(0, "Compute the output projection and the cross entropy over "
+                           "this many slices of a micro-batch's tokens, each recomputed in "
+                           "backward, so the logits, their float32 copy, softmax and gradient "
+                           "exist for one slice at a time (~7 GiB less for a 128k vocabulary "
+                           "at 2 x 2048 tokens; same loss up to rounding). 1: in one piece; "
+                           "0 (auto): 8 slices for vocabularies of 32,000 tokens or more, "
+                           "else 1.", min=0)
     enable_cpu_offload: bool = opt(False, "Keep sharded parameters, gradients and AdamW states "
                                    "in host memory and run the optimizer step on CPU (FSDP2 "
                                    "CPUOffloadPolicy; turns FSDP on even for one rank).")

@@ -38,7 +38,13 @@ from titan_lite.optim import build_optimizer
 from titan_lite.parallel.dims import ParallelDims, build_mesh, resolve_degrees
 from titan_lite.parallel.pp import Pipeline
 from titan_lite.build import build_meta_model, build_model
-from titan_lite.train import StepRecipe, forward_backward, optimizer_step, step_recipe
+from titan_lite.train import (
+    StepRecipe,
+    forward_backward,
+    optimizer_step,
+    resolve_auto_keys,
+    step_recipe,
+)
 
 GIB = 2**30
 
@@ -93,6 +99,7 @@ def estimate_memory(cfg: JobConfig, num_gpus: int) -> MemoryEstimate:
     holds the largest shards when a dimension does not split evenly)."""
     dims = job_dims(cfg, num_gpus)
     args = model_args(cfg)
+    cfg = resolve_auto_keys(cfg, dims, args.vocab_size)
     traced_cfg, traced_world, ddp_buckets = cfg, num_gpus, False
     if dims.dp_replicate > 1 and not dims.uses_fsdp(cfg.training.enable_cpu_offload):
         # DDP replicas hold the same as one of them, plus DDP's gradient buckets (DDP's

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 if TYPE_CHECKING:
-    from titan_lite.config import Parallelism
+    from titan_lite.config import Parallelism, Training
 
 @dataclass(frozen=True)
 class ParallelDims:
@@ -32,6 +32,12 @@ class ParallelDims:
         rank), since DDP does not take DTensor parameters or pipeline stages."""
         return (self.dp_shard > 1 or cpu_offload
                 or (self.dp_replicate > 1 and (self.tp > 1 or self.pp > 1)))
+
+    def micro_batch_tokens(self, training: Training, parallelism: Parallelism) -> int:
+        """Tokens of one forward on a rank: a pipeline micro-batch's, else the local batch's."""
+        rows = (parallelism.pipeline_parallel_microbatch_size if self.pp > 1
+                else training.local_batch_size)
+        return rows * training.seq_len
 
     def state_shards(self, cpu_offload: bool) -> int:
         """Into how many pieces the weights, gradients and optimizer states are split, i.e.
