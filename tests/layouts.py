@@ -32,7 +32,8 @@ def _train_and_save(rank: int, world_size: int, argv: list[str], out: str) -> No
     params = {name: _full(p) for part in result.model_parts  # full_tensor() is a collective
               for name, p in part.named_parameters() if p.requires_grad}  # (LoRA: adapters)
     torch.save({"losses": result.losses, "params": params,
-                "validation": result.validation_losses}, f"{out}.rank{rank}")
+                "validation": result.validation_losses, "skipped_steps": result.skipped_steps,
+                "loss_scale": result.loss_scale}, f"{out}.rank{rank}")
 
 
 def run_layout(tmp_path, name: str, world_size: int, *overrides: str) -> dict:

@@ -5,7 +5,7 @@ import sys
 import pytest
 from conftest import REPO, python_env
 
-from titan_lite.config import ConfigError, JobConfig, check_job, help_text, load_config
+from titan_lite.config import ConfigError, JobConfig, check_job, checks, help_text, load_config
 from titan_lite.parallel.dims import resolve_degrees
 
 DEBUG = "train_configs/debug_model.toml"
@@ -185,6 +185,17 @@ def test_cli_help_exits_0():
     result = subprocess.run([sys.executable, "-m", "titan_lite.train", "--help"], cwd=REPO,
                             env=python_env(), capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "--training.seq_len" in result.stdout
+
+
+def test_bfloat16_on_a_gpu_without_it_is_refused_with_the_float16_advice(repo_cwd,
+                                                                         monkeypatch):
+    monkeypatch.setattr(checks, "_cuda_available", lambda: True)
+    monkeypatch.setattr(checks, "_cuda_has_bfloat16", lambda: False)  # a V100 or T4
+    bf16 = load_config(["--config", DEBUG, "--training.mixed_precision_param", "bfloat16"])
+    assert ("training.mixed_precision_param: this GPU has no bfloat16 (pre-Ampere: V100, T4, "
+            "RTX 20xx); use 'float16', which adds loss scaling") in check_job(bf16, 1)
+    fp16 = load_config(["--config", DEBUG, "--training.mixed_precision_param", "float16"])
+    assert not any("mixed_precision_param" in p for p in check_job(fp16, 1))
 
 
 def test_tensorboard_without_the_package_is_refused(repo_cwd):

@@ -111,14 +111,16 @@ class Checkpointer:
                  optimizer: torch.optim.Optimizer,
                  scheduler: torch.optim.lr_scheduler.LRScheduler, loader: PackedDataLoader,
                  frozen_base: dict[str, torch.Tensor] | None = None,
-                 save_frozen: bool = True):
+                 save_frozen: bool = True, grad_scaler: torch.amp.GradScaler | None = None):
         """``frozen_base``: the fingerprint (``finetune.base_fingerprint``) of a frozen base the
         run does not train; it is stored, and a resume onto another base refuses. The frozen
-        parameters themselves are stored only with ``save_frozen``."""
+        parameters themselves are stored only with ``save_frozen``. ``grad_scaler``: float16's
+        loss scale and its count of good steps are stored when it is enabled."""
         self.cfg = cfg
         self.folder = os.path.join(dump_folder, cfg.folder)
         self.parts, self.optimizer = list(model_parts), optimizer
         self.scheduler, self.loader = scheduler, loader
+        self.grad_scaler = grad_scaler if grad_scaler and grad_scaler.is_enabled() else None
         self.frozen_base, self.save_frozen = frozen_base or {}, save_frozen
         self._pending: tuple[Future, str, str] | None = None  # async save: (future, from, to)
         self._async_group = None
@@ -140,6 +142,10 @@ class Checkpointer:
         loader_state = self.loader.state_dict()
         state["train.data"] = torch.tensor([loader_state[k] for k in _DATA_FIELDS])
         state["train.rng"] = torch.get_rng_state()
+        if self.grad_scaler:
+            scaler = self.grad_scaler.state_dict()  # the scale and its count of good steps
+            state["train.loss_scale"] = torch.tensor(
+                [scaler["scale"], scaler["_growth_tracker"]], dtype=torch.float64)
         return state
 
     def save(self, step: int) -> None:
@@ -225,6 +231,10 @@ class Checkpointer:
         self.scheduler.last_epoch = int(state["train.lr_step"]) - 1
         self.scheduler.step()  # sets each group's lr for the loaded step
         torch.set_rng_state(state["train.rng"])
+        if self.grad_scaler:
+            scale, good_steps = state["train.loss_scale"].tolist()
+            self.grad_scaler.load_state_dict({**self.grad_scaler.state_dict(), "scale": scale,
+                                              "_growth_tracker": int(good_steps)})
 
 
 def _load(state: dict[str, torch.Tensor], path: str, advice: str = "") -> None:

@@ -14,7 +14,8 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 T = TypeVar("T")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # config name -> dtype
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16,  # config name -> dtype
+          "float16": torch.float16}
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,8 @@ GPU_PEAK_TFLOPS: dict[str, dict[torch.dtype, float]] = {
 
 def gpu_peak_flops(device_name: str, dtype: torch.dtype) -> float | None:
     """Peak FLOP/s for a CUDA device name such as 'NVIDIA H100 80GB HBM3', or None if unknown."""
+    if dtype == torch.float16:  # the same tensor-core rate as bf16 on these parts
+        dtype = torch.bfloat16
     for key, peaks in GPU_PEAK_TFLOPS.items():  # the more specific names come first
         if key in device_name:
             return peaks[dtype] * 1e12
@@ -39,6 +41,9 @@ def gpu_peak_flops(device_name: str, dtype: torch.dtype) -> float | None:
 def measure_matmul_flops(dtype: torch.dtype = torch.float32, size: int = 1024,
                          rounds: int = 5, seconds_per_round: float = 0.2) -> float:
     """FLOP/s of a square CPU matmul with this process's threads: the MFU reference on CPU.
+    Measured through ``F.linear``, the kernel the model's linears run: in bfloat16 and float16
+    a plain ``a @ b`` takes a far slower path on some CPUs (20x seen), which would put MFU
+    above 100%.
 
     The best of several short rounds, so that thread-pool start-up or a busy neighbour at
     start-up does not understate the peak (which would overstate MFU).
@@ -48,7 +53,7 @@ def measure_matmul_flops(dtype: torch.dtype = torch.float32, size: int = 1024,
     for _ in range(rounds):
         count, start = 0, time.perf_counter()
         while time.perf_counter() - start < seconds_per_round:
-            a @ b
+            torch.nn.functional.linear(a, b)
             count += 1
         best = max(best, 2 * size**3 * count / (time.perf_counter() - start))
     return best
@@ -109,9 +114,12 @@ class MetricsLogger:
             self.tensorboard = SummaryWriter(os.path.join(dump_folder, "tensorboard"))
 
     def log(self, step: int, loss: float, grad_norm: float, lr: float, tokens: int,
-            seconds: float, optimizer_seconds: float) -> dict[str, Any]:
+            seconds: float, optimizer_seconds: float, loss_scale: float | None = None,
+            skipped_steps: int = 0) -> dict[str, Any]:
         """Record one interval: ``tokens`` this rank processed in ``seconds`` of wall time, of
-        which ``optimizer_seconds`` per step went to clipping and the optimizer step."""
+        which ``optimizer_seconds`` per step went to clipping and the optimizer step.
+        ``loss_scale`` (float16 only): the scale now, after ``skipped_steps`` steps of the
+        interval were skipped for inf/NaN gradients."""
         tokens_per_s = tokens / seconds
         memory, memory_kind = peak_memory_bytes(self.device, self.memory_tracker)
         record = {
@@ -123,12 +131,18 @@ class MetricsLogger:
             "optimizer_s": optimizer_seconds,
             "elapsed_s": time.perf_counter() - self.start,
         }
+        if loss_scale is not None:
+            record.update(loss_scale=loss_scale, skipped_steps=skipped_steps)
         steps_done = step - self.first_step + 1
         record["eta_s"] = record["elapsed_s"] / steps_done * (self.total_steps - step)
         if self.rank == 0:
             mfu = f"{record['mfu_pct']:.1f}%" if record["mfu_pct"] is not None else "n/a"
+            scaling = "" if loss_scale is None else (
+                f"  scale {loss_scale:g}" + (f" (skipped {skipped_steps} step(s): inf/nan "
+                                             "gradients)" if skipped_steps else ""))
             print(f"step {step:>5}/{self.total_steps}  loss {loss:.4f}  grad_norm "
-                  f"{grad_norm:.3f}  lr {lr:.2e}  tok/s/rank {tokens_per_s:,.0f}  mfu {mfu}  "
+                  f"{grad_norm:.3f}  lr {lr:.2e}{scaling}  tok/s/rank {tokens_per_s:,.0f}  "
+                  f"mfu {mfu}  "
                   f"mem {record['peak_memory_gib']:.2f} GiB ({memory_kind})  "
                   f"eta {_duration(record['eta_s'])}", flush=True)
         if self.jsonl:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 from torch.distributed.tensor import DTensor
 
 from titan_lite.config import LRScheduler, Optimizer
@@ -40,6 +42,25 @@ def clip_gradients(parameters: list[torch.Tensor], max_norm: float,
     if max_norm > 0:
         torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total_norm, foreach=True)
     return total_norm
+
+
+def build_grad_scaler(enabled: bool, device: torch.device) -> torch.amp.GradScaler:
+    """Dynamic loss scaling for float16 compute (a disabled scaler passes everything through).
+
+    float16 gradients of small values underflow to zero, so the loss is multiplied by a large
+    scale (2^16 at first) and the gradients divided by it before clipping; a step whose
+    gradients hold an inf or NaN (the scale was too large) is skipped and the scale halved; after
+    2,000 good steps it doubles. With a process group, torch's ShardedGradScaler all-reduces
+    its overflow flag, so every rank's scale stays the same (it also takes the gradients of
+    CPU-offloaded parameters)."""
+    if enabled and dist.is_initialized():
+        return ShardedGradScaler(device.type, process_group=dist.group.WORLD)
+    return torch.amp.GradScaler(device.type, enabled=enabled)
+
+
+# Unscaling DTensor gradients mixes in the scaler's one-element tensors, which DTensor
+# replicates as intended but warns about on every step.
+warnings.filterwarnings("ignore", message="Found a non-scalar tensor with numel=1 and ndim!=0")
 
 
 def lr_factor(step: int, total_steps: int, cfg: LRScheduler) -> float:

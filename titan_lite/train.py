@@ -47,7 +47,12 @@ from titan_lite.loss import (
 from titan_lite.memory import TensorMemoryTracker
 from titan_lite.metrics import MetricsLogger, peak_flops
 from titan_lite.models.llama3 import FLAVORS, Transformer
-from titan_lite.optim import build_lr_scheduler, build_optimizer, clip_gradients
+from titan_lite.optim import (
+    build_grad_scaler,
+    build_lr_scheduler,
+    build_optimizer,
+    clip_gradients,
+)
 from titan_lite.parallel.accumulation import gradient_sync
 from titan_lite.parallel.activation_offload import OffloadSavedActivations
 from titan_lite.parallel.dims import (
@@ -128,18 +133,23 @@ def step_recipe(cfg: JobConfig, dims: ParallelDims, device: torch.device) -> Ste
 
 
 def forward_backward(runner: torch.nn.Module | Pipeline, next_batch: Callable[[], Batch],
-                     device: torch.device, recipe: StepRecipe) -> torch.Tensor:
+                     device: torch.device, recipe: StepRecipe,
+                     scaler: torch.amp.GradScaler | None = None) -> torch.Tensor:
     """Forward and backward over one step's micro-batches, leaving in ``.grad`` the gradients
-    of the mean loss over every target token of the global batch (titan_lite.loss). Returns
-    this rank's share of that mean: summed over the ranks and divided by the tensor-parallel
-    degree it is the step's loss (0 on pipeline ranks without the last stage)."""
+    of the mean loss over every target token of the global batch (titan_lite.loss), times
+    float16's loss scale when ``scaler`` is enabled. Returns this rank's share of that mean,
+    unscaled: summed over the ranks and divided by the tensor-parallel degree it is the step's
+    loss (0 on pipeline ranks without the last stage)."""
     batches = [next_batch().to(device) for _ in range(recipe.accumulation)]
     # x dp: the data-parallel reduction averages the ranks' gradients; we want their sum.
     loss_scale = recipe.grad_scale / global_target_count([b.labels for b in batches],
                                                          recipe.label_copies)
+    unscale = recipe.grad_scale
+    if scaler is not None and scaler.is_enabled():
+        loss_scale, unscale = scaler.scale(loss_scale), unscale * scaler.get_scale()
     if isinstance(runner, Pipeline):  # no accumulation: the schedule splits the batch
         with recipe.autocast, recipe.loss_context():
-            return full_tensor(runner.step(batches[0], loss_scale)) / recipe.grad_scale
+            return full_tensor(runner.step(batches[0], loss_scale)) / unscale
     step_loss = torch.zeros((), device=device)
     for micro, batch in enumerate(batches):
         last = micro == len(batches) - 1
@@ -151,16 +161,24 @@ def forward_backward(runner: torch.nn.Module | Pipeline, next_batch: Callable[[]
                                   head=loss_head(batch.labels, recipe.loss_chunks)) * loss_scale
                 loss.backward()
         step_loss += full_tensor(loss.detach())
-    return step_loss / recipe.grad_scale
+    return step_loss / unscale
 
 
 def optimizer_step(parameters: list[torch.Tensor], optimizer: torch.optim.Optimizer,
-                   max_norm: float, pipeline_group: dist.ProcessGroup | None) -> torch.Tensor:
-    """Clip, step and free the gradients; returns the gradient norm before clipping."""
+                   max_norm: float, pipeline_group: dist.ProcessGroup | None,
+                   scaler: torch.amp.GradScaler) -> tuple[torch.Tensor, bool]:
+    """Unscale (float16), clip, step and free the gradients; returns the gradient norm before
+    clipping and whether the step was skipped for inf/NaN gradients (the scale then halves)."""
+    scaler.unscale_(optimizer)  # clipping sees the true gradients
     grad_norm = clip_gradients(parameters, max_norm, pipeline_group)
-    optimizer.step()
+    # The norm covers every rank's shards and stages, so all ranks skip alike. (Not through
+    # scaler.step: it hands a fused AdamW a found-inf flag its kernel cannot broadcast.)
+    skipped = scaler.is_enabled() and not torch.isfinite(grad_norm).item()
+    if not skipped:
+        optimizer.step()
+    scaler.update()  # halves the scale after an overflow, doubles it after 2,000 good steps
     optimizer.zero_grad(set_to_none=True)
-    return grad_norm
+    return grad_norm, skipped
 
 
 def describe_layout(cfg: JobConfig, dims: ParallelDims, env: DistEnv) -> str:
@@ -177,6 +195,8 @@ class TrainResult:
     model_parts: list[Transformer]  # this rank's trained model, or its pipeline stages
     optimizer: torch.optim.Optimizer
     validation_losses: dict[int, float]  # step (0: before training) -> validation loss
+    skipped_steps: list[int]  # float16: steps skipped for inf/NaN gradients
+    loss_scale: float  # float16's loss scale after the last step (1.0 otherwise)
 
 
 def build_evaluation(cfg: JobConfig, data: Data, parts: list[Transformer],
@@ -225,12 +245,13 @@ def train(cfg: JobConfig, env: DistEnv) -> TrainResult:
     tokens_per_step = tokens_per_rank_per_step(cfg, dims, env.world_size)
     peak, peak_source = peak_flops(env.device, compute_dtype, cfg.metrics)
     checkpointer, preemption, start_step = None, None, 0
+    scaler = build_grad_scaler(compute_dtype == torch.float16, env.device)
     if cfg.checkpoint.enable:
         # a LoRA run's checkpoints identify the frozen base they were trained on
         frozen_base = base_fingerprint(parts) if cfg.lora.enable else None
         checkpointer = Checkpointer(cfg.checkpoint, cfg.job.dump_folder, parts, optimizer,
                                     scheduler, loader, frozen_base,
-                                    save_frozen=cfg.lora.save_base)
+                                    save_frozen=cfg.lora.save_base, grad_scaler=scaler)
         start_step = checkpointer.restore()
         preemption = Preemption(env.device)
         log0(env, f"resumed from {checkpointer.folder}/step-{start_step}" if start_step else
@@ -255,17 +276,20 @@ def train(cfg: JobConfig, env: DistEnv) -> TrainResult:
         evaluation.run(0, metrics)
 
     losses: list[float] = []
+    skipped_steps: list[int] = []
     stop = False
     interval_start, last_logged_step, optimizer_seconds = time.perf_counter(), start_step, 0.0
     for step in range(start_step + 1, cfg.training.steps + 1):
         with tracker or contextlib.nullcontext():
-            step_loss = forward_backward(runner, loader.next_batch, env.device, recipe)
+            step_loss = forward_backward(runner, loader.next_batch, env.device, recipe, scaler)
             optimizer_start = _synchronized_time(env.device)
             lr = optimizer.param_groups[0]["lr"]
-            grad_norm = optimizer_step(list(modules.parameters()), optimizer,
-                                       cfg.training.max_norm, pipeline_group)
+            grad_norm, skipped = optimizer_step(list(modules.parameters()), optimizer,
+                                                cfg.training.max_norm, pipeline_group, scaler)
             optimizer_seconds += _synchronized_time(env.device) - optimizer_start
-        scheduler.step()
+        scheduler.step()  # a skipped step still counts in the schedule, as in torch's recipe
+        if skipped:
+            skipped_steps.append(step)
 
         loss_value = (sum_over_ranks(step_loss) / dims.tp).item()
         if not math.isfinite(loss_value):
@@ -275,7 +299,9 @@ def train(cfg: JobConfig, env: DistEnv) -> TrainResult:
         if step % cfg.metrics.log_freq == 0 or step == cfg.training.steps:
             steps = step - last_logged_step
             metrics.log(step, loss_value, grad_norm.item(), lr, steps * tokens_per_step,
-                        time.perf_counter() - interval_start, optimizer_seconds / steps)
+                        time.perf_counter() - interval_start, optimizer_seconds / steps,
+                        scaler.get_scale() if scaler.is_enabled() else None,
+                        sum(s > last_logged_step for s in skipped_steps))
             interval_start, last_logged_step, optimizer_seconds = time.perf_counter(), step, 0.0
         stop = preemption is not None and preemption.requested()
         if evaluation and not stop and evaluation.due(step):
@@ -290,7 +316,8 @@ def train(cfg: JobConfig, env: DistEnv) -> TrainResult:
         if stop:
             log0(env, f"stopping after step {step} on a signal; checkpoint saved")
     metrics.close()
-    return TrainResult(losses, parts, optimizer, evaluation.losses if evaluation else {})
+    return TrainResult(losses, parts, optimizer, evaluation.losses if evaluation else {},
+                       skipped_steps, scaler.get_scale())
 
 
 def _synchronized_time(device: torch.device) -> float:

@@ -143,6 +143,10 @@ def _local_problems(cfg: JobConfig) -> list[str]:
                                               or not _cuda_available()):
         problems.append("activation_checkpoint.offload: needs a GPU (it moves saved "
                         "activations to host memory, where a CPU run keeps them anyway)")
+    if (cfg.training.mixed_precision_param == "bfloat16" and cfg.training.device != "cpu"
+            and _cuda_available() and not _cuda_has_bfloat16()):
+        problems.append("training.mixed_precision_param: this GPU has no bfloat16 (pre-Ampere:"
+                        " V100, T4, RTX 20xx); use 'float16', which adds loss scaling")
     if not cfg.data.paths:
         problems.append("data.paths: empty; name at least one corpus file or folder")
     if cfg.model.init_from and not any(
@@ -163,6 +167,12 @@ def _cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def _cuda_has_bfloat16() -> bool:
+    import torch
+
+    return torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 def parse_or_exit(argv: list[str] | None = None) -> JobConfig:

@@ -122,8 +122,10 @@ class Training:
     mixed_precision_param: str = opt("float32", "Compute dtype. With FSDP: the dtype parameters "
                                      "are all-gathered and computed in (MixedPrecisionPolicy); "
                                      "without FSDP: the autocast dtype. Sharded weights and "
-                                     "optimizer states stay float32.",
-                                     choices=["float32", "bfloat16"])
+                                     "optimizer states stay float32. float16 (GPUs without "
+                                     "bfloat16: V100, T4, RTX 20xx) adds dynamic loss "
+                                     "scaling: steps with inf/NaN gradients are skipped.",
+                                     choices=["float32", "bfloat16", "float16"])
     mixed_precision_reduce: str = opt("float32", "dtype of FSDP's gradient reduce-scatter "
                                       "(FSDP only).", choices=["float32", "bfloat16"])
     loss_chunks: int = opt(0, "Compute the output projection and the cross entropy over "

@@ -139,6 +139,8 @@ def _trace_steps(cfg: JobConfig, args: ModelArgs, dims: ParallelDims, mesh: Devi
     recipe = step_recipe(cfg, dims, env.device)
     group = mesh["pp"].get_group() if dims.pp > 1 else None
     t = cfg.training
+    # float16's loss scaling unscales gradients in place: nothing to trace
+    no_scaling = torch.amp.GradScaler("cpu", enabled=False)
 
     def next_batch() -> Batch:
         tokens = torch.randint(0, args.vocab_size, (t.local_batch_size, t.seq_len + 1))
@@ -157,7 +159,7 @@ def _trace_steps(cfg: JobConfig, args: ModelArgs, dims: ParallelDims, mesh: Devi
             outputs = forward_backward(runner, next_batch, env.device, traced)
         if tracker is not None:
             tracker.phase = OPTIM_STEP
-        optimizer_step(params, optimizer, t.max_norm, group)
+        optimizer_step(params, optimizer, t.max_norm, group, no_scaling)
         del outputs
 
     received: dict[tuple[str, int, int], torch.Tensor] = {}  # pipeline receive buffers
