@@ -25,6 +25,7 @@ from titan_lite.finetune import (
 from titan_lite.hf import architecture_mismatches, args_from_hf_config, load_hf_weights
 from titan_lite.models.llama3 import ModelArgs, Transformer
 from titan_lite.parallel.activation_checkpoint import apply_activation_checkpointing
+from titan_lite.parallel.compile import apply_compile
 from titan_lite.parallel.ddp import apply_ddp
 from titan_lite.parallel.dims import ParallelDims
 from titan_lite.parallel.fsdp import apply_fsdp
@@ -79,6 +80,8 @@ def parallelize(model: Transformer, cfg: JobConfig, dims: ParallelDims, mesh: De
     if dims.tp > 1:
         apply_tp(model, mesh["tp"], cfg.parallelism.enable_loss_parallel)
     apply_activation_checkpointing(model, cfg.activation_checkpoint)
+    if cfg.training.compile:
+        apply_compile(model)
     offload = cfg.training.enable_cpu_offload
     param_device = torch.device("cpu") if offload else env.device
     if cfg.lora.quantize_base == "nf4":
@@ -125,7 +128,8 @@ def build_finetuned_model(cfg: JobConfig, args: ModelArgs, device: torch.device,
     """A LoRA job's model in this one process (for generation and export): its base as
     training builds it (model.init_from, else job.seed; quantised if the job quantises it),
     with the adapters of the titan_lite ``checkpoint`` folder (None: untrained adapters)."""
-    single = replace(cfg, training=replace(cfg.training, enable_cpu_offload=False),
+    single = replace(cfg, training=replace(cfg.training, enable_cpu_offload=False,
+                                           compile=False),
                      activation_checkpoint=replace(cfg.activation_checkpoint, mode="none"))
     dims = ParallelDims(dp_replicate=1, dp_shard=1, tp=1, pp=1)
     env = DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1, device=device)

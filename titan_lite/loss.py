@@ -11,6 +11,7 @@ sum(all targets' losses) / count(all targets).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -30,7 +31,8 @@ Projection = Callable[[torch.Tensor], torch.Tensor]  # last hidden states -> log
 
 
 def cross_entropy_sum(hidden: torch.Tensor, labels: torch.Tensor, chunks: int = 1,
-                      project: Projection | None = None) -> torch.Tensor:
+                      project: Projection | None = None, compiled: bool = False
+                      ) -> torch.Tensor:
     """Summed cross entropy over the labels that are targets, of (batch, seq, vocab) logits, or
     with ``project`` (the model's output projection) of the logits of (batch, seq, dim) hidden
     states.
@@ -40,16 +42,18 @@ def cross_entropy_sum(hidden: torch.Tensor, labels: torch.Tensor, chunks: int = 
     softmax and gradient exist for one slice at a time, never for the whole batch: for a 128k
     vocabulary at 2 x 2048 tokens that is ~7 GiB less at the peak. The same sum up to float
     rounding. Tensor parallel's layouts are not chunked: its sequence-sharded hidden states are
-    projected whole, and vocab-sharded logits (loss parallel) go to the loss whole."""
+    projected whole, and vocab-sharded logits (loss parallel) go to the loss whole.
+    ``compiled``: the cross entropy (not the projection, whose weight FSDP gathers in hooks)
+    runs through torch.compile; tensor parallel's DTensor logits stay eager."""
     if project is not None and isinstance(hidden, DTensor):
         hidden, project = project(hidden), None
     if isinstance(hidden, DTensor):
-        chunks = 1
+        chunks, compiled = 1, False
     flat_hidden, flat_labels = hidden.flatten(0, 1), labels.flatten()
     if chunks <= 1:
-        return _summed(flat_hidden, flat_labels, project)
+        return _summed(flat_hidden, flat_labels, project, compiled)
     parts = zip(flat_hidden.chunk(chunks), flat_labels.chunk(chunks))
-    return sum(checkpoint(_summed, part, target, project, use_reentrant=False)
+    return sum(checkpoint(_summed, part, target, project, compiled, use_reentrant=False)
                for part, target in parts)
 
 
@@ -61,18 +65,27 @@ def resolve_loss_chunks(configured: int, vocab_size: int, micro_batch_tokens: in
     return min(AUTO_CHUNKS, micro_batch_tokens) if vocab_size >= AUTO_CHUNKS_VOCAB else 1
 
 
-def loss_head(labels: torch.Tensor, chunks: int = 1
+def loss_head(labels: torch.Tensor, chunks: int = 1, compiled: bool = False
               ) -> Callable[[torch.Tensor, Projection], torch.Tensor]:
     """A ``head`` for ``Transformer.forward``: the model returns the summed cross entropy of
     ``labels`` (``cross_entropy_sum``) instead of its logits, which are then computed slice by
     slice inside the loss and never held whole."""
-    return lambda hidden, project: cross_entropy_sum(hidden, labels, chunks, project)
+    return lambda hidden, project: cross_entropy_sum(hidden, labels, chunks, project, compiled)
 
 
-def _summed(hidden: torch.Tensor, labels: torch.Tensor,
-            project: Projection | None) -> torch.Tensor:
+def _summed(hidden: torch.Tensor, labels: torch.Tensor, project: Projection | None,
+            compiled: bool = False) -> torch.Tensor:
     logits = hidden if project is None else project(hidden)
+    return (_compiled_cross_entropy() if compiled else _cross_entropy)(logits, labels)
+
+
+def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), labels, reduction="sum", ignore_index=IGNORE_INDEX)
+
+
+@functools.cache
+def _compiled_cross_entropy() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    return torch.compile(_cross_entropy, fullgraph=True)
 
 
 def count_targets(labels: torch.Tensor) -> torch.Tensor:

@@ -106,6 +106,7 @@ class StepRecipe:
     grad_scale: int  # the data-parallel degree, which the gradient reduction averages over
     label_copies: int  # ranks that load the same labels: tensor- and pipeline-parallel peers
     loss_chunks: int = 1  # training.loss_chunks (resolved)
+    compiled_loss: bool = False  # training.compile
     offload_activations: bool = False  # activation_checkpoint.offload
     on_offload: Callable[[torch.Tensor], None] | None = None  # sees each host copy
 
@@ -128,7 +129,7 @@ def step_recipe(cfg: JobConfig, dims: ParallelDims, device: torch.device) -> Ste
                       else contextlib.nullcontext),
         reduce_every_micro=not fsdp or cfg.parallelism.fsdp_reduce_every_microbatch,
         grad_scale=dims.dp, label_copies=dims.tp * dims.pp,
-        loss_chunks=cfg.training.loss_chunks,
+        loss_chunks=cfg.training.loss_chunks, compiled_loss=cfg.training.compile,
         offload_activations=cfg.activation_checkpoint.offload)
 
 
@@ -158,7 +159,8 @@ def forward_backward(runner: torch.nn.Module | Pipeline, next_batch: Callable[[]
             with recipe.loss_context():
                 with recipe.autocast, recipe.saved_tensors(runner):
                     loss = runner(batch.inputs, **batch.model_kwargs(),
-                                  head=loss_head(batch.labels, recipe.loss_chunks)) * loss_scale
+                                  head=loss_head(batch.labels, recipe.loss_chunks,
+                                                 recipe.compiled_loss)) * loss_scale
                 loss.backward()
         step_loss += full_tensor(loss.detach())
     return step_loss / unscale
@@ -222,6 +224,10 @@ def train(cfg: JobConfig, env: DistEnv) -> TrainResult:
     mesh = build_mesh(dims, env.device.type, fsdp)
     if cfg.job.deterministic:
         torch.use_deterministic_algorithms(True)
+    if cfg.training.compile:  # Inductor's cache beside the run's outputs unless told otherwise
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR",
+                              os.path.abspath(os.path.join(cfg.job.dump_folder,
+                                                           "inductor_cache")))
     tokenizer = build_tokenizer(cfg.tokenizer.kind, cfg.tokenizer.path)
     args = replace(FLAVORS[cfg.model.flavor], vocab_size=tokenizer.vocab_size,
                    max_seq_len=cfg.training.seq_len)
@@ -257,7 +263,8 @@ def train(cfg: JobConfig, env: DistEnv) -> TrainResult:
         log0(env, f"resumed from {checkpointer.folder}/step-{start_step}" if start_step else
              f"no checkpoint in {checkpointer.folder}: starting from step 1")
     tracker = None
-    if env.device.type == "cpu" and cfg.metrics.track_cpu_memory:
+    # (a dispatch-mode tracker cannot run inside compiled code: compiled runs report peak RSS)
+    if env.device.type == "cpu" and cfg.metrics.track_cpu_memory and not cfg.training.compile:
         tracker = TensorMemoryTracker()
         optimizer_states = [v for state in optimizer.state.values() for v in state.values()]
         tracker.track([*modules.parameters(), *modules.buffers(), *optimizer_states])
@@ -288,6 +295,9 @@ def train(cfg: JobConfig, env: DistEnv) -> TrainResult:
                                                 cfg.training.max_norm, pipeline_group, scaler)
             optimizer_seconds += _synchronized_time(env.device) - optimizer_start
         scheduler.step()  # a skipped step still counts in the schedule, as in torch's recipe
+        if cfg.training.compile and step == start_step + 1:
+            log0(env, f"torch.compile: step {step} took {time.perf_counter() - interval_start:.1f}"
+                      " s, compiling included (cold unless Inductor's cache had the kernels)")
         if skipped:
             skipped_steps.append(step)
 

@@ -135,6 +135,10 @@ class Training:
                            "at 2 x 2048 tokens; same loss up to rounding). 1: in one piece; "
                            "0 (auto): 8 slices for vocabularies of 32,000 tokens or more, "
                            "else 1.", min=0)
+    compile: bool = opt(False, "torch.compile each transformer block (after activation "
+                        "checkpointing, before FSDP) and the cross entropy. The first step "
+                        "compiles (its time is printed); Inductor's cache goes to "
+                        "<dump_folder>/inductor_cache unless TORCHINDUCTOR_CACHE_DIR is set.")
     enable_cpu_offload: bool = opt(False, "Keep sharded parameters, gradients and AdamW states "
                                    "in host memory and run the optimizer step on CPU (FSDP2 "
                                    "CPUOffloadPolicy; turns FSDP on even for one rank).")

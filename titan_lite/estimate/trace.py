@@ -100,6 +100,9 @@ def estimate_memory(cfg: JobConfig, num_gpus: int) -> MemoryEstimate:
     dims = job_dims(cfg, num_gpus)
     args = model_args(cfg)
     cfg = resolve_auto_keys(cfg, dims, args.vocab_size)
+    # traced eager: compiled kernels cannot run on fake tensors (Inductor's fusion only saves
+    # some temporaries, so the eager peak is an upper bound)
+    cfg = replace(cfg, training=replace(cfg.training, compile=False))
     traced_cfg, traced_world, ddp_buckets = cfg, num_gpus, False
     if dims.dp_replicate > 1 and not dims.uses_fsdp(cfg.training.enable_cpu_offload):
         # DDP replicas hold the same as one of them, plus DDP's gradient buckets (DDP's
