@@ -324,3 +324,52 @@ def test_async_checkpoints_on_two_fsdp_ranks(repo_cwd, tmp_path):
     copy_checkpoint(tmp_path / "two", 2, tmp_path / "again")
     again = run_layout(tmp_path, "again", 2, *CKPT, "--training.local_batch_size", "2")
     assert again["losses"] == two["losses"][2:]
+
+
+def _rank_processes(parent: int, rank: int) -> list[int]:
+    """Pids of the trainer processes of ``rank`` below ``parent`` (torchrun's workers)."""
+    found = []
+    children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(parent)], capture_output=True,
+                              text=True).stdout.split()
+    for child in map(int, children):
+        try:
+            with open(f"/proc/{child}/environ", "rb") as fh:
+                if f"RANK={rank}".encode() in fh.read().split(b"\0"):
+                    found.append(child)
+        except OSError:
+            continue
+        found += _rank_processes(child, rank)
+    return found
+
+
+@pytest.mark.slow
+def test_a_hung_rank_ends_the_job_naming_the_collective_and_keeps_the_checkpoint(tmp_path):
+    """Rank 1 is stopped (SIGSTOP) after step 2; rank 0's next collective gives up after
+    comm.train_timeout_seconds with one line, and torchrun ends the job (it waits its 30 s
+    grace before killing a stopped worker)."""
+    job = subprocess.Popen(
+        ["./run_train.sh", *CKPT, "--training.steps", "100", "--training.local_batch_size", "2",
+         "--checkpoint.interval", "1", "--comm.train_timeout_seconds", "3",
+         "--job.dump_folder", str(tmp_path)],
+        cwd=REPO, env=python_env(NGPU="2"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, start_new_session=True)
+    try:
+        for line in job.stdout:
+            if "step     2/100" in line:  # ([rank0]: prefixed)
+                break
+        stuck = _rank_processes(job.pid, 1)
+        assert stuck
+        for pid in stuck:
+            os.kill(pid, signal.SIGSTOP)
+        stopped = time.monotonic()
+        output = job.communicate(timeout=90)[0]
+        ended = time.monotonic() - stopped
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    assert job.returncode == 1
+    errors = [line for line in output.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "timed out: a rank stopped answering within " \
+        "comm.train_timeout_seconds" in errors[0] and "collective " in errors[0], output[-2000:]
+    assert ended < 3 + 30 + 20, ended
+    assert complete_steps(str(tmp_path / "checkpoint"))  # a save cut short stays .partial

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -11,6 +12,8 @@ from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.distributed_c10d import _set_pg_timeout
 from torch.distributed.tensor import DTensor
 
 T = TypeVar("T")
@@ -28,7 +31,8 @@ class DistEnv:
 
 
 def init_distributed(device_choice: str, timeout_s: float = 600) -> DistEnv:
-    """Pick the device (CUDA + nccl when present, else CPU + gloo) and join torchrun's group.
+    """Pick the device (CUDA + nccl when present, else CPU + gloo) and join torchrun's group,
+    whose collectives wait at most ``timeout_s`` (comm.init_timeout_seconds).
 
     Run without torchrun (no WORLD_SIZE in the environment) it stays a single process with no
     process group.
@@ -48,6 +52,32 @@ def init_distributed(device_choice: str, timeout_s: float = 600) -> DistEnv:
                                 timeout=timedelta(seconds=timeout_s),
                                 device_id=device if use_cuda else None)
     return DistEnv(rank, local_rank, world_size, local_world_size, device)
+
+
+def set_collective_timeout(seconds: float, mesh: DeviceMesh | None) -> None:
+    """From now on a collective of the job's groups (the default one and each of ``mesh``'s
+    dims) waits at most ``seconds`` for the other ranks (comm.train_timeout_seconds)."""
+    if not dist.is_initialized():
+        return
+    groups = [None] + ([mesh.get_group(dim) for dim in range(mesh.ndim)] if mesh else [])
+    for group in groups:
+        _set_pg_timeout(timedelta(seconds=seconds), group)
+
+
+def describe_collective_timeout(error: BaseException) -> str | None:
+    """One line for a collective that gave up waiting for another rank (gloo raises
+    "Timed out waiting ... ms"), naming the collective and where titan_lite called it from;
+    None for any other error."""
+    if "timed out" not in str(error).lower() or not isinstance(error, RuntimeError):
+        return None
+    frames = traceback.extract_tb(error.__traceback__)
+    collectives = [f.name for f in frames if f.filename.endswith("distributed_c10d.py")]
+    ours = [f for f in frames if f"{os.sep}titan_lite{os.sep}" in f.filename]
+    where = f" in {ours[-1].name} ({os.path.basename(ours[-1].filename)}:{ours[-1].lineno})" \
+        if ours else ""
+    return (f"collective {collectives[-1] if collectives else 'operation'}{where} timed out: "
+            "a rank stopped answering within comm.train_timeout_seconds (before the first "
+            "step: comm.init_timeout_seconds); the last complete checkpoint is kept")
 
 
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:

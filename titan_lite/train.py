@@ -33,8 +33,10 @@ from titan_lite.data import Batch, Data, build_chat_template, build_data
 from titan_lite.distributed import (
     DTYPES,
     DistEnv,
+    describe_collective_timeout,
     full_tensor,
     init_distributed,
+    set_collective_timeout,
     shutdown_and_exit,
 )
 from titan_lite.finetune import base_fingerprint, describe_parameters
@@ -295,9 +297,12 @@ def train(cfg: JobConfig, env: DistEnv) -> TrainResult:
                                                 cfg.training.max_norm, pipeline_group, scaler)
             optimizer_seconds += _synchronized_time(env.device) - optimizer_start
         scheduler.step()  # a skipped step still counts in the schedule, as in torch's recipe
-        if cfg.training.compile and step == start_step + 1:
-            log0(env, f"torch.compile: step {step} took {time.perf_counter() - interval_start:.1f}"
-                      " s, compiling included (cold unless Inductor's cache had the kernels)")
+        if step == start_step + 1:  # start-up (caches, loading, the first compile) is over
+            set_collective_timeout(cfg.comm.train_timeout_seconds, mesh)
+            if cfg.training.compile:
+                log0(env, f"torch.compile: step {step} took "
+                          f"{time.perf_counter() - interval_start:.1f} s, compiling included "
+                          "(cold unless Inductor's cache had the kernels)")
         if skipped:
             skipped_steps.append(step)
 
@@ -346,7 +351,7 @@ def save_config(cfg: JobConfig, env: DistEnv) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_or_exit(argv)  # every config problem exits 2 here, before any collective
-    env = init_distributed(cfg.training.device)
+    env = init_distributed(cfg.training.device, cfg.comm.init_timeout_seconds)
     code = 0
     try:
         save_config(cfg, env)
@@ -354,8 +359,12 @@ def main(argv: list[str] | None = None) -> None:
     except (FitError, TrainingError, CheckpointError, ValueError) as e:
         print(f"[rank{env.rank}] error: {e}", file=sys.stderr, flush=True)
         code = 2 if isinstance(e, (FitError, ValueError)) else 1
-    except BaseException:  # noqa: BLE001 - report, then leave with a non-zero status
-        traceback.print_exc()
+    except BaseException as e:  # noqa: BLE001 - report, then leave with a non-zero status
+        timed_out = describe_collective_timeout(e)
+        if timed_out:
+            print(f"[rank{env.rank}] error: {timed_out}", file=sys.stderr, flush=True)
+        else:
+            traceback.print_exc()
         code = 1
     shutdown_and_exit(code)
 

@@ -231,6 +231,18 @@ class Lora:
 
 
 @dataclass
+class Comm:
+    init_timeout_seconds: float = opt(600.0, "How long a collective may wait before the first "
+                                      "training step is done (start-up: process group, data "
+                                      "cache built by local rank 0, loading weights, the first "
+                                      "compile).", min=1.0)
+    train_timeout_seconds: float = opt(300.0, "How long a collective may wait from then on "
+                                       "(checkpoint saves included): a rank that hangs ends the "
+                                       "job with one line naming the collective, and the last "
+                                       "complete checkpoint is kept.", min=1.0)
+
+
+@dataclass
 class Checkpoint:
     enable: bool = opt(False, "Save distributed checkpoints and, on start, resume from the "
                        "newest complete one in the folder.")
@@ -335,6 +347,7 @@ class JobConfig:
     parallelism: Parallelism = field(default_factory=Parallelism)
     activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)
     lora: Lora = field(default_factory=Lora)
+    comm: Comm = field(default_factory=Comm)
     checkpoint: Checkpoint = field(default_factory=Checkpoint)
     metrics: Metrics = field(default_factory=Metrics)
     validation: Validation = field(default_factory=Validation)
