@@ -30,6 +30,7 @@ from titan_lite.config.schema import (
 
 __all__ = [
     "DEFAULT_CONFIG", "ActivationCheckpoint", "Checkpoint", "Comm", "ConfigError", "Data",
-    "Generation", "Job", "JobConfig", "Lora", "LRScheduler", "Metrics", "Model", "Optimizer", "Parallelism",
-    "Tokenizer", "Training", "Validation", "check_job", "help_text", "load_config", "parse_or_exit",
+    "Generation", "Job", "JobConfig", "Lora", "LRScheduler", "Metrics", "Model", "Optimizer",
+    "Parallelism", "Tokenizer", "Training", "Validation", "check_job", "help_text",
+    "load_config", "parse_or_exit",
 ]
