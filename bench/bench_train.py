@@ -43,6 +43,9 @@ ROWS: dict[str, tuple[int, list[str]]] = {
     "debug-2rank-ddp": (2, [*DEBUG, "--parallelism.dp_replicate", "2",
                             "--parallelism.dp_shard", "1"]),
     "debug-1rank-bf16": (1, [*DEBUG, "--training.mixed_precision_param", "bfloat16"]),
+    # torch.compile per block + cross entropy (the first, compiling step is not counted)
+    "debug-1rank-compile": (1, [*DEBUG, "--training.compile", "true"]),
+    "debug-2rank-fsdp-compile": (2, [*DEBUG, "--training.compile", "true"]),
     # ~79M parameters (dim 768, 12 layers, GQA 12/4 heads): weights, gradients and AdamW
     # states (1.2 GiB) outweigh the activations, so sharding shows.
     "small-1rank": (1, SMALL),

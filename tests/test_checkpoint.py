@@ -345,8 +345,9 @@ def _rank_processes(parent: int, rank: int) -> list[int]:
 @pytest.mark.slow
 def test_a_hung_rank_ends_the_job_naming_the_collective_and_keeps_the_checkpoint(tmp_path):
     """Rank 1 is stopped (SIGSTOP) after step 2; rank 0's next collective gives up after
-    comm.train_timeout_seconds with one line, and torchrun ends the job (it waits its 30 s
-    grace before killing a stopped worker)."""
+    comm.train_timeout_seconds with one line and exits 1. (torchrun then waits its fixed 30 s
+    before it SIGKILLs the stopped rank, which ignores SIGTERM; the test lets it go on once
+    rank 0 has spoken, to spare the suite those 30 s: README has the measured end to end.)"""
     job = subprocess.Popen(
         ["./run_train.sh", *CKPT, "--training.steps", "100", "--training.local_batch_size", "2",
          "--checkpoint.interval", "1", "--comm.train_timeout_seconds", "3",
@@ -355,21 +356,24 @@ def test_a_hung_rank_ends_the_job_naming_the_collective_and_keeps_the_checkpoint
         text=True, start_new_session=True)
     try:
         for line in job.stdout:
-            if "step     2/100" in line:  # ([rank0]: prefixed)
+            if "step     2/100" in line:  # ([rank0]: prefixed); step-1 is saved by now
                 break
         stuck = _rank_processes(job.pid, 1)
         assert stuck
         for pid in stuck:
             os.kill(pid, signal.SIGSTOP)
         stopped = time.monotonic()
-        output = job.communicate(timeout=90)[0]
-        ended = time.monotonic() - stopped
+        error = next(line for line in job.stdout if "error:" in line)
+        spoke = time.monotonic() - stopped
+        for pid in stuck:
+            os.kill(pid, signal.SIGCONT)  # the pending SIGTERM from torchrun now ends it
+        rest = job.communicate(timeout=60)[0]
     finally:
         if job.poll() is None:
             os.killpg(job.pid, signal.SIGKILL)
     assert job.returncode == 1
-    errors = [line for line in output.splitlines() if "error:" in line]
-    assert len(errors) == 1 and "timed out: a rank stopped answering within " \
-        "comm.train_timeout_seconds" in errors[0] and "collective " in errors[0], output[-2000:]
-    assert ended < 3 + 30 + 20, ended
+    assert "timed out: a rank stopped answering within comm.train_timeout_seconds" in error \
+        and "collective " in error, error
+    assert "error:" not in rest and "Traceback" not in rest, rest[-2000:]  # one line
+    assert spoke < 3 + 15, spoke  # the timeout, plus the rest of the step before the collective
     assert complete_steps(str(tmp_path / "checkpoint"))  # a save cut short stays .partial

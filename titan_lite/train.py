@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor.parallel import loss_parallel
 
+from titan_lite import USER_INDUCTOR_CACHE_DIR
 from titan_lite.build import (
     FitError,
     build_meta_model,
@@ -226,10 +227,9 @@ def train(cfg: JobConfig, env: DistEnv) -> TrainResult:
     mesh = build_mesh(dims, env.device.type, fsdp)
     if cfg.job.deterministic:
         torch.use_deterministic_algorithms(True)
-    if cfg.training.compile:  # Inductor's cache beside the run's outputs unless told otherwise
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR",
-                              os.path.abspath(os.path.join(cfg.job.dump_folder,
-                                                           "inductor_cache")))
+    if cfg.training.compile and USER_INDUCTOR_CACHE_DIR is None:  # beside the run's outputs
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.abspath(
+            os.path.join(cfg.job.dump_folder, "inductor_cache"))
     tokenizer = build_tokenizer(cfg.tokenizer.kind, cfg.tokenizer.path)
     args = replace(FLAVORS[cfg.model.flavor], vocab_size=tokenizer.vocab_size,
                    max_seq_len=cfg.training.seq_len)
