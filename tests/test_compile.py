@@ -31,7 +31,11 @@ def test_compiled_training_matches_one_eager_process(tmp_path, reference, monkey
     assert os.listdir(tmp_path / "compiled" / "inductor_cache")  # with the run's outputs
 
 
-def test_compile_with_activation_offload_is_refused(repo_cwd):
+def test_compile_with_what_it_cannot_honour_is_refused(repo_cwd):
     cfg = load_config(["--training.compile", "true", "--activation_checkpoint.offload", "true"])
     assert any(p.startswith("training.compile: not with activation_checkpoint.offload")
                for p in check_job(cfg, 1))
+    tp = load_config(["--training.compile", "true", "--parallelism.tensor_parallel_degree", "2",
+                      "--parallelism.dp_shard", "1"])
+    assert any(p.startswith("training.compile: not with tensor parallel")
+               for p in check_job(tp, 2))

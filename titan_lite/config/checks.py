@@ -54,6 +54,9 @@ def check_job(cfg: JobConfig, world_size: int, training_here: bool = True) -> li
     if cfg.activation_checkpoint.offload and dims is not None and dims.pp > 1:
         problems.append("activation_checkpoint.offload: not supported with pipeline parallel "
                         "yet")
+    if cfg.training.compile and dims is not None and dims.tp > 1:
+        problems.append("training.compile: not with tensor parallel yet (with torch 2.13 the "
+                        "backward of compiled blocks on DTensor activations fails)")
     if cfg.training.compile and cfg.activation_checkpoint.offload:
         problems.append("training.compile: not with activation_checkpoint.offload (its "
                         "saved-tensor hooks would have to run inside the compiled blocks)")
