@@ -138,7 +138,8 @@ class Training:
     compile: bool = opt(False, "torch.compile each transformer block (after activation "
                         "checkpointing, before FSDP) and the cross entropy. The first step "
                         "compiles (its time is printed); Inductor's cache goes to "
-                        "<dump_folder>/inductor_cache unless TORCHINDUCTOR_CACHE_DIR is set.")
+                        "<dump_folder>/inductor_cache unless TORCHINDUCTOR_CACHE_DIR is set. "
+                        "Not with tensor parallel or activation_checkpoint.offload.")
     enable_cpu_offload: bool = opt(False, "Keep sharded parameters, gradients and AdamW states "
                                    "in host memory and run the optimizer step on CPU (FSDP2 "
                                    "CPUOffloadPolicy; turns FSDP on even for one rank).")
