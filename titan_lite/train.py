@@ -149,7 +149,7 @@ def forward_backward(runner: torch.nn.Module | Pipeline, next_batch: Callable[[]
     loss_scale = recipe.grad_scale / global_target_count([b.labels for b in batches],
                                                          recipe.label_copies)
     unscale = recipe.grad_scale
-    if scaler is not None and scaler.is_enabled():
+    if scaler is not None:  # (a disabled scaler passes the loss through, at scale 1)
         loss_scale, unscale = scaler.scale(loss_scale), unscale * scaler.get_scale()
     if isinstance(runner, Pipeline):  # no accumulation: the schedule splits the batch
         with recipe.autocast, recipe.loss_context():

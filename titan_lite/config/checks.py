@@ -29,10 +29,10 @@ def check_job(cfg: JobConfig, world_size: int, training_here: bool = True) -> li
             problems.append(f"training.global_batch_size: {t.global_batch_size} is not a multiple"
                             f" of local_batch_size x data-parallel degree ({t.local_batch_size} x "
                             f"{dims.dp} = {per_micro_step})")
-    if dims is not None and t.loss_chunks > dims.micro_batch_tokens(t, cfg.parallelism):
-        problems.append(f"training.loss_chunks: {t.loss_chunks} slices for "
-                        f"{dims.micro_batch_tokens(t, cfg.parallelism)} tokens per micro-batch;"
-                        " use at most one slice per token (0: auto)")
+    micro_tokens = dims.micro_batch_tokens(t, cfg.parallelism) if dims is not None else None
+    if micro_tokens is not None and t.loss_chunks > micro_tokens:
+        problems.append(f"training.loss_chunks: {t.loss_chunks} slices for {micro_tokens} "
+                        "tokens per micro-batch; use at most one slice per token (0: auto)")
     if t.global_batch_size == 0:
         problems.append("training.global_batch_size: 0 is not a batch size (use -1 or >= 1)")
     try:
