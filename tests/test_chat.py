@@ -97,11 +97,12 @@ def test_llama2_refuses_turns_that_do_not_alternate(spm):
 
 
 def test_auto_template_follows_the_tokenizer_and_llama3_needs_its_control_tokens(tik, spm):
-    assert isinstance(build_chat_template("auto", tik, "tiktoken"), Llama3Template)
-    assert isinstance(build_chat_template("auto", spm, "sentencepiece"), Llama2Template)
-    assert isinstance(build_chat_template("llama2", tik, "tiktoken"), Llama2Template)
+    """auto: Llama 3's template when the tokenizer has its header/end-of-turn tokens."""
+    assert isinstance(build_chat_template("auto", tik), Llama3Template)
+    assert isinstance(build_chat_template("auto", spm), Llama2Template)
+    assert isinstance(build_chat_template("llama2", tik), Llama2Template)
     with pytest.raises(ValueError, match="needs Llama 3's control tokens"):
-        build_chat_template("llama3", spm, "sentencepiece")
+        build_chat_template("llama3", spm)
 
 
 def test_alpaca_records_become_one_exchange_with_or_without_input():

@@ -25,17 +25,17 @@ def corpus(tmp_path):
 def test_tokenize_packs_documents_with_bos_and_eos_and_reuses_the_cache(tok, corpus, tmp_path):
     folder, docs = corpus
     messages = []
-    cache = tokenize_to_cache([str(folder)], tok, TIKTOKEN_PATH, cache_dir=str(tmp_path / "c"),
+    cache = tokenize_to_cache([str(folder)], tok, cache_dir=str(tmp_path / "c"),
                               log=messages.append)
     tokens = np.fromfile(cache, dtype=np.uint32)
     expected = [i for d in docs for i in tok.encode(d, bos=True, eos=True)]
     assert tokens.tolist() == expected
     assert len(messages) == 1
-    again = tokenize_to_cache([str(folder)], tok, TIKTOKEN_PATH, cache_dir=str(tmp_path / "c"),
+    again = tokenize_to_cache([str(folder)], tok, cache_dir=str(tmp_path / "c"),
                               log=messages.append)
     assert again == cache and len(messages) == 1  # no second tokenization
     (folder / "b.txt").write_text("changed")
-    assert tokenize_to_cache([str(folder)], tok, TIKTOKEN_PATH, cache_dir=str(tmp_path / "c"),
+    assert tokenize_to_cache([str(folder)], tok, cache_dir=str(tmp_path / "c"),
                              log=messages.append) != cache
 
 

@@ -113,7 +113,10 @@ def test_each_unit_is_drawn_independently_of_the_others():
 
 @pytest.mark.parametrize("flavor, params", [
     ("1B", 1_235_814_400), ("3B", 3_212_749_824), ("8B", 8_030_261_248),
-    ("70B", 70_553_706_496), ("405B", 405_853_388_800)])
+    ("70B", 70_553_706_496), ("405B", 405_853_388_800),
+    # Llama 2 as published (Touvron et al. 2023; the Hugging Face checkpoints' sizes)
+    ("llama2_7B", 6_738_415_616), ("llama2_13B", 13_015_864_320),
+    ("llama2_70B", 68_976_648_192)])
 def test_published_flavors_have_published_parameter_counts(flavor, params):
     with torch.device("meta"):
         model = Transformer(replace(FLAVORS[flavor], max_seq_len=16))

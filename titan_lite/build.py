@@ -5,7 +5,6 @@ generation and export."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import replace
 
 import torch
@@ -22,7 +21,7 @@ from titan_lite.finetune import (
     place_on_host,
     quantize_block_linears,
 )
-from titan_lite.hf import architecture_mismatches, args_from_hf_config, load_hf_weights
+from titan_lite.hf import load_hf_weights
 from titan_lite.models.llama3 import ModelArgs, Transformer
 from titan_lite.parallel.activation_checkpoint import apply_activation_checkpointing
 from titan_lite.parallel.compile import apply_compile
@@ -143,12 +142,8 @@ def build_finetuned_model(cfg: JobConfig, args: ModelArgs, device: torch.device,
 
 def load_pretrained(parts: list[Transformer], folder: str, args: ModelArgs) -> None:
     """Overwrite the initial weights with those in ``folder``: a Hugging Face checkpoint, or a
-    titan_lite one (a training step-N, or one made by ``python -m titan_lite.hf import``)."""
-    if os.path.isfile(os.path.join(folder, "config.json")):
-        mismatches = architecture_mismatches(args, args_from_hf_config(folder))
-        if mismatches:
-            raise ValueError(f"model.init_from: {folder} is not this model: "
-                             f"{'; '.join(mismatches)}")
+    titan_lite one (a training step-N, or one made by ``python -m titan_lite.hf import``).
+    ``args`` is the job's (``job_model_args``, which checked a config.json against it)."""
     if is_checkpoint(folder):  # (shapes are checked by the load itself)
         load_model_weights(parts, folder, base_parameters)  # a LoRA model's adapters start new
     else:

@@ -15,7 +15,6 @@ import dataclasses
 import os
 import re
 import sys
-from dataclasses import replace
 
 import torch
 
@@ -25,7 +24,8 @@ from titan_lite.data import ChatTemplate, build_chat_template
 from titan_lite.data.chat import Message
 from titan_lite.distributed import DTYPES
 from titan_lite.generation import generate, prompt_ids, stop_ids
-from titan_lite.models.llama3 import FLAVORS, Transformer
+from titan_lite.hf_config import job_model_args
+from titan_lite.models.llama3 import Transformer
 from titan_lite.tokenizer import Tokenizer, build_tokenizer
 from titan_lite.build import build_finetuned_model, load_pretrained
 
@@ -67,8 +67,7 @@ def weights_folder(cfg: JobConfig) -> str:
 def load_model(cfg: JobConfig, tokenizer: Tokenizer, device: torch.device) -> Transformer:
     """The job's model, unsharded on ``device`` in the training compute dtype, with the weights
     of ``weights_folder(cfg)`` (a LoRA job: its base, with that checkpoint's adapters)."""
-    args = replace(FLAVORS[cfg.model.flavor], vocab_size=tokenizer.vocab_size,
-                   max_seq_len=cfg.training.seq_len)
+    args = job_model_args(cfg.model.flavor, cfg.model.init_from, cfg.training.seq_len, tokenizer)
     folder = weights_folder(cfg)
     if cfg.lora.enable:  # the base as trained on, plus the checkpoint's adapters
         adapters = is_checkpoint(folder) and folder != cfg.model.init_from
@@ -111,8 +110,7 @@ def run(cfg: JobConfig) -> None:
     use_cuda = cfg.training.device != "cpu" and torch.cuda.is_available()
     device = torch.device("cuda" if use_cuda else "cpu")
     tokenizer = build_tokenizer(cfg.tokenizer.kind, cfg.tokenizer.path)
-    template = build_chat_template(cfg.data.chat_template, tokenizer,
-                                   cfg.tokenizer.kind) if g.chat else None
+    template = build_chat_template(cfg.data.chat_template, tokenizer) if g.chat else None
     model = load_model(cfg, tokenizer, device)
     if g.chat and not g.prompt:
         chat_loop(model, cfg, tokenizer, template, device)

@@ -23,7 +23,8 @@ from torch.distributed.tensor import DTensor
 from titan_lite.finetune.lora import LoRALinear, base_parameters
 from titan_lite.finetune.nf4 import is_quantized
 from titan_lite.finetune.nf4 import dequantized, write_quantized
-from titan_lite.models.llama3 import ModelArgs, RopeScaling
+from titan_lite.hf_config import args_from_hf_config, job_model_args
+from titan_lite.models.llama3 import ModelArgs
 from titan_lite.parallel.init import local_offset
 
 _LAYER_NAMES = {
@@ -70,51 +71,6 @@ def from_hf_rows(rows: torch.Tensor, heads: int) -> torch.Tensor:
     """Hugging Face's half-split order of whole heads' rows -> Meta's interleaved pairs."""
     head_dim = rows.shape[0] // heads
     return rows.view(heads, 2, head_dim // 2, -1).transpose(1, 2).reshape(rows.shape)
-
-
-def args_from_hf_config(folder: str) -> ModelArgs:
-    """ModelArgs of the Llama checkpoint in ``folder`` (its config.json)."""
-    with open(os.path.join(folder, "config.json")) as fh:
-        config = json.load(fh)
-    try:
-        return _args_from(config, folder)
-    except KeyError as e:
-        raise ValueError(f"{folder}/config.json has no {e.args[0]!r}; is it a Llama "
-                         "model?") from None
-
-
-def _args_from(config: dict, folder: str) -> ModelArgs:
-    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
-    scaling = None
-    if rope.get("rope_type", rope.get("type")) == "llama3":
-        scaling = RopeScaling(
-            factor=rope["factor"], low_freq_factor=rope["low_freq_factor"],
-            high_freq_factor=rope["high_freq_factor"],
-            original_max_position_embeddings=rope["original_max_position_embeddings"])
-    args = ModelArgs(
-        dim=config["hidden_size"], n_layers=config["num_hidden_layers"],
-        n_heads=config["num_attention_heads"],
-        n_kv_heads=config.get("num_key_value_heads") or config["num_attention_heads"],
-        vocab_size=config["vocab_size"], ffn_hidden_size=config["intermediate_size"],
-        norm_eps=config["rms_norm_eps"], rope_theta=float(theta), rope_scaling=scaling,
-        max_seq_len=config.get("max_position_embeddings", 8192),
-        tie_word_embeddings=config.get("tie_word_embeddings", False))
-    head_dim = config.get("head_dim") or args.head_dim
-    if head_dim != args.head_dim:
-        raise ValueError(f"{folder}: head_dim {head_dim} != hidden_size / num_attention_heads "
-                         f"({args.head_dim}) is not supported")
-    return args
-
-
-def architecture_mismatches(expected: ModelArgs, found: ModelArgs) -> list[str]:
-    """The fields (other than the context length) in which two architectures differ."""
-    fields = {"dim": "dim", "n_layers": "n_layers", "n_heads": "n_heads",
-              "kv_heads": "n_kv_heads", "ffn_hidden_dim": "FFN width", "vocab_size": "vocab_size",
-              "norm_eps": "norm_eps", "rope_theta": "rope_theta",
-              "rope_scaling": "rope_scaling", "tie_word_embeddings": "tie_word_embeddings"}
-    return [f"{label} {getattr(found, name)} (expected {getattr(expected, name)})"
-            for name, label in fields.items() if getattr(found, name) != getattr(expected, name)]
 
 
 class _Safetensors:
@@ -310,12 +266,11 @@ def export_checkpoint(argv: list[str] | None = None) -> None:
     --out FOLDER [overrides]``: write a titan_lite checkpoint of that job as a Hugging Face
     Llama folder (a LoRA job: with its adapters merged, or as a PEFT adapter folder)."""
     import argparse
-    from dataclasses import replace
 
     from titan_lite.checkpoint import CheckpointError, complete_steps, load_model_weights
     from titan_lite.config import ConfigError, load_config
     from titan_lite.finetune import merge_adapters
-    from titan_lite.models.llama3 import FLAVORS, Transformer
+    from titan_lite.models.llama3 import Transformer
     from titan_lite.tokenizer import build_tokenizer
     from titan_lite.build import build_finetuned_model
 
@@ -339,9 +294,11 @@ def export_checkpoint(argv: list[str] | None = None) -> None:
     if step not in steps:
         parser.exit(2, f"error: no complete checkpoint step-{step} in {folder} (found: "
                        f"{', '.join(map(str, steps)) or 'none'})\n")
-    vocab = build_tokenizer(cfg.tokenizer.kind, cfg.tokenizer.path).vocab_size
-    model_args = replace(FLAVORS[cfg.model.flavor], vocab_size=vocab,
-                         max_seq_len=cfg.training.seq_len)
+    try:
+        model_args = job_model_args(cfg.model.flavor, cfg.model.init_from, cfg.training.seq_len,
+                                    build_tokenizer(cfg.tokenizer.kind, cfg.tokenizer.path))
+    except (OSError, ValueError) as e:
+        parser.exit(2, f"error: {e}\n")
     checkpoint = os.path.join(folder, f"step-{step}")
     if cfg.lora.enable:
         try:

@@ -49,7 +49,8 @@ from titan_lite.loss import (
 )
 from titan_lite.memory import TensorMemoryTracker
 from titan_lite.metrics import MetricsLogger, peak_flops
-from titan_lite.models.llama3 import FLAVORS, Transformer
+from titan_lite.hf_config import job_model_args
+from titan_lite.models.llama3 import Transformer
 from titan_lite.optim import (
     build_grad_scaler,
     build_lr_scheduler,
@@ -214,7 +215,7 @@ def build_evaluation(cfg: JobConfig, data: Data, parts: list[Transformer],
         data.validation, runner, env.device, recipe.autocast, recipe.loss_context, dims.tp,
         recipe.label_copies, recipe.loss_chunks)
     template = None if cfg.data.format == "text" else build_chat_template(
-        cfg.data.chat_template, tokenizer, cfg.tokenizer.kind)
+        cfg.data.chat_template, tokenizer)
     return Evaluation(cfg, validator, parts[0], tokenizer, template, env.device,
                       log=lambda m: log0(env, m))
 
@@ -231,8 +232,7 @@ def train(cfg: JobConfig, env: DistEnv) -> TrainResult:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.abspath(
             os.path.join(cfg.job.dump_folder, "inductor_cache"))
     tokenizer = build_tokenizer(cfg.tokenizer.kind, cfg.tokenizer.path)
-    args = replace(FLAVORS[cfg.model.flavor], vocab_size=tokenizer.vocab_size,
-                   max_seq_len=cfg.training.seq_len)
+    args = job_model_args(cfg.model.flavor, cfg.model.init_from, cfg.training.seq_len, tokenizer)
     cfg = resolve_auto_keys(cfg, dims, args.vocab_size)
     model = build_meta_model(cfg, args)
     num_params, flops_per_token = model.num_params(), model.flops_per_token(args.max_seq_len)

@@ -10,7 +10,8 @@ import sys
 from titan_lite.config.loader import ConfigError, help_text, load_config
 from titan_lite.config.schema import JobConfig
 from titan_lite.finetune.nf4 import INSTALL_HINT, nf4_available, nf4_problems
-from titan_lite.models.llama3 import FLAVORS, ModelArgs
+from titan_lite.hf_config import flavor_args
+from titan_lite.models.llama3 import ModelArgs
 from titan_lite.parallel.activation_checkpoint import checkpoint_every
 from titan_lite.parallel.dims import ParallelDims, resolve_degrees
 from titan_lite.parallel.pp import pp_problems
@@ -39,11 +40,12 @@ def check_job(cfg: JobConfig, world_size: int, training_here: bool = True) -> li
         checkpoint_every(cfg.activation_checkpoint.selective_ac_option)
     except ValueError as e:
         problems.append(str(e))
-    if dims is not None and dims.tp > 1:
-        problems += tp_problems(FLAVORS[cfg.model.flavor], dims.tp)
-    if dims is not None and dims.pp > 1:
-        problems += pp_problems(FLAVORS[cfg.model.flavor], cfg.parallelism, cfg.training,
-                                dims)
+    args, architecture_problems = _architecture(cfg)
+    problems += architecture_problems
+    if args is not None and dims is not None and dims.tp > 1:
+        problems += tp_problems(args, dims.tp)
+    if args is not None and dims is not None and dims.pp > 1:
+        problems += pp_problems(args, cfg.parallelism, cfg.training, dims)
     if dims is not None and not dims.uses_fsdp(t.enable_cpu_offload):
         if t.mixed_precision_reduce != "float32":
             problems.append("training.mixed_precision_reduce: only FSDP reduces in another dtype;"
@@ -64,10 +66,22 @@ def check_job(cfg: JobConfig, world_size: int, training_here: bool = True) -> li
         problems.append("checkpoint.load_step: 0 is not a step (use -1 for the newest "
                         "checkpoint, or a saved step >= 1)")
     problems += _data_problems(cfg, dims)
-    problems += _lora_problems(cfg, dims)
+    if args is not None:
+        problems += _lora_problems(cfg, dims, args)
     if training_here:
         problems += _local_problems(cfg)
     return problems
+
+
+def _architecture(cfg: JobConfig) -> tuple[ModelArgs | None, list[str]]:
+    """The architecture of model.flavor (``auto``: model.init_from's config.json), or None and
+    why it cannot be had (the config.json's file and field)."""
+    try:
+        return flavor_args(cfg.model.flavor, cfg.model.init_from), []
+    except ValueError as e:
+        message = str(e)
+        return None, [message if message.startswith("model.") else
+                      f"model.init_from: {message}"]
 
 
 def _data_problems(cfg: JobConfig, dims: ParallelDims | None) -> list[str]:
@@ -89,7 +103,7 @@ def _data_problems(cfg: JobConfig, dims: ParallelDims | None) -> list[str]:
     return problems
 
 
-def _lora_problems(cfg: JobConfig, dims: ParallelDims | None) -> list[str]:
+def _lora_problems(cfg: JobConfig, dims: ParallelDims | None, args: ModelArgs) -> list[str]:
     """[lora] keys that cannot work, alone or in this layout."""
     lora, problems = cfg.lora, []
     if not lora.enable:
@@ -102,12 +116,11 @@ def _lora_problems(cfg: JobConfig, dims: ParallelDims | None) -> list[str]:
                         "alpha / rank)")
     if not lora.target_modules:
         problems.append("lora.target_modules: empty; name at least one linear")
-    args = FLAVORS[cfg.model.flavor]
     if "output" in lora.target_modules and args.tie_word_embeddings:
-        problems.append(f"lora.target_modules: flavor {cfg.model.flavor} ties the output to "
+        problems.append(f"lora.target_modules: model {cfg.model.flavor} ties the output to "
                         "the embedding, so 'output' cannot get its own adapter")
     if lora.embedding_on_host and args.tie_word_embeddings:
-        problems.append(f"lora.embedding_on_host: flavor {cfg.model.flavor} ties the output "
+        problems.append(f"lora.embedding_on_host: model {cfg.model.flavor} ties the output "
                         "to the embedding; its table must be on the device for the output "
                         "projection")
     for degree, name in ((dims.tp if dims else 1, "tensor_parallel_degree"),

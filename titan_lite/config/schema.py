@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from titan_lite.finetune.lora import BLOCK_TARGETS, TARGETS
+from titan_lite.hf_config import AUTO_FLAVOR
 from titan_lite.models.llama3 import FLAVORS
+from titan_lite.tokenizer import KINDS
 
 DEFAULT_CONFIG = "train_configs/debug_model.toml"
 
@@ -37,22 +39,30 @@ class Job:
 
 @dataclass
 class Model:
-    name: str = opt("llama3", "Model family.", choices=["llama3"])
-    flavor: str = opt("debugmodel", "Model size; the vocab size always comes from the tokenizer.",
-                      choices=list(FLAVORS))
+    name: str = opt("llama3", "Model family (the Llama architecture: Llama 2 and 3.x).",
+                    choices=["llama3"])
+    flavor: str = opt("debugmodel", "Model size: a published one (Llama 3.x: 1B, 3B, 8B, 70B, "
+                      "405B; Llama 2: llama2_7B, llama2_13B, llama2_70B), debugmodel or small "
+                      "for development, or auto: the architecture in model.init_from's "
+                      "config.json (any LlamaForCausalLM). The vocab size is that config.json's "
+                      "when model.init_from has one, else the tokenizer's.",
+                      choices=[*FLAVORS, AUTO_FLAVOR])
     init_from: str = opt("", "Weights to start from instead of random ones: a Hugging Face "
                          "Llama folder (config.json + *.safetensors) or a titan_lite checkpoint "
-                         "folder (a step-N, or `python -m titan_lite.hf import` output); its "
-                         "architecture must be the flavor's, with the tokenizer's vocab size.")
+                         "folder (a step-N, or `python -m titan_lite.hf import` output); a "
+                         "named flavor must match its architecture.")
 
 
 @dataclass
 class Tokenizer:
-    kind: str = opt("tiktoken", "tiktoken: Llama 3 BPE file (base64 token + rank per line); "
-                    "sentencepiece: Llama 2 style .model file.",
-                    choices=["tiktoken", "sentencepiece"])
+    kind: str = opt("auto", "tiktoken: Llama 3 BPE file (base64 token + rank per line); "
+                    "sentencepiece: Llama 2 style .model file; huggingface: a tokenizer.json "
+                    "(byte-level BPE, or sentencepiece-style with byte fallback); auto: told "
+                    "apart by the file's contents.", choices=list(KINDS))
     path: str = opt("titan_lite/assets/tokenizers/test_tiktoken.model",
-                    "Tokenizer file (a real Llama 3 tokenizer.model works here).")
+                    "Tokenizer file, or a model folder: its original/tokenizer.model, "
+                    "tokenizer.model or tokenizer.json, in that order, with bos/eos/pad from "
+                    "its tokenizer_config.json. A real Llama tokenizer works here.")
 
 
 @dataclass

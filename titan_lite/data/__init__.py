@@ -36,13 +36,10 @@ def _cached(cfg: JobConfig, tokenizer: Tokenizer, paths: list[str], key: str,
     """Tokenize ``paths`` (``key`` names them in errors) into the cache; its path."""
     d = cfg.data
     if d.format == "text":
-        return tokenize_to_cache(paths, tokenizer, cfg.tokenizer.path, d.text_field,
-                                 d.cache_dir, log=log)
-    rendering = Rendering(d.format, build_chat_template(d.chat_template, tokenizer,
-                                                        cfg.tokenizer.kind),
+        return tokenize_to_cache(paths, tokenizer, d.text_field, d.cache_dir, log=log)
+    rendering = Rendering(d.format, build_chat_template(d.chat_template, tokenizer),
                           d.chat_template, d.train_on_prompt)
-    return tokenize_samples_to_cache(paths, rendering, cfg.tokenizer.path, d.cache_dir, key,
-                                     log=log)
+    return tokenize_samples_to_cache(paths, rendering, d.cache_dir, key, log=log)
 
 
 def _rows(cfg: JobConfig, cache: str, indices=None, key: str = "data.paths") -> Rows:

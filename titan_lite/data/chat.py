@@ -91,6 +91,7 @@ class ChatTemplate(Protocol):
     """How a conversation becomes token ids."""
 
     stop_ids: set[int]  # ids that end an assistant turn in generation
+    tokenizer: Tokenizer
 
     def render(self, messages: list[Message], train_on_prompt: bool = False
                ) -> tuple[list[int], list[bool]]:
@@ -111,7 +112,7 @@ class Llama3Template:
                "<|end_header_id|>", "<|eot_id|>")
 
     def __init__(self, tokenizer: Tokenizer):
-        specials = getattr(tokenizer, "special_ids", {})
+        specials = tokenizer.special_ids
         missing = [t for t in self.CONTROL if t not in specials]
         if missing:
             raise ValueError(f"data.chat_template: 'llama3' needs Llama 3's control tokens, and "
@@ -201,8 +202,10 @@ class Llama2Template:
         return ids
 
 
-def build_chat_template(name: str, tokenizer: Tokenizer, tokenizer_kind: str) -> ChatTemplate:
-    """``name`` 'llama3', 'llama2' or 'auto' (Llama 3 for tiktoken, Llama 2 for sentencepiece)."""
+def build_chat_template(name: str, tokenizer: Tokenizer) -> ChatTemplate:
+    """``name`` 'llama3', 'llama2' or 'auto' (Llama 3's when the tokenizer has its header and
+    end-of-turn tokens, else Llama 2's)."""
     if name == "auto":
-        name = "llama3" if tokenizer_kind == "tiktoken" else "llama2"
+        name = "llama3" if all(t in tokenizer.special_ids for t in Llama3Template.CONTROL) \
+            else "llama2"
     return Llama3Template(tokenizer) if name == "llama3" else Llama2Template(tokenizer)

@@ -80,13 +80,12 @@ class Rendering:
         return f"{_CACHE_VERSION}:{self.data_format}:{self.template_name}:{self.train_on_prompt}"
 
 
-def tokenize_samples_to_cache(paths: list[str], rendering: Rendering, tokenizer_path: str,
-                              cache_dir: str = "", key: str = "data.paths",
-                              log: Callable[[str], None] = print) -> str:
+def tokenize_samples_to_cache(paths: list[str], rendering: Rendering, cache_dir: str = "",
+                              key: str = "data.paths", log: Callable[[str], None] = print) -> str:
     """Render and tokenize every record once; returns the cache folder (reused when it exists).
     A bad record raises ValueError naming the file, line and field; nothing is left behind."""
     files = corpus_files(paths, SUFFIXES, key)
-    cache = cache_path(files, tokenizer_path, rendering.settings(), cache_dir, ".sft")
+    cache = cache_path(files, rendering.template.tokenizer, rendering.settings(), cache_dir, ".sft")
     if os.path.isdir(cache):
         return cache
     os.makedirs(os.path.dirname(cache), exist_ok=True)

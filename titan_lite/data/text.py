@@ -63,13 +63,14 @@ def iter_documents(files: list[str], text_field: str) -> Iterator[tuple[str, int
                 yield text, done
 
 
-def cache_path(files: list[str], tokenizer_path: str, settings: str, cache_dir: str,
+def cache_path(files: list[str], tokenizer: Tokenizer, settings: str, cache_dir: str,
                suffix: str) -> str:
-    """Cache name keyed on the sources (path, size, mtime), the tokenizer's contents and the
-    ``settings`` that change what is cached."""
-    digest = hashlib.sha256(settings.encode())
-    with open(tokenizer_path, "rb") as fh:
-        digest.update(fh.read())
+    """Cache name keyed on the sources (path, size, mtime), the tokenizer (the contents of its
+    files, its bos/eos ids) and the ``settings`` that change what is cached."""
+    digest = hashlib.sha256(f"{settings}:{tokenizer.bos_id}:{tokenizer.eos_id}".encode())
+    for tokenizer_file in tokenizer.files:
+        with open(tokenizer_file, "rb") as fh:
+            digest.update(fh.read())
     for file in files:
         stat = os.stat(file)
         digest.update(f"{os.path.abspath(file)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
@@ -77,15 +78,15 @@ def cache_path(files: list[str], tokenizer_path: str, settings: str, cache_dir: 
     return os.path.join(folder, f"{os.path.basename(files[0])}.{digest.hexdigest()[:16]}{suffix}")
 
 
-def tokenize_to_cache(paths: list[str], tokenizer: Tokenizer, tokenizer_path: str,
-                      text_field: str = "text", cache_dir: str = "", log=print) -> str:
+def tokenize_to_cache(paths: list[str], tokenizer: Tokenizer, text_field: str = "text",
+                      cache_dir: str = "", log=print) -> str:
     """Tokenize the corpus once into a flat uint32 file: bos + document + eos, back to back.
 
     Returns the cache file's path; an existing cache for the same contents is reused. The file is
     written under a temporary name and renamed, so a crash never leaves a half-written cache.
     """
     files = corpus_files(paths)
-    cache = cache_path(files, tokenizer_path, text_field, cache_dir, ".tokens.u32")
+    cache = cache_path(files, tokenizer, text_field, cache_dir, ".tokens.u32")
     if os.path.exists(cache):
         return cache
     if tokenizer.vocab_size > np.iinfo(TOKEN_DTYPE).max:

@@ -43,7 +43,6 @@ from titan_lite.estimate.trace import (
 from titan_lite.metrics import gpu_peak_flops
 from titan_lite.finetune.nf4 import BYTES_PER_WEIGHT as NF4_BYTES_PER_WEIGHT
 from titan_lite.finetune.lora import block_linears
-from titan_lite.models.llama3 import FLAVORS
 from titan_lite.parallel.activation_checkpoint import checkpoint_every
 from titan_lite.build import BYTES_PER_PARAM, build_meta_model
 
@@ -75,6 +74,7 @@ class ModelStats:
     trainable: int
     weight_bytes: float  # all weights at their storage size (a frozen base: bf16 or NF4)
     flops_per_token: int
+    n_layers: int
 
 
 def method_of(cfg: JobConfig) -> str:
@@ -175,7 +175,7 @@ def step_seconds(cfg: JobConfig, num_gpus: int, gpu: str) -> float:
                      else t.global_batch_size // (t.local_batch_size * dims.dp))
     tokens = t.local_batch_size * t.seq_len * micro_batches  # this rank's data-parallel share
     peak = gpu_peak_flops(gpu, DTYPES[t.mixed_precision_param]) or 1e14
-    launches = micro_batches * FLAVORS[cfg.model.flavor].n_layers * LAUNCH_SECONDS_PER_LAYER
+    launches = micro_batches * stats.n_layers * LAUNCH_SECONDS_PER_LAYER
     compute = tokens * stats.flops_per_token * (1 + _recompute(cfg)) / (dims.tp * dims.pp) / (
         peak * ASSUMED_MFU) + launches
     split = dims.tp * dims.pp
@@ -303,17 +303,19 @@ def _divisors(n: int) -> list[int]:
 def model_stats(cfg: JobConfig) -> ModelStats:
     """Parameter counts, weight bytes and FLOPs per token of the job's model (and method)."""
     lora = cfg.lora
-    return _stats(cfg.model.flavor, cfg.tokenizer.kind, cfg.tokenizer.path, cfg.training.seq_len,
-                  (lora.enable, lora.rank, tuple(lora.target_modules), lora.base_dtype,
-                   lora.quantize_base))
+    return _stats(cfg.model.flavor, cfg.model.init_from, cfg.tokenizer.kind, cfg.tokenizer.path,
+                  cfg.training.seq_len, (lora.enable, lora.rank, tuple(lora.target_modules),
+                                         lora.base_dtype, lora.quantize_base))
 
 
 @functools.cache
-def _stats(flavor: str, kind: str, path: str, seq_len: int, lora: tuple) -> ModelStats:
+def _stats(flavor: str, init_from: str, kind: str, path: str, seq_len: int, lora: tuple
+           ) -> ModelStats:
     from titan_lite.config import load_config
 
     enable, rank, targets, base_dtype, quantize = lora
-    cfg = load_config(["--model.flavor", flavor, "--tokenizer.kind", kind, "--tokenizer.path",
+    cfg = load_config(["--model.flavor", flavor, "--model.init_from", init_from,
+                       "--tokenizer.kind", kind, "--tokenizer.path",
                        path, "--training.seq_len", str(seq_len), "--lora.enable", str(enable),
                        "--lora.rank", str(rank), "--lora.target_modules", ",".join(targets),
                        "--lora.base_dtype", base_dtype, "--lora.quantize_base", quantize])
@@ -323,4 +325,4 @@ def _stats(flavor: str, kind: str, path: str, seq_len: int, lora: tuple) -> Mode
                                     else p.element_size()) for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return ModelStats(model.num_params(), trainable, weight_bytes,
-                      model.flops_per_token(seq_len))
+                      model.flops_per_token(seq_len), model.args.n_layers)

@@ -33,7 +33,8 @@ from titan_lite.estimate.tracker import (
 )
 from titan_lite.finetune import host_parameters
 from titan_lite.loss import cross_entropy_sum
-from titan_lite.models.llama3 import FLAVORS, ModelArgs, Transformer
+from titan_lite.hf_config import job_model_args
+from titan_lite.models.llama3 import ModelArgs, Transformer
 from titan_lite.optim import build_optimizer
 from titan_lite.parallel.dims import ParallelDims, build_mesh, resolve_degrees
 from titan_lite.parallel.pp import Pipeline
@@ -76,14 +77,15 @@ class MemoryEstimate:
 
 
 def model_args(cfg: JobConfig) -> ModelArgs:
-    """The flavor with the tokenizer's vocab when its file is at hand, else the flavor's own."""
-    args = FLAVORS[cfg.model.flavor]
+    """The job's model as training builds it; without the tokenizer at hand, the vocabulary is
+    model.init_from's config.json's, else the flavor's own."""
+    tokenizer = None
     if os.path.exists(cfg.tokenizer.path):
         from titan_lite.tokenizer import build_tokenizer
 
-        args = args.with_vocab(build_tokenizer(cfg.tokenizer.kind, cfg.tokenizer.path)
-                               .vocab_size)
-    return replace(args, max_seq_len=cfg.training.seq_len)
+        tokenizer = build_tokenizer(cfg.tokenizer.kind, cfg.tokenizer.path)
+    return job_model_args(cfg.model.flavor, cfg.model.init_from, cfg.training.seq_len,
+                          tokenizer)
 
 
 def job_dims(cfg: JobConfig, num_gpus: int) -> ParallelDims:

@@ -1,4 +1,6 @@
-"""Llama 3 model hyper-parameters and the published flavors."""
+"""Llama model hyper-parameters and the published flavors (Llama 3.x, and Llama 2, which is the
+same architecture with multi-head attention for 7B/13B, RoPE theta 10,000 and a 32,000-token
+sentencepiece vocabulary)."""
 
 from __future__ import annotations
 
@@ -65,7 +67,7 @@ class ModelArgs:
 _LLAMA31_SCALING = RopeScaling(factor=8.0)
 _LLAMA32_SCALING = RopeScaling(factor=32.0)
 
-# Published dimensions: Llama 3.2 (1B, 3B), Llama 3.1 (8B, 70B, 405B).
+# Published dimensions: Llama 3.2 (1B, 3B), Llama 3.1 (8B, 70B, 405B), Llama 2 (7B, 13B, 70B).
 # debugmodel and small are for development; their vocab comes from the tokenizer at build time.
 FLAVORS: dict[str, ModelArgs] = {
     "debugmodel": ModelArgs(dim=256, n_layers=6, n_heads=16, vocab_size=2256, max_seq_len=2048),
@@ -83,4 +85,11 @@ FLAVORS: dict[str, ModelArgs] = {
                      multiple_of=4096, rope_scaling=_LLAMA31_SCALING, max_seq_len=131072),
     "405B": ModelArgs(dim=16384, n_layers=126, n_heads=128, n_kv_heads=8, ffn_dim_multiplier=1.2,
                       multiple_of=4096, rope_scaling=_LLAMA31_SCALING, max_seq_len=131072),
+    "llama2_7B": ModelArgs(dim=4096, n_layers=32, n_heads=32, vocab_size=32000,
+                           rope_theta=10000.0, max_seq_len=4096),
+    "llama2_13B": ModelArgs(dim=5120, n_layers=40, n_heads=40, vocab_size=32000,
+                            rope_theta=10000.0, max_seq_len=4096),
+    "llama2_70B": ModelArgs(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, vocab_size=32000,
+                            ffn_dim_multiplier=1.3, multiple_of=4096, rope_theta=10000.0,
+                            max_seq_len=4096),
 }

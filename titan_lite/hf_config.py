@@ -1,0 +1,172 @@
+"""A job's architecture: a named flavor, or (``model.flavor = "auto"``) a Hugging Face Llama
+folder's config.json, read exactly or refused with the field it cannot represent; and the
+check that the tokenizer agrees with that config.json (vocab size, bos/eos/pad ids)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import replace
+
+from titan_lite.models.llama3 import FLAVORS, ModelArgs, RopeScaling
+from titan_lite.tokenizer import Tokenizer
+
+AUTO_FLAVOR = "auto"
+# Keys whose presence means weights or layers this model does not have.
+_UNSUPPORTED_TRUE = {
+    "attention_bias": "biases on q/k/v/o (this Llama has none)",
+    "mlp_bias": "biases in the MLP (this Llama has none)",
+    "qk_norm": "norms on q and k",
+}
+
+
+def read_config_json(folder: str) -> dict:
+    """``folder``/config.json as a dict (ValueError naming the file when absent or broken)."""
+    path = os.path.join(folder, "config.json")
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except FileNotFoundError:
+        raise ValueError(f"{path} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: not JSON ({e.msg})") from None
+
+
+def args_from_hf_config(folder: str) -> ModelArgs:
+    """ModelArgs of the Llama checkpoint in ``folder`` (its config.json); ValueError naming the
+    file and field for anything this model cannot represent exactly."""
+    config = read_config_json(folder)
+    path = os.path.join(folder, "config.json")
+    _refuse_unsupported(config, path)
+    try:
+        args = _args_from(config)
+    except KeyError as e:
+        raise ValueError(f"{path}: no {e.args[0]!r}; is it a Llama model?") from None
+    head_dim = config.get("head_dim") or args.head_dim
+    if head_dim != args.head_dim:
+        raise ValueError(f"{path}: head_dim {head_dim} is not hidden_size / num_attention_heads "
+                         f"({args.head_dim}), which this model assumes")
+    try:
+        args.validate()
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    return args
+
+
+def _refuse_unsupported(config: dict, path: str) -> None:
+    """One line for the first thing in ``config`` that is not the Llama architecture."""
+    if config.get("sliding_window"):
+        raise ValueError(f"{path}: sliding_window {config['sliding_window']}: this model "
+                         "attends over the whole context (no sliding-window attention)")
+    for key, what in _UNSUPPORTED_TRUE.items():
+        if config.get(key):
+            raise ValueError(f"{path}: {key} {config[key]}: {what}")
+    if config.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{path}: hidden_act {config['hidden_act']!r}: this model's MLP is "
+                         "SwiGLU ('silu')")
+    if config.get("quantization_config"):
+        raise ValueError(f"{path}: quantization_config: a pre-quantised checkpoint; give the "
+                         "unquantised weights (lora.quantize_base quantises them itself)")
+    rope_type = _rope(config).get("rope_type", _rope(config).get("type", "default"))
+    if rope_type not in ("default", "llama3"):
+        raise ValueError(f"{path}: rope_scaling type {rope_type!r}: only Llama 3.1's 'llama3' "
+                         "scaling (or none) is supported")
+    if config.get("model_type", "llama") != "llama":
+        raise ValueError(f"{path}: model_type {config['model_type']!r}: only Llama "
+                         "('llama') checkpoints are supported")
+    architectures = config.get("architectures") or ["LlamaForCausalLM"]
+    if "LlamaForCausalLM" not in architectures:
+        raise ValueError(f"{path}: architectures {architectures}: only LlamaForCausalLM "
+                         "(a language-model head) is supported")
+
+
+def _rope(config: dict) -> dict:
+    """RoPE settings: transformers >= 5 writes rope_parameters, older versions rope_scaling."""
+    return config.get("rope_parameters") or config.get("rope_scaling") or {}
+
+
+def _args_from(config: dict) -> ModelArgs:
+    rope = _rope(config)
+    theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
+    scaling = None
+    if rope.get("rope_type", rope.get("type")) == "llama3":
+        scaling = RopeScaling(
+            factor=rope["factor"], low_freq_factor=rope["low_freq_factor"],
+            high_freq_factor=rope["high_freq_factor"],
+            original_max_position_embeddings=rope["original_max_position_embeddings"])
+    return ModelArgs(
+        dim=config["hidden_size"], n_layers=config["num_hidden_layers"],
+        n_heads=config["num_attention_heads"],
+        n_kv_heads=config.get("num_key_value_heads") or config["num_attention_heads"],
+        vocab_size=config["vocab_size"], ffn_hidden_size=config["intermediate_size"],
+        norm_eps=config.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
+        rope_scaling=scaling, max_seq_len=config.get("max_position_embeddings", 2048),
+        tie_word_embeddings=config.get("tie_word_embeddings", False))
+
+
+def architecture_mismatches(expected: ModelArgs, found: ModelArgs) -> list[str]:
+    """The fields (other than the context length) in which two architectures differ."""
+    fields = {"dim": "dim", "n_layers": "n_layers", "n_heads": "n_heads",
+              "kv_heads": "n_kv_heads", "ffn_hidden_dim": "FFN width", "vocab_size": "vocab_size",
+              "norm_eps": "norm_eps", "rope_theta": "rope_theta",
+              "rope_scaling": "rope_scaling", "tie_word_embeddings": "tie_word_embeddings"}
+    return [f"{label} {getattr(found, name)} (expected {getattr(expected, name)})"
+            for name, label in fields.items() if getattr(found, name) != getattr(expected, name)]
+
+
+def has_config_json(folder: str) -> bool:
+    return bool(folder) and os.path.isfile(os.path.join(folder, "config.json"))
+
+
+def flavor_args(flavor: str, init_from: str) -> ModelArgs:
+    """The architecture ``model.flavor`` names: a published one, or (``auto``) the one in
+    ``model.init_from``'s config.json. ValueError naming the key or file when it cannot."""
+    if flavor != AUTO_FLAVOR:
+        return FLAVORS[flavor]
+    if not init_from:
+        raise ValueError("model.flavor: 'auto' takes the architecture from model.init_from's "
+                         "config.json; set model.init_from (or name a flavor)")
+    if not has_config_json(init_from):
+        raise ValueError(f"model.flavor: 'auto' needs {init_from}/config.json (a Hugging Face "
+                         "folder or a `python -m titan_lite.hf import` checkpoint); name the "
+                         "flavor for a training checkpoint")
+    return args_from_hf_config(init_from)
+
+
+def job_model_args(flavor: str, init_from: str, seq_len: int,
+                   tokenizer: Tokenizer | None) -> ModelArgs:
+    """The model a job builds: ``flavor_args``, trained on ``seq_len`` tokens. When
+    ``init_from`` has a config.json, its architecture must be the flavor's and the vocabulary
+    is its own (it may pad the tokenizer's; ``check_tokenizer``); else the tokenizer's (None:
+    the flavor's own, for the estimator without the tokenizer at hand)."""
+    args = flavor_args(flavor, init_from)
+    if has_config_json(init_from):
+        found = args_from_hf_config(init_from)
+        mismatches = architecture_mismatches(args.with_vocab(found.vocab_size), found)
+        if mismatches:
+            raise ValueError(f"model.init_from: {init_from} is not this model: "
+                             f"{'; '.join(mismatches)}")
+        if tokenizer is not None:
+            check_tokenizer(tokenizer, read_config_json(init_from),
+                            os.path.join(init_from, "config.json"))
+        args = found
+    elif tokenizer is not None:
+        args = args.with_vocab(tokenizer.vocab_size)
+    return replace(args, max_seq_len=seq_len)
+
+
+def check_tokenizer(tokenizer: Tokenizer, config: dict, path: str) -> None:
+    """The tokenizer must fit the checkpoint: no more tokens than its vocab_size (a padded
+    vocabulary may have more rows), and its bos/eos/pad ids where config.json names them."""
+    source = tokenizer.files[0]
+    vocab = config.get("vocab_size")
+    if vocab is not None and tokenizer.vocab_size > vocab:
+        raise ValueError(f"{path}: vocab_size {vocab} is smaller than the tokenizer's "
+                         f"{tokenizer.vocab_size} tokens ({source}): not this model's tokenizer")
+    for key, mine in (("bos_token_id", tokenizer.bos_id), ("eos_token_id", tokenizer.eos_id),
+                      ("pad_token_id", tokenizer.pad_id)):
+        theirs = config.get(key)
+        allowed = theirs if isinstance(theirs, list) else [theirs]
+        if theirs is not None and mine is not None and mine not in allowed:
+            raise ValueError(f"{path}: {key} {theirs} but the tokenizer ({source}) has "
+                             f"{mine}: not this model's tokenizer")
