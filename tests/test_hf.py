@@ -205,7 +205,8 @@ def test_cli_import_of_a_folder_that_is_not_a_llama_exits_2(tmp_path):
                              str(tmp_path), "--out", str(tmp_path / "out")], cwd=REPO,
                             env=python_env(), capture_output=True, text=True, timeout=60)
     assert result.returncode == 2, result.stderr
-    assert f"error: cannot import {tmp_path}: {tmp_path}/config.json: no 'hidden_size'" in result.stderr
+    assert (f"error: cannot import {tmp_path}: {tmp_path}/config.json: no 'hidden_size'"
+            in result.stderr)
     assert not (tmp_path / "out").exists()
 
 

@@ -1,7 +1,14 @@
+import json
+
 import pytest
 from conftest import SPM_PATH, TIKTOKEN_PATH
 
-from titan_lite.tokenizer import build_tokenizer, llama3_special_tokens, read_bpe_ranks
+from titan_lite.tokenizer import (
+    LLAMA3_PATTERN,
+    build_tokenizer,
+    llama3_special_tokens,
+    read_bpe_ranks,
+)
 
 TEXT = "In the beginning God created the heaven and the earth.\n  Ünïcode: 🙂, 1234567!"
 
@@ -58,3 +65,135 @@ def test_shipped_test_tokenizers_rebuild_byte_identically(tmp_path):
                    env=python_env(), check=True, capture_output=True, timeout=300)
     for name, shipped in (("test_tiktoken.model", TIKTOKEN_PATH), ("test_spm.model", SPM_PATH)):
         assert (tmp_path / name).read_bytes() == open(shipped, "rb").read(), name
+
+
+# --- tokenizers given as a Hugging Face tokenizer.json, or found in a model folder ----------
+
+# Scripts, accents, emoji, digits, tabs and CRLF: what a byte-level BPE must map byte-exactly.
+MULTILINGUAL = ("In the beginning God created the heaven and the earth.\n  Ünïcode: 🙂, 1234567!"
+                " Grüße aus Köln; 東京は晴れ; Привет, мир; नमस्ते; مرحبا; it's\t\ttabs\r\nand "
+                "   spaces   ")
+
+
+def tiktoken_json(path) -> str:
+    """The shipped tiktoken test tokenizer written out as transformers writes Llama 3's."""
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    TikTokenConverter(vocab_file=TIKTOKEN_PATH, pattern=LLAMA3_PATTERN,
+                      extra_special_tokens=llama3_special_tokens()).converted().save(str(path))
+    return str(path)
+
+
+def sentencepiece_json(path, spm_path: str = SPM_PATH) -> str:
+    """A sentencepiece model written out as Hugging Face's Llama 2 tokenizer.json: its pieces,
+    every split of a piece into two pieces as a merge (ordered by the piece's score, as
+    transformers' converter does), byte fallback and the Metaspace pre-tokenizer."""
+    import sentencepiece
+    from tokenizers import AddedToken
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=spm_path)
+    vocab = {sp.id_to_piece(i): i for i in range(sp.vocab_size())}
+    normal = {p for p, i in vocab.items()
+              if not (sp.is_unknown(i) or sp.is_control(i) or sp.is_byte(i))}
+    merges = sorted(((-sp.get_score(vocab[p]), vocab[p[:k]], vocab[p[k:]]), (p[:k], p[k:]))
+                    for p in normal for k in range(1, len(p))
+                    if p[:k] in normal and p[k:] in normal)
+    hf = HFTokenizer(models.BPE(vocab, [m for _, m in merges], unk_token="<unk>",
+                                byte_fallback=True, fuse_unk=True))
+    hf.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first",
+                                                split=False)
+    hf.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                    decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    hf.add_special_tokens([AddedToken(sp.id_to_piece(i), special=True, normalized=False)
+                           for i in range(sp.vocab_size()) if sp.is_control(i)
+                           or sp.is_unknown(i)])
+    hf.save(str(path))
+    return str(path)
+
+
+def trained_byte_level_json(path) -> str:
+    """A GPT-2-style byte-level BPE trained here on the KJV sample plus multilingual text."""
+    from conftest import CORPUS
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    texts = [json.loads(line)["text"] for line in open(CORPUS)][:40] + [MULTILINGUAL] * 20
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    hf.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=1500, special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    hf.save(str(path))
+    return str(path)
+
+
+def hf_ids(json_path: str, text: str) -> list[int]:
+    from tokenizers import Tokenizer as HFTokenizer
+
+    return HFTokenizer.from_file(json_path).encode(text, add_special_tokens=False).ids
+
+
+def held_out_texts() -> list[str]:
+    from conftest import CORPUS
+
+    return [MULTILINGUAL] + [json.loads(line)["text"] for line in open(CORPUS)][40:140]
+
+
+@pytest.mark.parametrize("make, engine", [(tiktoken_json, "tiktoken"),
+                                          (sentencepiece_json, "sentencepiece"),
+                                          (trained_byte_level_json, None)])
+def test_tokenizer_json_gives_the_tokenizers_librarys_ids(tmp_path, make, engine):
+    """Ids equal to the `tokenizers` library's reading of the same file (and, for the shipped
+    tokenizers, to their own engine's) on multilingual and held-out text; decode round trips."""
+    path = make(tmp_path / "tokenizer.json")
+    tok = build_tokenizer("auto", path)
+    own = None if engine is None else build_tokenizer(engine, {"tiktoken": TIKTOKEN_PATH,
+                                                             "sentencepiece": SPM_PATH}[engine])
+    for text in held_out_texts():
+        ids = tok.encode(text, bos=False)
+        assert ids == hf_ids(path, text), text[:60]
+        assert own is None or ids == own.encode(text, bos=False), text[:60]
+        assert tok.decode(ids) == text
+    if own is not None:
+        assert (tok.vocab_size, tok.bos_id, tok.eos_id) == (own.vocab_size, own.bos_id,
+                                                            own.eos_id)
+
+
+def test_a_folder_is_searched_in_order_and_its_tokenizer_config_names_eos(tmp_path):
+    """original/tokenizer.model, tokenizer.model, tokenizer.json; the kind from the contents."""
+    import shutil
+
+    shutil.copy(SPM_PATH, tmp_path / "tokenizer.model")
+    sentencepiece_json(tmp_path / "tokenizer.json")
+    tok = build_tokenizer("auto", str(tmp_path))
+    assert tok.files == [str(tmp_path / "tokenizer.model")] and tok.vocab_size == 2000
+    assert build_tokenizer("huggingface", str(tmp_path)).files[0].endswith("tokenizer.json")
+    (tmp_path / "original").mkdir()
+    shutil.copy(TIKTOKEN_PATH, tmp_path / "original" / "tokenizer.model")
+    llama3 = build_tokenizer("auto", str(tmp_path))
+    assert llama3.vocab_size == 2256 and llama3.eos_id == llama3.special_ids["<|end_of_text|>"]
+    assert build_tokenizer("sentencepiece", str(tmp_path)).vocab_size == 2000
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": {"content": "<|begin_of_text|>"}, "eos_token": "<|eot_id|>"}))
+    instruct = build_tokenizer("tiktoken", str(tmp_path))
+    assert instruct.eos_id == instruct.special_ids["<|eot_id|>"]  # as an instruct model's
+    assert instruct.files[-1].endswith("tokenizer_config.json")  # token caches key on it
+
+
+def test_a_folder_without_a_tokenizer_and_unsupported_files_are_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"has no tokenizer \(looked for original/tokenizer"
+                                         r".model, tokenizer.model, tokenizer.json\)"):
+        build_tokenizer("auto", str(tmp_path))
+    spec = json.loads(open(tiktoken_json(tmp_path / "t.json")).read())
+    wordpiece = {**spec, "model": {"type": "WordPiece", "vocab": {}}}
+    (tmp_path / "wp.json").write_text(json.dumps(wordpiece))
+    with pytest.raises(ValueError, match=r"wp.json: model.type 'WordPiece': only BPE"):
+        build_tokenizer("auto", str(tmp_path / "wp.json"))
+    spec["model"]["merges"] = spec["model"]["merges"][::-1]
+    (tmp_path / "reordered.json").write_text(json.dumps(spec))
+    with pytest.raises(ValueError, match=r"reordered.json: model.merges\[1\] .* not in the "
+                                         r"order of their tokens' ids"):
+        build_tokenizer("auto", str(tmp_path / "reordered.json"))

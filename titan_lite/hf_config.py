@@ -67,10 +67,12 @@ def _refuse_unsupported(config: dict, path: str) -> None:
     if config.get("quantization_config"):
         raise ValueError(f"{path}: quantization_config: a pre-quantised checkpoint; give the "
                          "unquantised weights (lora.quantize_base quantises them itself)")
-    rope_type = _rope(config).get("rope_type", _rope(config).get("type", "default"))
-    if rope_type not in ("default", "llama3"):
-        raise ValueError(f"{path}: rope_scaling type {rope_type!r}: only Llama 3.1's 'llama3' "
-                         "scaling (or none) is supported")
+    for key in ("rope_parameters", "rope_scaling"):
+        rope = config.get(key) or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "llama3"):
+            raise ValueError(f"{path}: {key} type {rope_type!r}: only Llama 3.1's 'llama3' "
+                             "scaling (or none) is supported")
     if config.get("model_type", "llama") != "llama":
         raise ValueError(f"{path}: model_type {config['model_type']!r}: only Llama "
                          "('llama') checkpoints are supported")

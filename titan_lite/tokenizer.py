@@ -22,10 +22,10 @@ NUM_RESERVED_SPECIAL_TOKENS = 256
 # tiktoken's Rust core recurses per regex match; Meta splits inputs to stay far from its limits.
 _MAX_ENCODE_CHARS = 400_000
 KINDS = ("auto", "tiktoken", "sentencepiece", "huggingface")
-# Where a model folder keeps each kind, in the order they are preferred: the engines' own
-# files first (exact by construction), then tokenizer.json.
-_FOLDER_FILES = (("original/tokenizer.model", "tiktoken"), ("tokenizer.model", "auto"),
-                 ("tokenizer.json", "huggingface"))
+# Where a model folder keeps its tokenizer, in the order they are preferred: the engines' own
+# files first (exact by construction; Meta's Llama 3 tiktoken file sits in original/), then
+# tokenizer.json.
+_FOLDER_FILES = ("original/tokenizer.model", "tokenizer.model", "tokenizer.json")
 _BOS_NAMES = ("<|begin_of_text|>", "<s>", "<|endoftext|>")
 _EOS_NAMES = ("<|end_of_text|>", "</s>", "<|endoftext|>")
 
@@ -154,15 +154,13 @@ def find_tokenizer(kind: str, path: str) -> tuple[str, str]:
     original/tokenizer.model, tokenizer.model and tokenizer.json (in that order) of ``kind``
     ('auto': any); 'auto' on a file tells the kinds apart by their contents."""
     if os.path.isdir(path):
-        for name, file_kind in _FOLDER_FILES:
+        for name in _FOLDER_FILES:
             file = os.path.join(path, name)
-            if os.path.isfile(file):
-                found = _sniff(file) if file_kind == "auto" else file_kind
-                if kind in ("auto", found):
-                    return found, file
+            if os.path.isfile(file) and kind in ("auto", _sniff(file)):
+                return _sniff(file), file
         wanted = "" if kind == "auto" else f" of kind {kind!r}"
         raise ValueError(f"tokenizer.path: {path} has no tokenizer{wanted} (looked for "
-                         f"{', '.join(name for name, _ in _FOLDER_FILES)})")
+                         f"{', '.join(_FOLDER_FILES)})")
     return (_sniff(path) if kind == "auto" else kind), path
 
 

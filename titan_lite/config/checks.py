@@ -10,12 +10,13 @@ import sys
 from titan_lite.config.loader import ConfigError, help_text, load_config
 from titan_lite.config.schema import JobConfig
 from titan_lite.finetune.nf4 import INSTALL_HINT, nf4_available, nf4_problems
-from titan_lite.hf_config import flavor_args
+from titan_lite.hf_config import job_model_args
 from titan_lite.models.llama3 import ModelArgs
 from titan_lite.parallel.activation_checkpoint import checkpoint_every
 from titan_lite.parallel.dims import ParallelDims, resolve_degrees
 from titan_lite.parallel.pp import pp_problems
 from titan_lite.parallel.tp import tp_problems
+from titan_lite.tokenizer import find_tokenizer
 
 
 def check_job(cfg: JobConfig, world_size: int, training_here: bool = True) -> list[str]:
@@ -74,10 +75,12 @@ def check_job(cfg: JobConfig, world_size: int, training_here: bool = True) -> li
 
 
 def _architecture(cfg: JobConfig) -> tuple[ModelArgs | None, list[str]]:
-    """The architecture of model.flavor (``auto``: model.init_from's config.json), or None and
-    why it cannot be had (the config.json's file and field)."""
+    """The job's architecture (model.flavor's, or model.init_from's config.json's), or None and
+    why it cannot be had: the config.json's file and field, or how it differs from the flavor.
+    (The tokenizer is checked against it when training loads both.)"""
     try:
-        return flavor_args(cfg.model.flavor, cfg.model.init_from), []
+        return job_model_args(cfg.model.flavor, cfg.model.init_from, cfg.training.seq_len,
+                              tokenizer=None), []
     except ValueError as e:
         message = str(e)
         return None, [message if message.startswith("model.") else
@@ -173,6 +176,11 @@ def _local_problems(cfg: JobConfig) -> list[str]:
             for marker in ("config.json", ".metadata")):
         problems.append(f"model.init_from: {cfg.model.init_from!r} is neither a Hugging Face "
                         "folder (config.json) nor a titan_lite checkpoint (.metadata)")
+    if os.path.exists(cfg.tokenizer.path):
+        try:
+            find_tokenizer(cfg.tokenizer.kind, cfg.tokenizer.path)
+        except ValueError as e:
+            problems.append(str(e))
     for key, path in [("tokenizer.path", cfg.tokenizer.path)] + [
             ("data.paths", p) for p in cfg.data.paths] + [
             ("validation.paths", p) for p in cfg.validation.paths]:
