@@ -137,7 +137,7 @@ def config_error(monkeypatch, capsys, argv: list[str]) -> str:
 
 
 @pytest.mark.parametrize("edit, expected", [
-    ({"attention_bias": True}, r"config.json: attention_bias True: biases on q/k/v/o"),
+    ({"attention_bias": True}, r"config.json: attention_bias true: biases on q/k/v/o"),
     ({"model_type": "mistral", "sliding_window": 4096},
      r"config.json: sliding_window 4096: this model attends over the whole context"),
     ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}},

@@ -3,6 +3,7 @@ import json
 import pytest
 from conftest import SPM_PATH, TIKTOKEN_PATH
 
+from titan_lite.data.chat import build_chat_template
 from titan_lite.tokenizer import (
     LLAMA3_PATTERN,
     build_tokenizer,
@@ -157,9 +158,10 @@ def test_tokenizer_json_gives_the_tokenizers_librarys_ids(tmp_path, make, engine
         assert ids == hf_ids(path, text), text[:60]
         assert own is None or ids == own.encode(text, bos=False), text[:60]
         assert tok.decode(ids) == text
-    if own is not None:
+    if own is not None:  # same ids, specials and therefore chat template as its own engine
         assert (tok.vocab_size, tok.bos_id, tok.eos_id) == (own.vocab_size, own.bos_id,
                                                             own.eos_id)
+        assert type(build_chat_template("auto", tok)) is type(build_chat_template("auto", own))
 
 
 def test_a_folder_is_searched_in_order_and_its_tokenizer_config_names_eos(tmp_path):

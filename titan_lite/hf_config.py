@@ -60,7 +60,7 @@ def _refuse_unsupported(config: dict, path: str) -> None:
                          "attends over the whole context (no sliding-window attention)")
     for key, what in _UNSUPPORTED_TRUE.items():
         if config.get(key):
-            raise ValueError(f"{path}: {key} {config[key]}: {what}")
+            raise ValueError(f"{path}: {key} {json.dumps(config[key])}: {what}")
     if config.get("hidden_act", "silu") != "silu":
         raise ValueError(f"{path}: hidden_act {config['hidden_act']!r}: this model's MLP is "
                          "SwiGLU ('silu')")
