@@ -156,6 +156,7 @@ def test_bad_data_through_run_train_exits_2_on_every_rank_with_one_line(tmp_path
     assert not [n for n in os.listdir(tmp_path) if ".tmp" in n]  # no half-written cache
 
 
+@pytest.mark.timeout(600)  # as its training subprocess: ~150 s, but this machine varies 2x
 def test_shipped_example_learns_and_answers_from_its_checkpoint(tmp_path):
     """train_configs/debug_sft.toml, shortened to 100 steps (the full 400 take ~4 minutes):
     validation loss falls, the held-out yes/no questions get right answers (the first-word

@@ -120,10 +120,10 @@ def _lora_problems(cfg: JobConfig, dims: ParallelDims | None, args: ModelArgs) -
     if not lora.target_modules:
         problems.append("lora.target_modules: empty; name at least one linear")
     if "output" in lora.target_modules and args.tie_word_embeddings:
-        problems.append(f"lora.target_modules: model {cfg.model.flavor} ties the output to "
+        problems.append(f"lora.target_modules: model {cfg.model.flavor!r} ties the output to "
                         "the embedding, so 'output' cannot get its own adapter")
     if lora.embedding_on_host and args.tie_word_embeddings:
-        problems.append(f"lora.embedding_on_host: model {cfg.model.flavor} ties the output "
+        problems.append(f"lora.embedding_on_host: model {cfg.model.flavor!r} ties the output "
                         "to the embedding; its table must be on the device for the output "
                         "projection")
     for degree, name in ((dims.tp if dims else 1, "tensor_parallel_degree"),
