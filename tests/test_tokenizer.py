@@ -162,6 +162,9 @@ def test_tokenizer_json_gives_the_tokenizers_librarys_ids(tmp_path, make, engine
         assert (tok.vocab_size, tok.bos_id, tok.eos_id) == (own.vocab_size, own.bos_id,
                                                             own.eos_id)
         assert type(build_chat_template("auto", tok)) is type(build_chat_template("auto", own))
+        # A leading space: sentencepiece (Llama 2's own) always adds its dummy prefix, which
+        # transformers' Metaspace skips there; this reader follows the original.
+        assert tok.encode(" leading", bos=False) == own.encode(" leading", bos=False)
 
 
 def test_a_folder_is_searched_in_order_and_its_tokenizer_config_names_eos(tmp_path):
