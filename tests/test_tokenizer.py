@@ -202,3 +202,20 @@ def test_a_folder_without_a_tokenizer_and_unsupported_files_are_refused(tmp_path
     with pytest.raises(ValueError, match=r"reordered.json: model.merges\[1\] .* not in the "
                                          r"order of their tokens' ids"):
         build_tokenizer("auto", str(tmp_path / "reordered.json"))
+
+
+def test_bos_and_eos_under_other_names_come_from_tokenizer_config(tmp_path):
+    """A tokenizer.json whose control tokens have names the reader does not guess is refused
+    until a tokenizer_config.json beside it names them."""
+    spec = json.loads(open(trained_byte_level_json(tmp_path / "t.json")).read())
+    for token in spec["added_tokens"]:
+        token["content"] = "<|fim|>"
+    spec["model"]["vocab"]["<|fim|>"] = spec["model"]["vocab"].pop("<|endoftext|>")
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(ValueError, match=r"tokenizer.json: no bos/eos token .*name them "
+                                         r"\(bos_token, eos_token\) in a tokenizer_config.json"):
+        build_tokenizer("auto", str(tmp_path))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<|fim|>", "eos_token": "<|fim|>", "pad_token": None}))
+    tok = build_tokenizer("auto", str(tmp_path))
+    assert tok.bos_id == tok.eos_id == spec["model"]["vocab"]["<|fim|>"]

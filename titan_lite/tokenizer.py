@@ -79,14 +79,16 @@ class TikTokenizer:
     Hugging Face byte-level tokenizer.json (``read_hf_tokenizer``)."""
 
     def __init__(self, name: str, ranks: dict[bytes, int], specials: dict[str, int],
-                 pattern: str, bos: str, eos: str, files: list[str]):
+                 pattern: str, bos: str | None, eos: str | None, files: list[str]):
         import tiktoken
 
         self.encoding = tiktoken.Encoding(name=name, pat_str=pattern, mergeable_ranks=ranks,
                                           special_tokens=specials)
         self.vocab_size = self.encoding.n_vocab
         self.special_ids = specials
-        self.bos_id, self.eos_id, self.pad_id = specials[bos], specials[eos], None
+        # None until a tokenizer_config.json names them (checked in build_tokenizer)
+        self.bos_id, self.eos_id = specials.get(bos), specials.get(eos)
+        self.pad_id = None
         self.files = files
 
     @classmethod
@@ -127,14 +129,13 @@ class SentencePieceTokenizer:
         self.model = (sentencepiece.SentencePieceProcessor(model_file=path) if model_proto is None
                       else sentencepiece.SentencePieceProcessor(model_proto=model_proto))
         self.vocab_size = self.model.vocab_size()
-        self.bos_id = self.model.bos_id()
-        self.eos_id = self.model.eos_id()
-        self.pad_id = self.model.pad_id() if self.model.pad_id() >= 0 else None
+        # sentencepiece says -1 for a missing piece; None until tokenizer_config.json names one
+        self.bos_id, self.eos_id, self.pad_id = (
+            i if i >= 0 else None for i in (self.model.bos_id(), self.model.eos_id(),
+                                            self.model.pad_id()))
         self.special_ids = {self.model.id_to_piece(i): i for i in range(self.vocab_size)
                             if self.model.is_control(i)}
         self.files = files or [path]
-        if self.bos_id < 0 or self.eos_id < 0:
-            raise ValueError(f"{path}: sentencepiece model has no bos/eos pieces")
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         ids = self.model.encode(text)
@@ -188,6 +189,10 @@ def build_tokenizer(kind: str, path: str) -> Tokenizer:
         tokenizer = read_hf_tokenizer(file)
     folder = path if os.path.isdir(path) else os.path.dirname(file)
     apply_tokenizer_config(tokenizer, os.path.join(folder, "tokenizer_config.json"))
+    if tokenizer.bos_id is None or tokenizer.eos_id is None:
+        raise ValueError(f"{file}: no bos/eos token (looked for {', '.join(_BOS_NAMES)} / "
+                         f"{', '.join(_EOS_NAMES)}); name them (bos_token, eos_token) in a "
+                         "tokenizer_config.json beside it")
     return tokenizer
 
 
@@ -245,17 +250,13 @@ def read_hf_tokenizer(path: str) -> Tokenizer:
         raise ValueError(f"{path}: model.vocab has tokens outside the byte-level alphabet; "
                          "not a byte-level BPE") from None
     _check_merge_order(path, model["vocab"], merges)
-    bos = _first_present(path, added, _BOS_NAMES, "bos")
-    eos = _first_present(path, added, _EOS_NAMES, "eos")
-    return TikTokenizer(path, ranks, added, pattern, bos, eos, [path])
+    return TikTokenizer(path, ranks, added, pattern, _first_present(added, _BOS_NAMES),
+                        _first_present(added, _EOS_NAMES), [path])
 
 
-def _first_present(path: str, added: dict[str, int], names: tuple[str, ...], what: str) -> str:
-    for name in names:
-        if name in added:
-            return name
-    raise ValueError(f"{path}: added_tokens has no {what} token (looked for {', '.join(names)}"
-                     "); name it in tokenizer_config.json beside it")
+def _first_present(added: dict[str, int], names: tuple[str, ...]) -> str | None:
+    """The first of the usual names of a control token that the tokenizer has."""
+    return next((name for name in names if name in added), None)
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -352,7 +353,7 @@ def _sentencepiece_proto(path: str, model: dict, added: dict[str, int],
                                + _proto_varint(3, kind))
     if unk is None or unk not in vocab:
         raise ValueError(f"{path}: model.unk_token: sentencepiece needs an unknown token")
-    names = {name: next((n for n in names if n in added), "") for name, names in
+    names = {name: _first_present(added, names) or "" for name, names in
              (("bos", _BOS_NAMES), ("eos", _EOS_NAMES))}
     trainer = (_proto_varint(3, 2) + _proto_varint(4, len(by_id))  # BPE, vocab size
                + _proto_varint(35, int(bool(model.get("byte_fallback"))))
