@@ -45,9 +45,11 @@ def overflow_at(step: int, rank: int | None = None):
     return forward_backward
 
 
-def test_float16_reports_and_clips_the_unscaled_gradients(repo_cwd, tmp_path):
-    fp32 = run(tmp_path / "fp32", "--training.steps", "2")
-    fp16 = run(tmp_path / "fp16", "--training.steps", "2", *FP16)
+@pytest.mark.parametrize("method", [[], ["--lora.enable", "true"]], ids=["full", "lora"])
+def test_float16_reports_and_clips_the_unscaled_gradients(repo_cwd, tmp_path, method):
+    """Full training, and LoRA (a bfloat16 frozen base computed in float16 by autocast)."""
+    fp32 = run(tmp_path / "fp32", "--training.steps", "2", *method)
+    fp16 = run(tmp_path / "fp16", "--training.steps", "2", *FP16, *method)
     torch.testing.assert_close(fp16.losses, fp32.losses, rtol=0, atol=2e-2)
     assert fp16.skipped_steps == [] and fp16.loss_scale == 2.0**16
     norms = {}
