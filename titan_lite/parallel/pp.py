@@ -15,13 +15,6 @@ from typing import TYPE_CHECKING
 import torch
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.pipelining import PipelineStage
-from torch.distributed.pipelining.schedules import (
-    PipelineScheduleMulti,
-    Schedule1F1B,
-    ScheduleGPipe,
-    ScheduleInterleaved1F1B,
-)
 
 from titan_lite.loss import cross_entropy_sum
 from titan_lite.models.llama3 import ModelArgs, Transformer
@@ -31,8 +24,8 @@ if TYPE_CHECKING:  # titan_lite.config's checks import this module
     from titan_lite.data import Batch
     from titan_lite.parallel.dims import ParallelDims
 
-SCHEDULES: dict[str, type] = {"GPipe": ScheduleGPipe, "1F1B": Schedule1F1B,
-                              "Interleaved1F1B": ScheduleInterleaved1F1B}
+SCHEDULES = {"GPipe": "ScheduleGPipe", "1F1B": "Schedule1F1B",
+             "Interleaved1F1B": "ScheduleInterleaved1F1B"}  # torch.distributed.pipelining's
 MULTI_STAGE = {"Interleaved1F1B"}  # schedules that run several stages per rank
 
 
@@ -130,6 +123,10 @@ class Pipeline:
                  prepare_stage: Callable[[Transformer], torch.nn.Module], loss_chunks: int = 1):
         """``prepare_stage`` parallelises and materialises one stage's meta-device model;
         ``loss_chunks``: see ``cross_entropy_sum``."""
+        # imported here: torch.distributed.pipelining (and the torch._dynamo it imports) adds
+        # ~1 s to every process's start-up, and only pipeline-parallel jobs need it
+        from torch.distributed import pipelining
+
         self.loss_chunks = loss_chunks
         stages = stage_layers(model.args.n_layers, cfg, pp_mesh.size())
         rank, size = pp_mesh.get_local_rank(), pp_mesh.size()
@@ -139,19 +136,20 @@ class Pipeline:
         for index in indices:
             part = split_stage(model, stages[index], index == 0, index == len(stages) - 1)
             self.parts.append(part)
-            pipeline_stages.append(PipelineStage(prepare_stage(part), index, len(stages), device,
-                                                 group=pp_mesh.get_group()))
+            pipeline_stages.append(pipelining.PipelineStage(
+                prepare_stage(part), index, len(stages), device, group=pp_mesh.get_group()))
         self.stages = dict(zip(indices, pipeline_stages))  # stage index -> PipelineStage
         self.is_first = 0 in indices
         self.is_last = len(stages) - 1 in indices
         self.num_stages = len(stages)
         self.microbatches = microbatches = local_batch_size // cfg.pipeline_parallel_microbatch_size
-        schedule_cls = SCHEDULES[cfg.pipeline_parallel_schedule]
+        schedules = pipelining.schedules
+        schedule_cls = getattr(schedules, SCHEDULES[cfg.pipeline_parallel_schedule])
         # The loss is normalised by the global batch's target count (titan_lite.loss), not by
         # the number of micro-batches.
         self.loss_scale: torch.Tensor | float = 1.0
         self.schedule = schedule_cls(
-            pipeline_stages if issubclass(schedule_cls, PipelineScheduleMulti)
+            pipeline_stages if issubclass(schedule_cls, schedules.PipelineScheduleMulti)
             else pipeline_stages[0], n_microbatches=microbatches, loss_fn=self._loss,
             scale_grads=False)
 
