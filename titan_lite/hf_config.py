@@ -12,7 +12,7 @@ from titan_lite.models.llama3 import FLAVORS, ModelArgs, RopeScaling
 from titan_lite.tokenizer import Tokenizer
 
 AUTO_FLAVOR = "auto"
-# Keys whose presence means weights or layers this model does not have.
+# Keys that, when true, mean weights or norms this model does not have.
 _UNSUPPORTED_TRUE = {
     "attention_bias": "biases on q/k/v/o (this Llama has none)",
     "mlp_bias": "biases in the MLP (this Llama has none)",
