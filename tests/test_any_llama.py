@@ -146,6 +146,11 @@ def config_error(monkeypatch, capsys, argv: list[str]) -> str:
      r"config.json: rope_scaling type 'linear'"),  # as older versions wrote it
     ({"head_dim": 32}, r"config.json: head_dim 32 is not hidden_size / num_attention_heads"),
     ({"architectures": ["LlamaForSequenceClassification"]}, r"config.json: architectures"),
+    ({"mlp_bias": True}, r"config.json: mlp_bias true: biases in the MLP"),
+    ({"qk_norm": True}, r"config.json: qk_norm true: norms on q and k"),
+    ({"hidden_act": "gelu"}, r"config.json: hidden_act 'gelu'"),
+    ({"quantization_config": {"quant_method": "gptq"}}, r"config.json: quantization_config"),
+    ({"model_type": "gemma"}, r"config.json: model_type 'gemma': only Llama"),
 ])
 def test_a_config_json_this_model_cannot_represent_is_refused(repo_cwd, tmp_path, monkeypatch,
                                                                capsys, edit, expected):
