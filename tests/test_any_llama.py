@@ -11,6 +11,7 @@ from conftest import CPU_ENV, SPM_PATH, TIKTOKEN_PATH
 
 from titan_lite.build import load_pretrained
 from titan_lite.config import check_job, load_config, parse_or_exit
+from titan_lite.estimate.report import main as estimate_main
 from titan_lite.estimate.trace import estimate_memory
 from titan_lite.hf import save_hf
 from titan_lite.hf_config import job_model_args
@@ -110,7 +111,7 @@ def test_flavor_auto_trains_a_step_and_exports_with_equal_logits(repo_cwd, tmp_p
     assert_hf_logits(tmp_path / "export", model)
 
 
-def test_estimator_takes_the_architecture_from_config_json(repo_cwd, tmp_path):
+def test_estimator_takes_the_architecture_from_config_json(repo_cwd, tmp_path, capsys):
     """"Will it fit" for the user's own model: only its config.json is needed."""
     folder = tmp_path / "own"
     folder.mkdir()
@@ -123,6 +124,12 @@ def test_estimator_takes_the_architecture_from_config_json(repo_cwd, tmp_path):
                        "--tokenizer.path", str(tmp_path / "absent")])
     assert check_job(cfg, world_size=1, training_here=False) == []
     assert estimate_memory(cfg, 1).num_params == expected
+    with pytest.raises(SystemExit) as exit_:  # a tokenizer that is not this model's: one line
+        estimate_main(["--model.flavor", "auto", "--model.init_from", str(folder),
+                       "--tokenizer.path", SPM_PATH])
+    assert exit_.value.code == 2
+    assert f"error: {folder}/config.json: bos_token_id 2000 but the tokenizer" in (
+        capsys.readouterr().err)
 
 
 def config_error(monkeypatch, capsys, argv: list[str]) -> str:

@@ -126,8 +126,12 @@ def main(argv: list[str] | None = None) -> None:
             print(f"config error: {problem}", file=sys.stderr)
         sys.exit(2)
     capacity, source = device_capacity(cfg)
-    if cfg.estimate.plan:
-        print(format_plan(plan(cfg, num_gpus, capacity or 0.0, source), cfg, num_gpus,
-                          capacity or 0.0, cfg.estimate.gpu))
-        return
-    print(format_estimate(estimate_memory(cfg, num_gpus), capacity, source))
+    try:
+        if cfg.estimate.plan:
+            print(format_plan(plan(cfg, num_gpus, capacity or 0.0, source), cfg, num_gpus,
+                              capacity or 0.0, cfg.estimate.gpu))
+            return
+        print(format_estimate(estimate_memory(cfg, num_gpus), capacity, source))
+    except ValueError as e:  # e.g. a tokenizer that is not model.init_from's (as training says)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
