@@ -35,8 +35,11 @@ def read_config_json(folder: str) -> dict:
 def args_from_hf_config(folder: str) -> ModelArgs:
     """ModelArgs of the Llama checkpoint in ``folder`` (its config.json); ValueError naming the
     file and field for anything this model cannot represent exactly."""
-    config = read_config_json(folder)
-    path = os.path.join(folder, "config.json")
+    return args_from_config(read_config_json(folder), os.path.join(folder, "config.json"))
+
+
+def args_from_config(config: dict, path: str) -> ModelArgs:
+    """ModelArgs of a config.json already read from ``path`` (see ``args_from_hf_config``)."""
     _refuse_unsupported(config, path)
     try:
         args = _args_from(config)
@@ -120,41 +123,39 @@ def has_config_json(folder: str) -> bool:
     return bool(folder) and os.path.isfile(os.path.join(folder, "config.json"))
 
 
-def flavor_args(flavor: str, init_from: str) -> ModelArgs:
-    """The architecture ``model.flavor`` names: a published one, or (``auto``) the one in
-    ``model.init_from``'s config.json. ValueError naming the key or file when it cannot."""
-    if flavor != AUTO_FLAVOR:
-        return FLAVORS[flavor]
-    if not init_from:
-        raise ValueError("model.flavor: 'auto' takes the architecture from model.init_from's "
-                         "config.json; set model.init_from (or name a flavor)")
-    if not has_config_json(init_from):
-        raise ValueError(f"model.flavor: 'auto' needs {init_from}/config.json (a Hugging Face "
-                         "folder or a `python -m titan_lite.hf import` checkpoint); name the "
-                         "flavor for a training checkpoint")
-    return args_from_hf_config(init_from)
-
-
 def job_model_args(flavor: str, init_from: str, seq_len: int,
                    tokenizer: Tokenizer | None) -> ModelArgs:
-    """The model a job builds: ``flavor_args``, trained on ``seq_len`` tokens. When
-    ``init_from`` has a config.json, its architecture must be the flavor's and the vocabulary
-    is its own (it may pad the tokenizer's; ``check_tokenizer``); else the tokenizer's (None:
-    the flavor's own, for the estimator without the tokenizer at hand)."""
-    args = flavor_args(flavor, init_from)
-    if has_config_json(init_from):
-        found = args_from_hf_config(init_from)
-        mismatches = architecture_mismatches(args.with_vocab(found.vocab_size), found)
+    """The model a job builds, trained on ``seq_len`` tokens: ``model.flavor``'s published
+    architecture, or (``auto``) the one in ``init_from``'s config.json. When ``init_from`` has
+    a config.json (read once), a named flavor must match it, the vocabulary is its own (it may
+    pad the tokenizer's; ``check_tokenizer``); else the tokenizer's (None: the flavor's own, for
+    the estimator without the tokenizer at hand). ValueError naming the key or file."""
+    if not has_config_json(init_from):
+        if flavor == AUTO_FLAVOR:
+            raise ValueError(_auto_needs_config(init_from))
+        args = FLAVORS[flavor]
+        args = args if tokenizer is None else args.with_vocab(tokenizer.vocab_size)
+        return replace(args, max_seq_len=seq_len)
+    path = os.path.join(init_from, "config.json")
+    config = read_config_json(init_from)
+    found = args_from_config(config, path)
+    if flavor != AUTO_FLAVOR:
+        mismatches = architecture_mismatches(FLAVORS[flavor].with_vocab(found.vocab_size), found)
         if mismatches:
             raise ValueError(f"model.init_from: {init_from} is not this model: "
                              f"{'; '.join(mismatches)}")
-        if tokenizer is not None:
-            check_tokenizer(tokenizer, read_config_json(init_from),
-                            os.path.join(init_from, "config.json"))
-        args = found
-    elif tokenizer is not None:
-        args = args.with_vocab(tokenizer.vocab_size)
-    return replace(args, max_seq_len=seq_len)
+    if tokenizer is not None:
+        check_tokenizer(tokenizer, config, path)
+    return replace(found, max_seq_len=seq_len)
+
+
+def _auto_needs_config(init_from: str) -> str:
+    if not init_from:
+        return ("model.flavor: 'auto' takes the architecture from model.init_from's "
+                "config.json; set model.init_from (or name a flavor)")
+    return (f"model.flavor: 'auto' needs {init_from}/config.json (a Hugging Face folder or a "
+            "`python -m titan_lite.hf import` checkpoint); name the flavor for a training "
+            "checkpoint")
 
 
 def check_tokenizer(tokenizer: Tokenizer, config: dict, path: str) -> None:

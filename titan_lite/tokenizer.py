@@ -157,8 +157,9 @@ def find_tokenizer(kind: str, path: str) -> tuple[str, str]:
     if os.path.isdir(path):
         for name in _FOLDER_FILES:
             file = os.path.join(path, name)
-            if os.path.isfile(file) and kind in ("auto", _sniff(file)):
-                return _sniff(file), file
+            found = _sniff(file) if os.path.isfile(file) else None
+            if found is not None and kind in ("auto", found):
+                return found, file
         wanted = "" if kind == "auto" else f" of kind {kind!r}"
         raise ValueError(f"tokenizer.path: {path} has no tokenizer{wanted} (looked for "
                          f"{', '.join(_FOLDER_FILES)})")
