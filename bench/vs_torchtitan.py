@@ -14,6 +14,10 @@ init_weights, apply_fsdp (its FSDP2 wrapping and reshard policy), cross_entropy_
 AdamW, the trainer's clip and step, on random tokens; only the device plumbing is left out, and
 two things are patched in memory for CPU: the MoE kernels' triton import, and its gradient
 reduction (PREMUL_SUM, which gloo lacks) becomes FSDP's default average.
+
+A third column runs torchtitan again with glibc's malloc set through the environment as
+titan_lite sets it for itself on CPU (titan_lite/host_allocator.py): how much of the ratio is
+that setting, which any PyTorch program could be given.
 """
 
 from __future__ import annotations
@@ -101,12 +105,17 @@ def titan_lite_tokens_per_s(ranks: int, steps: int, folder: str) -> float:
                            and "tokens_per_s" in r)
 
 
-def torchtitan_tokens_per_s(python: str, ranks: int, steps: int, script: str) -> float:
+# titan_lite.host_allocator's mallopt settings, as glibc's environment variables
+KEEP_FREED_MEMORY = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**62)}
+
+
+def torchtitan_tokens_per_s(python: str, ranks: int, steps: int, script: str,
+                            keep_freed_memory: bool = False) -> float:
     """Mean tokens/s per rank of steps 3.. of the torchtitan loop."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, os.cpu_count() // ranks)),
+           **(KEEP_FREED_MEMORY if keep_freed_memory else {})}
     result = subprocess.run(_torchrun(python, ranks, [script, str(steps), str(BATCH), str(SEQ)]),
-                            check=True, capture_output=True, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": str(max(1, os.cpu_count()
-                                                                           // ranks))})
+                            check=True, capture_output=True, text=True, env=env)
     rates = [float(line.split()[2]) for line in result.stdout.splitlines()
              if line.startswith("STEP") and int(line.split()[1]) >= 3]
     return statistics.mean(rates)
@@ -124,19 +133,26 @@ def main() -> None:
         script = os.path.join(tmp, "torchtitan_step.py")
         with open(script, "w") as fh:
             fh.write(TORCHTITAN_STEP)
-        print("| ranks | titan_lite tok/s/rank (runs) | torchtitan tok/s/rank (runs) | ratio |")
-        print("|---|---|---|---|")
+        print("| ranks | titan_lite tok/s/rank (runs) | torchtitan tok/s/rank (runs) | ratio "
+              "| torchtitan + titan_lite's malloc setting (runs) | ratio |")
+        print("|---|---|---|---|---|---|")
         for ranks in map(int, args.ranks.split(",")):
-            ours, theirs = [], []
+            ours, theirs, theirs_kept = [], [], []
             for round_ in range(args.rounds):
                 ours.append(titan_lite_tokens_per_s(ranks, args.steps,
                                                     os.path.join(tmp, f"tl-{ranks}-{round_}")))
                 theirs.append(torchtitan_tokens_per_s(args.torchtitan_python, ranks,
                                                       args.steps, script))
-            ratio = statistics.mean(ours) / statistics.mean(theirs)
-            print(f"| {ranks} | {statistics.mean(ours):,.0f} "
-                  f"({', '.join(f'{x:,.0f}' for x in ours)}) | {statistics.mean(theirs):,.0f} "
-                  f"({', '.join(f'{x:,.0f}' for x in theirs)}) | {ratio:.2f}x |", flush=True)
+                theirs_kept.append(torchtitan_tokens_per_s(args.torchtitan_python, ranks,
+                                                           args.steps, script, True))
+            print(f"| {ranks} | {_runs(ours)} | {_runs(theirs)} | "
+                  f"{statistics.mean(ours) / statistics.mean(theirs):.2f}x | "
+                  f"{_runs(theirs_kept)} | "
+                  f"{statistics.mean(ours) / statistics.mean(theirs_kept):.2f}x |", flush=True)
+
+
+def _runs(rates: list[float]) -> str:
+    return f"{statistics.mean(rates):,.0f} ({', '.join(f'{x:,.0f}' for x in rates)})"
 
 
 if __name__ == "__main__":

@@ -50,6 +50,7 @@ from titan_lite.loss import (
 from titan_lite.memory import TensorMemoryTracker
 from titan_lite.metrics import MetricsLogger, peak_flops
 from titan_lite.hf_config import job_model_args
+from titan_lite.host_allocator import keep_freed_memory
 from titan_lite.models.llama3 import Transformer
 from titan_lite.optim import (
     build_grad_scaler,
@@ -352,6 +353,8 @@ def save_config(cfg: JobConfig, env: DistEnv) -> None:
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_or_exit(argv)  # every config problem exits 2 here, before any collective
     env = init_distributed(cfg.training.device, cfg.comm.init_timeout_seconds)
+    if env.device.type == "cpu":  # each step's tensors reuse the last step's pages
+        keep_freed_memory()
     code = 0
     try:
         save_config(cfg, env)
