@@ -12,6 +12,7 @@ from conftest import CPU_ENV, SPM_PATH, TIKTOKEN_PATH
 from titan_lite.build import load_pretrained
 from titan_lite.config import check_job, load_config, parse_or_exit
 from titan_lite.estimate.report import main as estimate_main
+from titan_lite.generate import weights_folder
 from titan_lite.estimate.trace import estimate_memory
 from titan_lite.hf import save_hf
 from titan_lite.hf_config import job_model_args
@@ -181,6 +182,20 @@ def test_auto_without_a_config_json_and_a_folder_without_tokenizer_are_refused(
         monkeypatch, capsys, ["--model.flavor", "auto", "--model.init_from", str(tmp_path)])
     assert f"tokenizer.path: {tmp_path} has no tokenizer" in config_error(
         monkeypatch, capsys, ["--tokenizer.path", str(tmp_path)])
+
+
+def test_a_folder_that_is_neither_hf_nor_a_checkpoint_is_refused(repo_cwd, tmp_path,
+                                                                  monkeypatch, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    line = config_error(monkeypatch, capsys, ["--model.init_from", str(empty)])
+    assert f"model.init_from: {str(empty)!r} is neither a Hugging Face folder" in line, line
+    cfg = load_config(["--checkpoint.folder", str(tmp_path), "--generation.checkpoint",
+                       str(empty)])
+    with pytest.raises(ValueError, match=r"generation.checkpoint: .* is neither a complete"):
+        weights_folder(cfg)
+    (empty / "config.json").write_text("{}")  # a Hugging Face folder now
+    assert weights_folder(cfg) == str(empty)
 
 
 def test_a_tokenizer_that_is_not_the_checkpoints_is_refused(repo_cwd, tmp_path):

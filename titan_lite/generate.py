@@ -24,7 +24,7 @@ from titan_lite.data import ChatTemplate, build_chat_template
 from titan_lite.data.chat import Message
 from titan_lite.distributed import DTYPES
 from titan_lite.generation import generate, prompt_ids, stop_ids
-from titan_lite.hf_config import job_model_args
+from titan_lite.hf_config import has_config_json, job_model_args
 from titan_lite.models.llama3 import Transformer
 from titan_lite.tokenizer import Tokenizer, build_tokenizer
 from titan_lite.build import build_finetuned_model, load_pretrained
@@ -58,7 +58,7 @@ def weights_folder(cfg: JobConfig) -> str:
                          "model.init_from: nothing to generate from (train with "
                          "checkpoint.enable = true, or name a folder)")
     path = os.path.join(folder, choice) if _STEP.fullmatch(choice) else choice
-    if not (is_checkpoint(path) or os.path.isfile(os.path.join(path, "config.json"))):
+    if not (is_checkpoint(path) or has_config_json(path)):
         raise ValueError(f"generation.checkpoint: {path!r} is neither a complete titan_lite "
                          "checkpoint nor a Hugging Face folder (config.json)")
     return path

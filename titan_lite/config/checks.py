@@ -10,7 +10,7 @@ import sys
 from titan_lite.config.loader import ConfigError, help_text, load_config
 from titan_lite.config.schema import JobConfig
 from titan_lite.finetune.nf4 import INSTALL_HINT, nf4_available, nf4_problems
-from titan_lite.hf_config import job_model_args
+from titan_lite.hf_config import has_config_json, job_model_args
 from titan_lite.models.llama3 import ModelArgs
 from titan_lite.parallel.activation_checkpoint import checkpoint_every
 from titan_lite.parallel.dims import ParallelDims, resolve_degrees
@@ -171,9 +171,9 @@ def _local_problems(cfg: JobConfig) -> list[str]:
                         " V100, T4, RTX 20xx); use 'float16', which adds loss scaling")
     if not cfg.data.paths:
         problems.append("data.paths: empty; name at least one corpus file or folder")
-    if cfg.model.init_from and not any(
-            os.path.isfile(os.path.join(cfg.model.init_from, marker))
-            for marker in ("config.json", ".metadata")):
+    # (DCP's .metadata tested here: importing titan_lite.checkpoint would cycle through config)
+    if cfg.model.init_from and not (has_config_json(cfg.model.init_from) or os.path.isfile(
+            os.path.join(cfg.model.init_from, ".metadata"))):
         problems.append(f"model.init_from: {cfg.model.init_from!r} is neither a Hugging Face "
                         "folder (config.json) nor a titan_lite checkpoint (.metadata)")
     if os.path.exists(cfg.tokenizer.path):
