@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from titan_lite.config import ActivationCheckpoint
+from titan_lite.finetune.lora import apply_lora
 from titan_lite.memory import TensorMemoryTracker
 from titan_lite.models.llama3 import ModelArgs, Transformer
 from titan_lite.parallel.activation_checkpoint import apply_activation_checkpointing
@@ -17,9 +18,12 @@ ARGS = ModelArgs(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=64, mul
 MODES = [("none", "op"), ("full", "op"), ("selective", "op"), ("selective", "2")]
 
 
-def build(mode: str, option: str) -> Transformer:
+def build(mode: str, option: str, lora_dropout: float | None = None) -> Transformer:
     with torch.device("meta"):
         model = Transformer(ARGS)
+    if lora_dropout is not None:
+        apply_lora(model, rank=4, alpha=8, dropout=lora_dropout,
+                   targets=["wq", "wv", "w1", "w2"], base_dtype=torch.float32)
     apply_activation_checkpointing(model, ActivationCheckpoint(mode=mode,
                                                                selective_ac_option=option))
     materialize(model, seed=0, compute_device=CPU, param_device=CPU)
@@ -53,6 +57,23 @@ def test_each_mode_gives_the_no_ac_loss_and_gradients(results, mode):
     assert loss == reference_loss  # recomputation repeats the same kernels: bit-identical
     for name, grad in reference_grads.items():
         torch.testing.assert_close(grads[name], grad, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("mode", MODES[1:], ids=lambda m: "-".join(m))
+def test_recomputation_draws_the_forwards_dropout_masks(mode):
+    """LoRA dropout under AC: backward must see the masks the forward drew."""
+    tokens = torch.randint(0, ARGS.vocab_size, (2, 65), generator=torch.Generator().manual_seed(1))
+    grads = {}
+    for ac in (("none", "op"), mode):
+        model = build(*ac, lora_dropout=0.3)
+        for p in model.parameters():  # B starts at zero: give the adapters a gradient path
+            if p.requires_grad:
+                torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(2))
+        torch.manual_seed(3)
+        grads[ac] = forward_backward(model, tokens)[1]
+    for name, grad in grads[("none", "op")].items():
+        if grad is not None:
+            torch.testing.assert_close(grads[mode][name], grad, msg=name)
 
 
 def test_ac_lowers_the_tracked_peak_memory(results):

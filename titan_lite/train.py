@@ -217,7 +217,7 @@ def build_evaluation(cfg: JobConfig, data: Data, parts: list[Transformer],
         recipe.label_copies, recipe.loss_chunks)
     template = None if cfg.data.format == "text" else build_chat_template(
         cfg.data.chat_template, tokenizer)
-    return Evaluation(cfg, validator, parts[0], tokenizer, template, env.device,
+    return Evaluation(cfg, validator, parts, tokenizer, template, env.device,
                       log=lambda m: log0(env, m))
 
 

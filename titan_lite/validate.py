@@ -1,13 +1,16 @@
 """Held-out loss (and sample answers) during training, in every layout that trains.
 
-Forward only, under ``torch.no_grad``: gradients, the optimizer and the training data position
+Forward only, under ``torch.no_grad``, in eval mode (dropout off) and with the random number
+generators restored afterwards: gradients, the optimizer, the RNG and the training data position
 are untouched, so a run with validation trains exactly as one without it and resumes exactly.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -78,13 +81,32 @@ def sample_answers(model: nn.Module, cfg: JobConfig, tokenizer: Tokenizer,
     return lines
 
 
+@contextlib.contextmanager
+def evaluating(modules: list[nn.Module], device: torch.device) -> Iterator[None]:
+    """Within it ``modules`` are in eval mode (dropout off), and the CPU's and ``device``'s
+    random number generators are put back as they were on leaving, so whatever runs inside
+    (sampling included) leaves training's random stream untouched."""
+    was_training = [module.training for module in modules]
+    cuda = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        try:
+            for module in modules:
+                module.eval()
+            yield
+        finally:
+            for module, mode in zip(modules, was_training):
+                module.train(mode)
+
+
 class Evaluation:
     """What runs at each validation point: the held-out loss and the sample answers."""
 
-    def __init__(self, cfg: JobConfig, validator: Validator | None, model: nn.Module,
+    def __init__(self, cfg: JobConfig, validator: Validator | None, parts: list[nn.Module],
                  tokenizer: Tokenizer, template: ChatTemplate | None, device: torch.device,
                  log):
-        self.cfg, self.validator, self.model = cfg, validator, model
+        """``parts``: this rank's model (or pipeline stages); the sample answers run on the
+        first, which holds the whole model wherever sample prompts are allowed."""
+        self.cfg, self.validator, self.parts = cfg, validator, parts
         self.tokenizer, self.template, self.device, self.log = tokenizer, template, device, log
         self.losses: dict[int, float] = {}  # step -> validation loss
 
@@ -97,14 +119,15 @@ class Evaluation:
     def run(self, step: int, metrics) -> float:
         """Validate (and answer the sample prompts) after ``step``; returns the seconds it took."""
         start = time.perf_counter()
-        if self.validator is not None:
-            result = self.validator.run()
-            self.losses[step] = result.loss
-            metrics.log_validation(step, result.loss, result.perplexity, result.targets,
-                                   time.perf_counter() - start)
-        if self.cfg.validation.sample_prompts:
-            when = "before training" if step == 0 else f"after step {step}"
-            for line in sample_answers(self.model, self.cfg, self.tokenizer, self.template,
-                                       self.device):
-                self.log(f"sample {when}: {line}")
+        with evaluating(self.parts, self.device):
+            if self.validator is not None:
+                result = self.validator.run()
+                self.losses[step] = result.loss
+                metrics.log_validation(step, result.loss, result.perplexity, result.targets,
+                                       time.perf_counter() - start)
+            if self.cfg.validation.sample_prompts:
+                when = "before training" if step == 0 else f"after step {step}"
+                for line in sample_answers(self.parts[0], self.cfg, self.tokenizer,
+                                           self.template, self.device):
+                    self.log(f"sample {when}: {line}")
         return time.perf_counter() - start

@@ -43,7 +43,9 @@ def _op_level_contexts() -> Any:
 
 def _checkpoint_block(block: nn.Module, context_fn: Callable[[], Any] | None) -> None:
     forward = block.forward
-    options: dict[str, Any] = {"use_reentrant": False, "preserve_rng_state": False}
+    # preserve_rng_state: the recomputation must draw the forward's dropout masks (LoRA
+    # dropout), or backward differentiates through other masks than the loss saw.
+    options: dict[str, Any] = {"use_reentrant": False, "preserve_rng_state": True}
     if context_fn is not None:
         options["context_fn"] = context_fn
 
