@@ -305,6 +305,46 @@ def test_uneven_shards_reshard_and_continue_identically(tmp_path, saver, loader)
                                    msg=name)
 
 
+class _FakeAccelerator:
+    """Stands in for torch.cuda's RNG functions on this CPU-only machine."""
+
+    def __init__(self) -> None:
+        self.generator = torch.Generator()
+
+    def get_rng_state(self, device=None) -> torch.Tensor:
+        return self.generator.get_state()
+
+    def set_rng_state(self, state: torch.Tensor, device=None) -> None:
+        self.generator.set_state(state)
+
+
+def _rng_worker(rank: int, world_size: int, folder: str) -> None:
+    from titan_lite.checkpoint import Checkpointer
+
+    accelerator, device_module = _FakeAccelerator(), torch.get_device_module
+    torch.get_device_module = lambda d=None: accelerator if d == "cuda" else device_module(d)
+    model, optimizer, scheduler, cfg = _trained_uneven(world_size)
+    checkpointer = Checkpointer(cfg, folder, [model], optimizer, scheduler, _Position(),
+                                device=torch.device("cuda", rank))
+    _step(model, optimizer, scheduler)
+    torch.manual_seed(100 + rank)
+    accelerator.generator.manual_seed(200 + rank)
+    checkpointer.save(1)
+    expected = torch.rand(4), torch.rand(4, generator=accelerator.generator)
+    torch.rand(10), torch.rand(10, generator=accelerator.generator)  # training went on
+    assert checkpointer.restore() == 1
+    resumed = torch.rand(4), torch.rand(4, generator=accelerator.generator)
+    assert all(torch.equal(a, b) for a, b in zip(resumed, expected)), (rank, resumed, expected)
+    draws = [None] * world_size
+    torch.distributed.all_gather_object(draws, resumed)
+    assert not torch.equal(draws[0][0], draws[1][0])  # each rank got its own state back
+
+
+@pytest.mark.slow
+def test_each_ranks_cpu_and_accelerator_rng_resume(tmp_path):
+    run_distributed(_rng_worker, 2, str(tmp_path))
+
+
 ASYNC = ["--checkpoint.async_mode", "async", "--checkpoint.interval", "1"]
 
 

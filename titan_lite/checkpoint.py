@@ -4,19 +4,21 @@ A checkpoint is the folder ``<checkpoint.folder>/step-N``. Every rank writes its
 ``step-N.partial``; only when all ranks have finished does rank 0 rename it to ``step-N`` (an
 atomic rename), so a crash or ``kill -9`` during a save leaves the previous checkpoint as the
 newest complete one. Only tensors are stored (weights, AdamW moments and step counts, the
-schedule's step, the data position, the RNG state), keyed by parameter name, so checkpoints
-load into any layout and are read without unpickling anything but DCP's own metadata classes.
+schedule's step, the data position, each rank's CPU and accelerator RNG states), keyed by
+parameter name, so checkpoints load into any layout and are read without unpickling anything
+but DCP's own metadata classes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import re
 import shutil
 import signal
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 
 import torch
@@ -111,8 +113,10 @@ class Checkpointer:
                  optimizer: torch.optim.Optimizer,
                  scheduler: torch.optim.lr_scheduler.LRScheduler, loader: PackedDataLoader,
                  frozen_base: dict[str, torch.Tensor] | None = None,
-                 save_frozen: bool = True, grad_scaler: torch.amp.GradScaler | None = None):
-        """``frozen_base``: the fingerprint (``finetune.base_fingerprint``) of a frozen base the
+                 save_frozen: bool = True, grad_scaler: torch.amp.GradScaler | None = None,
+                 device: torch.device = torch.device("cpu")):
+        """``device``: the rank's compute device, whose RNG (e.g. LoRA dropout's on a GPU) is
+        stored beside the CPU's. ``frozen_base``: the fingerprint (``finetune.base_fingerprint``) of a frozen base the
         run does not train; it is stored, and a resume onto another base refuses. The frozen
         parameters themselves are stored only with ``save_frozen``. ``grad_scaler``: float16's
         loss scale and its count of good steps are stored when it is enabled."""
@@ -121,6 +125,7 @@ class Checkpointer:
         self.parts, self.optimizer = list(model_parts), optimizer
         self.scheduler, self.loader = scheduler, loader
         self.grad_scaler = grad_scaler if grad_scaler and grad_scaler.is_enabled() else None
+        self.device = device
         self.frozen_base, self.save_frozen = frozen_base or {}, save_frozen
         self._pending: tuple[Future, str, str] | None = None  # async save: (future, from, to)
         self._async_group = None
@@ -141,7 +146,7 @@ class Checkpointer:
         state["train.lr_step"] = torch.tensor(self.scheduler.last_epoch)
         loader_state = self.loader.state_dict()
         state["train.data"] = torch.tensor([loader_state[k] for k in _DATA_FIELDS])
-        state["train.rng"] = torch.get_rng_state()
+        state.update(rng_state(self.device, _rank()))
         if self.grad_scaler:
             scaler = self.grad_scaler.state_dict()  # the scale and its count of good steps
             state["train.loss_scale"] = torch.tensor(
@@ -210,7 +215,14 @@ class Checkpointer:
         _materialize_optimizer_state(self.optimizer)
         state = self._state()
         state["train.step"] = torch.tensor(0)
-        _load(state, path, "; delete it or set checkpoint.load_step to an older step")
+        # A resume on more ranks than saved finds no RNG of its own for the new ranks: they
+        # keep the seed's (a resume on another layout is not bit-exact anyway).
+        advice = "; delete it or set checkpoint.load_step to an older step"
+        with _loading(path, advice):
+            stored = _SafeReader(path).read_metadata().state_dict_metadata
+        for key in [k for k in state if k.startswith(_RNG_PREFIX) and k not in stored]:
+            del state[key]
+        _load(state, path, advice)
         self._check_base(state, path)
         self._apply(state)
         return int(state["train.step"])
@@ -230,22 +242,54 @@ class Checkpointer:
         self.loader.load_state_dict(data)
         self.scheduler.last_epoch = int(state["train.lr_step"]) - 1
         self.scheduler.step()  # sets each group's lr for the loaded step
-        torch.set_rng_state(state["train.rng"])
+        set_rng_state(state, self.device, _rank())
         if self.grad_scaler:
             scale, good_steps = state["train.loss_scale"].tolist()
             self.grad_scaler.load_state_dict({**self.grad_scaler.state_dict(), "scale": scale,
                                               "_growth_tracker": int(good_steps)})
 
 
-def _load(state: dict[str, torch.Tensor], path: str, advice: str = "") -> None:
-    """Fill ``state``'s tensors in place from the checkpoint folder ``path``; any failure (a
-    missing or torn file, a refused pickle, a shape that does not fit) is a CheckpointError
-    naming the folder."""
+_RNG_PREFIX = "train.rng."
+
+
+def rng_state(device: torch.device, rank: int) -> dict[str, torch.Tensor]:
+    """This rank's random number generators, keyed by rank (ranks draw different dropout
+    masks, and DCP would keep only one copy of a key every rank saves): the CPU's, and the
+    accelerator's where ``device`` is one."""
+    state = {f"{_RNG_PREFIX}rank{rank}.cpu": torch.get_rng_state()}
+    if device.type != "cpu":
+        module = torch.get_device_module(device.type)
+        state[f"{_RNG_PREFIX}rank{rank}.{device.type}"] = module.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor], device: torch.device, rank: int) -> None:
+    """Put back what ``rng_state`` stored for this rank (generators it holds no state for are
+    left alone)."""
+    for key, value in rng_state(device, rank).items():
+        if key not in state:
+            continue
+        if key.endswith(".cpu"):
+            torch.set_rng_state(state[key])
+        else:
+            torch.get_device_module(device.type).set_rng_state(state[key], device)
+
+
+@contextlib.contextmanager
+def _loading(path: str, advice: str = "") -> Iterator[None]:
+    """Any failure within (a missing or torn file, a refused pickle, a shape that does not
+    fit) becomes a CheckpointError naming the checkpoint folder ``path``."""
     try:
-        dcp.load(state, storage_reader=_SafeReader(path), no_dist=_single())
+        yield
     except (Exception, CheckpointException) as e:  # DCP's own wraps every rank's failure
         raise CheckpointError(f"checkpoint {path} cannot be loaded ({_first_cause(e)})"
                               f"{advice}") from e
+
+
+def _load(state: dict[str, torch.Tensor], path: str, advice: str = "") -> None:
+    """Fill ``state``'s tensors in place from the checkpoint folder ``path``."""
+    with _loading(path, advice):
+        dcp.load(state, storage_reader=_SafeReader(path), no_dist=_single())
 
 
 def _first_cause(error: BaseException) -> str:

@@ -260,7 +260,8 @@ def train(cfg: JobConfig, env: DistEnv) -> TrainResult:
         frozen_base = base_fingerprint(parts) if cfg.lora.enable else None
         checkpointer = Checkpointer(cfg.checkpoint, cfg.job.dump_folder, parts, optimizer,
                                     scheduler, loader, frozen_base,
-                                    save_frozen=cfg.lora.save_base, grad_scaler=scaler)
+                                    save_frozen=cfg.lora.save_base, grad_scaler=scaler,
+                                    device=env.device)
         start_step = checkpointer.restore()
         preemption = Preemption(env.device)
         log0(env, f"resumed from {checkpointer.folder}/step-{start_step}" if start_step else
