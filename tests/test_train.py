@@ -57,6 +57,30 @@ def test_non_finite_loss_stops_with_the_step(repo_cwd, tmp_path):
             "--lr_scheduler.warmup_steps", "0", "--training.max_norm", "0")
 
 
+def test_deterministic_sets_cublas_workspace_before_the_device_starts(repo_cwd, monkeypatch,
+                                                                     tmp_path):
+    """cuBLAS reads CUBLAS_WORKSPACE_CONFIG when CUDA starts (init_distributed picks the
+    device); without it a deterministic run raises at its first CUDA matmul."""
+    import titan_lite.train as train_module
+
+    seen = {}
+
+    def init_distributed(*args):
+        seen["cublas"] = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+        raise SystemExit(0)
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setattr(train_module, "init_distributed", init_distributed)
+    try:
+        with pytest.raises(SystemExit):
+            train_module.main(["--job.deterministic", "--job.dump_folder", str(tmp_path)])
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+        os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+    assert seen["cublas"] == ":4096:8"
+
+
 def _ddp_grads_match_single_process(rank: int, world_size: int) -> None:
     args = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=50, multiple_of=16,
                      max_seq_len=16)

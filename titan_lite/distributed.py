@@ -30,6 +30,14 @@ class DistEnv:
     device: torch.device
 
 
+def use_deterministic_algorithms() -> None:
+    """Only deterministic kernels from now on (job.deterministic). cuBLAS needs a fixed
+    workspace for that, or PyTorch raises at the first CUDA matmul; cuBLAS reads the setting
+    when it starts, so call this before CUDA is initialised (an explicit setting is kept)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+
+
 def init_distributed(device_choice: str, timeout_s: float = 600) -> DistEnv:
     """Pick the device (CUDA + nccl when present, else CPU + gloo) and join torchrun's group,
     whose collectives wait at most ``timeout_s`` (comm.init_timeout_seconds).

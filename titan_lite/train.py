@@ -39,6 +39,7 @@ from titan_lite.distributed import (
     init_distributed,
     set_collective_timeout,
     shutdown_and_exit,
+    use_deterministic_algorithms,
 )
 from titan_lite.finetune import base_fingerprint, describe_parameters
 from titan_lite.loss import (
@@ -227,8 +228,8 @@ def train(cfg: JobConfig, env: DistEnv) -> TrainResult:
     assert dims is not None
     fsdp = dims.uses_fsdp(cfg.training.enable_cpu_offload)
     mesh = build_mesh(dims, env.device.type, fsdp)
-    if cfg.job.deterministic:
-        torch.use_deterministic_algorithms(True)
+    if cfg.job.deterministic:  # (main did it before CUDA started; train() may be called alone)
+        use_deterministic_algorithms()
     if cfg.training.compile and USER_INDUCTOR_CACHE_DIR is None:  # beside the run's outputs
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.abspath(
             os.path.join(cfg.job.dump_folder, "inductor_cache"))
@@ -353,6 +354,8 @@ def save_config(cfg: JobConfig, env: DistEnv) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_or_exit(argv)  # every config problem exits 2 here, before any collective
+    if cfg.job.deterministic:
+        use_deterministic_algorithms()
     env = init_distributed(cfg.training.device, cfg.comm.init_timeout_seconds)
     if env.device.type == "cpu":  # each step's tensors reuse the last step's pages
         keep_freed_memory()
