@@ -57,28 +57,51 @@ def test_non_finite_loss_stops_with_the_step(repo_cwd, tmp_path):
             "--lr_scheduler.warmup_steps", "0", "--training.max_norm", "0")
 
 
-def test_deterministic_sets_cublas_workspace_before_the_device_starts(repo_cwd, monkeypatch,
-                                                                     tmp_path):
-    """cuBLAS reads CUBLAS_WORKSPACE_CONFIG when CUDA starts (init_distributed picks the
-    device); without it a deterministic run raises at its first CUDA matmul."""
+def _start_of_main(monkeypatch, *argv: str) -> dict:
+    """What train.main hands init_distributed (which picks and starts the device), and the
+    environment then; main stops there."""
     import titan_lite.train as train_module
 
     seen = {}
 
-    def init_distributed(*args):
-        seen["cublas"] = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    def init_distributed(*args, **kwargs):
+        seen.update(args=args, kwargs=kwargs,
+                    cublas=os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
         raise SystemExit(0)
 
-    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     monkeypatch.setattr(train_module, "init_distributed", init_distributed)
+    with pytest.raises(SystemExit):
+        train_module.main(list(argv))
+    return seen
+
+
+def test_deterministic_sets_cublas_workspace_before_the_device_starts(repo_cwd, monkeypatch,
+                                                                     tmp_path):
+    """cuBLAS reads CUBLAS_WORKSPACE_CONFIG when CUDA starts (init_distributed picks the
+    device); without it a deterministic run raises at its first CUDA matmul."""
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     try:
-        with pytest.raises(SystemExit):
-            train_module.main(["--job.deterministic", "--job.dump_folder", str(tmp_path)])
+        seen = _start_of_main(monkeypatch, "--job.deterministic", "--job.dump_folder",
+                              str(tmp_path))
         assert torch.are_deterministic_algorithms_enabled()
     finally:
         torch.use_deterministic_algorithms(False)
         os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
     assert seen["cublas"] == ":4096:8"
+
+
+def test_cpu_offload_gets_a_process_group_that_carries_cpu_tensors(repo_cwd, monkeypatch,
+                                                                   tmp_path):
+    """Under CPU offload the gradients (and their norm's all-reduce) are CPU tensors, which
+    NCCL alone refuses: the CUDA group gets gloo for CPU tensors too (torchtitan's rule)."""
+    from titan_lite.distributed import process_group_backend
+
+    argv = ["--job.dump_folder", str(tmp_path), "--training.enable_cpu_offload"]
+    assert _start_of_main(monkeypatch, *argv)["kwargs"]["host_collectives"] is True
+    assert _start_of_main(monkeypatch, *argv[:2])["kwargs"]["host_collectives"] is False
+    assert process_group_backend(use_cuda=True, host_collectives=True) == "cuda:nccl,cpu:gloo"
+    assert process_group_backend(use_cuda=True, host_collectives=False) == "nccl"
+    assert process_group_backend(use_cuda=False, host_collectives=True) == "gloo"
 
 
 def _ddp_grads_match_single_process(rank: int, world_size: int) -> None:

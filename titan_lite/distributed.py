@@ -38,9 +38,21 @@ def use_deterministic_algorithms() -> None:
     torch.use_deterministic_algorithms(True)
 
 
-def init_distributed(device_choice: str, timeout_s: float = 600) -> DistEnv:
+def process_group_backend(use_cuda: bool, host_collectives: bool) -> str:
+    """The default group's backend: gloo on CPU; NCCL on CUDA, plus gloo for CPU tensors when
+    some collectives carry them (CPU offload: FSDP's sharded gradients live on the host, and
+    so do the gradient norm's and the frozen base fingerprint's reductions; NCCL alone
+    refuses them with "No backend type associated with device type cpu")."""
+    if not use_cuda:
+        return "gloo"
+    return "cuda:nccl,cpu:gloo" if host_collectives else "nccl"
+
+
+def init_distributed(device_choice: str, timeout_s: float = 600,
+                     host_collectives: bool = False) -> DistEnv:
     """Pick the device (CUDA + nccl when present, else CPU + gloo) and join torchrun's group,
-    whose collectives wait at most ``timeout_s`` (comm.init_timeout_seconds).
+    whose collectives wait at most ``timeout_s`` (comm.init_timeout_seconds);
+    ``host_collectives``: some collectives carry CPU tensors (see process_group_backend).
 
     Run without torchrun (no WORLD_SIZE in the environment) it stays a single process with no
     process group.
@@ -56,9 +68,10 @@ def init_distributed(device_choice: str, timeout_s: float = 600) -> DistEnv:
     else:
         device = torch.device("cpu")
     if "WORLD_SIZE" in os.environ:
-        dist.init_process_group("nccl" if use_cuda else "gloo",
-                                timeout=timedelta(seconds=timeout_s),
-                                device_id=device if use_cuda else None)
+        backend = process_group_backend(use_cuda, host_collectives)
+        # device_id binds (and eagerly starts) NCCL alone: only where NCCL is the one backend
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s),
+                                device_id=device if backend == "nccl" else None)
     return DistEnv(rank, local_rank, world_size, local_world_size, device)
 
 

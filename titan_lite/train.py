@@ -356,7 +356,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg = parse_or_exit(argv)  # every config problem exits 2 here, before any collective
     if cfg.job.deterministic:
         use_deterministic_algorithms()
-    env = init_distributed(cfg.training.device, cfg.comm.init_timeout_seconds)
+    env = init_distributed(cfg.training.device, cfg.comm.init_timeout_seconds,
+                           host_collectives=cfg.training.enable_cpu_offload)
     if env.device.type == "cpu":  # each step's tensors reuse the last step's pages
         keep_freed_memory()
     code = 0
