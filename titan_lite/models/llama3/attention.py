@@ -47,13 +47,74 @@ def _compiled_flex_attention():
     return torch.compile(flex_attention, dynamic=False)
 
 
+# Compiled FlexAttention's tile sizes. torch's defaults are tuned on A100/H100-class parts
+# (163 / 227 KB of shared memory per block); cards of the same generations with ~99 KB
+# (RTX 3090/4090, A10G, L4, L40) or 64 KB (T4) cannot run them: at head_dim 128 in bf16 the
+# backward asks for 128 KB ("out of resource: shared memory", pytorch#133254). Below that
+# budget the largest tiles whose estimate fits are named explicitly, largest first.
+TUNED_SHARED_MEMORY = 160 * 1024  # at or above: torch's own choice
+_RESERVE = 8 * 1024  # beside the tiles: row statistics, block indices, Triton's scratch
+_FORWARD_TILES = [(128, 64, 3), (64, 64, 3), (64, 64, 2), (64, 32, 2), (32, 32, 2), (32, 16, 1),
+                  (16, 16, 1)]  # (BLOCK_M, BLOCK_N, num_stages)
+_BACKWARD_TILES = [(64, 64, 64, 64, 3), (64, 64, 64, 64, 2), (32, 64, 64, 32, 2),
+                   (32, 64, 64, 32, 1), (32, 32, 32, 32, 1), (16, 16, 16, 16, 1)]
+# (BLOCK_M1, BLOCK_N1, BLOCK_M2, BLOCK_N2, num_stages)
+
+
+def flex_forward_bytes(tiles: tuple[int, int, int], head_dim: int, element_bytes: int) -> int:
+    """Shared memory of the forward kernel: a query tile, and per pipeline stage a key and a
+    value tile."""
+    block_m, block_n, stages = tiles
+    return element_bytes * head_dim * (block_m + 2 * stages * block_n)
+
+
+def flex_backward_bytes(tiles: tuple[int, int, int, int, int], head_dim: int,
+                        element_bytes: int) -> int:
+    """Shared memory of the backward kernel, the larger of its two loops: dK/dV (key and value
+    tiles held, query and output-gradient tiles per stage) and dQ (the converse)."""
+    block_m1, block_n1, block_m2, block_n2, stages = tiles
+    rows = max(2 * block_n1 + 2 * stages * block_m1, 2 * block_m2 + 2 * stages * block_n2)
+    return element_bytes * head_dim * rows
+
+
+def flex_kernel_options(shared_memory: int, head_dim: int, element_bytes: int
+                        ) -> dict[str, int] | None:
+    """FlexAttention ``kernel_options`` for a GPU with ``shared_memory`` bytes per block
+    (``shared_memory_per_block_optin``); None: torch's defaults fit."""
+    if shared_memory >= TUNED_SHARED_MEMORY:
+        return None
+    head_dim = 1 << (head_dim - 1).bit_length()  # the kernels pad head_dim to a power of 2
+    budget = shared_memory - _RESERVE
+    forward = next((t for t in _FORWARD_TILES
+                    if flex_forward_bytes(t, head_dim, element_bytes) <= budget),
+                   _FORWARD_TILES[-1])
+    backward = next((t for t in _BACKWARD_TILES
+                     if flex_backward_bytes(t, head_dim, element_bytes) <= budget),
+                    _BACKWARD_TILES[-1])
+    return {"fwd_BLOCK_M": forward[0], "fwd_BLOCK_N": forward[1], "fwd_num_stages": forward[2],
+            **{f"bwd_{key}": value for key, value in zip(
+                ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2", "num_stages"), backward)}}
+
+
+@functools.cache
+def _device_kernel_options(device: torch.device, head_dim: int, element_bytes: int
+                           ) -> dict[str, int] | None:
+    properties = torch.cuda.get_device_properties(device)
+    shared_memory = getattr(properties, "shared_memory_per_block_optin", None)
+    if shared_memory is None:  # (an older torch): leave the choice to torch
+        return None
+    return flex_kernel_options(shared_memory, head_dim, element_bytes)
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
     """Scaled dot-product attention of (batch, heads, seq, head_dim) tensors under ``mask``."""
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     if isinstance(mask, BlockMask):
-        flex = _compiled_flex_attention() if q.device.type == "cuda" else flex_attention
-        return flex(q, k, v, block_mask=mask)
+        if q.device.type != "cuda":
+            return flex_attention(q, k, v, block_mask=mask)
+        options = _device_kernel_options(q.device, q.shape[-1], q.element_size())
+        return _compiled_flex_attention()(q, k, v, block_mask=mask, kernel_options=options)
     if mask.is_floating_point() and mask.dtype != q.dtype:  # e.g. bf16 autocast
         mask = mask.to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
