@@ -143,3 +143,36 @@ def test_flops_per_token_counts_matmuls_and_attention():
 def test_sequence_longer_than_rope_table_is_refused():
     with pytest.raises(ValueError, match="exceeds max_seq_len"):
         build()(torch.zeros(1, TINY.max_seq_len + 1, dtype=torch.long))
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["causal", "packed"])
+def test_grouped_query_attention_keeps_no_expanded_keys_for_backward(packed):
+    """The attention kernels share each kv head among its query heads: what autograd keeps
+    for backward is the same as MHA's less the keys and values of the heads GQA does not have
+    (an expanded copy would cost as much as MHA's)."""
+    from titan_lite.models.llama3.model import Attention
+
+    def saved_bytes(n_kv_heads: int) -> int:
+        args = replace(TINY, n_heads=8, n_kv_heads=n_kv_heads)
+        attention = Attention(args)
+        x = torch.randn(2, 32, args.dim)
+        rope = rope_table(args, 32)
+        mask = None
+        if packed:  # two samples per row: the additive document mask of the CPU path
+            from titan_lite.models.llama3.attention import document_mask
+            mask = document_mask(torch.arange(32).remainder(16).expand(2, 32))
+        total = 0
+
+        def pack(tensor):
+            nonlocal total
+            if not isinstance(tensor, torch.nn.Parameter) and tensor.data_ptr() != mask_ptr:
+                total += tensor.numel() * tensor.element_size()
+            return tensor
+
+        mask_ptr = mask.data_ptr() if mask is not None else -1
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            attention(x, rope, mask)
+        return total
+
+    kv_bytes = 2 * 32 * (64 // 8) * 4  # one head's keys (or values) for the batch, float32
+    assert saved_bytes(2) <= saved_bytes(8) - 2 * 6 * kv_bytes

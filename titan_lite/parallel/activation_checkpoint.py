@@ -31,6 +31,9 @@ for _name in ("_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_
               "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention"):
     if hasattr(torch.ops.aten, _name):
         _SAVE_OPS.add(getattr(torch.ops.aten, _name).default)
+# FlexAttention (packed instruction data on CUDA) is a higher-order op, not an aten one. (Its
+# eager CPU form has no backward, so only a GPU run exercises this: bench/gpu_check.)
+_SAVE_OPS.add(torch.ops.higher_order.flex_attention)
 
 
 def _save_expensive_ops(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:

@@ -33,12 +33,19 @@ def document_mask(positions: torch.Tensor) -> AttentionMask:
         def same_sample_causal(b, h, q, k):
             return (ids[b, q] == ids[b, k]) & (k <= q)
 
-        return create_block_mask(same_sample_causal, batch, None, seq, seq,
-                                 device=positions.device)
+        return _compiled_create_block_mask()(same_sample_causal, batch, None, seq, seq,
+                                             device=positions.device)
     causal = torch.ones(seq, seq, dtype=torch.bool, device=positions.device).tril()
     allowed = ((ids[:, :, None] == ids[:, None, :]) & causal)[:, None]
     return torch.zeros(allowed.shape, device=positions.device).masked_fill_(~allowed,
                                                                             float("-inf"))
+
+
+@functools.cache
+def _compiled_create_block_mask():
+    # Eager, it evaluates the mask at every (query, key) pair: a batch x seq x seq boolean
+    # tensor per forward (0.5 GiB at 8 x 8192); compiled, it works block by block.
+    return torch.compile(create_block_mask)
 
 
 @functools.cache
@@ -107,17 +114,22 @@ def _device_kernel_options(device: torch.device, head_dim: int, element_bytes: i
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
-    """Scaled dot-product attention of (batch, heads, seq, head_dim) tensors under ``mask``."""
+    """Scaled dot-product attention of (batch, heads, seq, head_dim) tensors under ``mask``.
+    ``k`` and ``v`` may have fewer heads (grouped-query attention): the kernels share each kv
+    head among its query heads themselves, so no expanded copy is made and kept for backward
+    (4x the keys and values of an 8B)."""
+    gqa = q.shape[1] != k.shape[1]
     if mask is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     if isinstance(mask, BlockMask):
         if q.device.type != "cuda":
-            return flex_attention(q, k, v, block_mask=mask)
+            return flex_attention(q, k, v, block_mask=mask, enable_gqa=gqa)
         options = _device_kernel_options(q.device, q.shape[-1], q.element_size())
-        return _compiled_flex_attention()(q, k, v, block_mask=mask, kernel_options=options)
+        return _compiled_flex_attention()(q, k, v, block_mask=mask, enable_gqa=gqa,
+                                          kernel_options=options)
     if mask.is_floating_point() and mask.dtype != q.dtype:  # e.g. bf16 autocast
         mask = mask.to(q.dtype)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
 class KVCache:

@@ -95,10 +95,7 @@ class Attention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         if cache is not None:
             k, v = cache.update(self.layer_id, k, v)
-        repeats = q.shape[1] // k.shape[1]
-        if repeats > 1:  # grouped-query attention: each kv head serves `repeats` query heads
-            k, v = (t.repeat_interleave(repeats, dim=1) for t in (k, v))
-        out = attend(q, k, v, mask)
+        out = attend(q, k, v, mask)  # (grouped-query attention: fewer kv heads than q heads)
         return self.wo(out.transpose(1, 2).reshape(bsz, seq, -1))
 
     def init_weights(self, std: float) -> None:
