@@ -104,6 +104,15 @@ def test_cpu_offload_gets_a_process_group_that_carries_cpu_tensors(repo_cwd, mon
     assert process_group_backend(use_cuda=False, host_collectives=True) == "gloo"
 
 
+def test_float32_matmul_precision_is_applied(repo_cwd, tmp_path):
+    try:
+        run(repo_cwd, tmp_path, "--training.steps", "1", "--training.seq_len", "32",
+            "--training.float32_matmul_precision", "high")
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision("highest")
+
+
 def _ddp_grads_match_single_process(rank: int, world_size: int) -> None:
     args = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=50, multiple_of=16,
                      max_seq_len=16)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from typing import Any
 
@@ -12,30 +13,63 @@ import torch
 from titan_lite.config import Metrics
 from titan_lite.memory import TensorMemoryTracker
 
-# Dense peak TFLOP/s (bf16 tensor cores, fp32 without TF32) of common GPUs, from vendor sheets.
-GPU_PEAK_TFLOPS: dict[str, dict[torch.dtype, float]] = {
-    "H200": {torch.bfloat16: 989.0, torch.float32: 67.0},
-    "H100 NVL": {torch.bfloat16: 835.0, torch.float32: 60.0},
-    "H100 PCIe": {torch.bfloat16: 756.0, torch.float32: 51.0},
-    "H100": {torch.bfloat16: 989.0, torch.float32: 67.0},  # SXM
-    "A100": {torch.bfloat16: 312.0, torch.float32: 19.5},
-    "A10G": {torch.bfloat16: 70.0, torch.float32: 31.2},
-    "L40S": {torch.bfloat16: 362.0, torch.float32: 91.6},
-    "L4": {torch.bfloat16: 121.0, torch.float32: 30.3},
-    "RTX 4090": {torch.bfloat16: 165.0, torch.float32: 82.6},
-    "RTX 3090": {torch.bfloat16: 71.0, torch.float32: 35.6},
-    "V100": {torch.bfloat16: 125.0, torch.float32: 15.7},  # fp16 tensor cores
+# Dense peak TFLOP/s of common GPUs, from vendor sheets: (16-bit tensor cores with float32
+# accumulation, float32 without TF32). bfloat16 and float16 run at the same tensor-core rate on
+# these parts; T4 and RTX 20xx (Turing) have float16 tensor cores only. TF32 runs at half the
+# 16-bit rate on every part here that has it.
+GPU_PEAK_TFLOPS: dict[str, tuple[float, float]] = {
+    "B200": (2250.0, 75.0),
+    "H200": (989.0, 67.0),
+    "H100 NVL": (835.0, 60.0),
+    "H100 PCIe": (756.0, 51.0),
+    "H100": (989.0, 67.0),  # SXM
+    "H800 PCIe": (756.0, 51.0),
+    "H800": (989.0, 67.0),  # SXM
+    "A100": (312.0, 19.5),
+    "A10G": (70.0, 31.2),
+    "A10": (125.0, 31.2),
+    "L40S": (362.0, 91.6),
+    "L40": (181.0, 90.5),
+    "L4": (121.0, 30.3),
+    "RTX 4090": (165.2, 82.6),
+    "RTX 3090 Ti": (80.0, 40.0),
+    "RTX 3090": (71.0, 35.6),
+    "RTX 3080 Ti": (68.2, 34.1),
+    "RTX 3080": (59.5, 29.8),
+    "RTX 3070": (40.6, 20.3),
+    "RTX 3060": (25.6, 12.7),
+    "RTX 2080 Ti": (53.8, 13.4),
+    "RTX 2080": (40.3, 10.1),
+    "RTX 2070": (29.9, 7.5),
+    "RTX 2060": (25.8, 6.5),
+    "T4": (65.0, 8.1),
+    "V100": (125.0, 15.7),  # fp16 tensor cores
 }
 
 
-def gpu_peak_flops(device_name: str, dtype: torch.dtype) -> float | None:
-    """Peak FLOP/s for a CUDA device name such as 'NVIDIA H100 80GB HBM3', or None if unknown."""
-    if dtype == torch.float16:  # the same tensor-core rate as bf16 on these parts
-        dtype = torch.bfloat16
-    for key, peaks in GPU_PEAK_TFLOPS.items():  # the more specific names come first
-        if key in device_name:
-            return peaks[dtype] * 1e12
+def gpu_peak_flops(device_name: str, dtype: torch.dtype,
+                   float32_precision: str = "highest") -> float | None:
+    """Peak FLOP/s for a CUDA device name such as 'NVIDIA H100 80GB HBM3', or None if unknown;
+    ``float32_precision`` (torch's float32 matmul precision): float32 matmuls run on TF32
+    (high) or bfloat16 (medium) tensor cores."""
+    for key, (half, single) in GPU_PEAK_TFLOPS.items():  # the more specific names come first
+        # whole words only: "L4" is not in "NVIDIA L40", nor "A10" in "A100"
+        if re.search(rf"(?<!\w){re.escape(key)}(?!\w)", device_name):
+            if dtype != torch.float32 or float32_precision == "medium":
+                return half * 1e12
+            return (half / 2 if float32_precision == "high" else single) * 1e12
     return None
+
+
+def tf32_advice(capability: tuple[int, int], compute_dtype: torch.dtype,
+                precision: str) -> str | None:
+    """A start-up line when float32 matmuls run at full precision on a GPU with TF32 tensor
+    cores (compute capability 8.0 and later), None otherwise."""
+    if compute_dtype != torch.float32 or precision != "highest" or capability < (8, 0):
+        return None
+    return ("float32 matmuls run without TF32 on this GPU: training.float32_matmul_precision "
+            "= 'high' uses its TF32 tensor cores (~8x the float32 rate), or train in bfloat16 "
+            "(training.mixed_precision_param)")
 
 
 def measure_matmul_flops(dtype: torch.dtype = torch.float32, size: int = 1024,
@@ -59,11 +93,13 @@ def measure_matmul_flops(dtype: torch.dtype = torch.float32, size: int = 1024,
     return best
 
 
-def peak_flops(device: torch.device, dtype: torch.dtype, cfg: Metrics) -> tuple[float | None, str]:
-    """(peak FLOP/s of one rank, where the figure came from) for the MFU column."""
+def peak_flops(device: torch.device, dtype: torch.dtype, cfg: Metrics,
+               float32_precision: str = "highest") -> tuple[float | None, str]:
+    """(peak FLOP/s of one rank, where the figure came from) for the MFU column
+    (``float32_precision``: see ``gpu_peak_flops``)."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        peak = gpu_peak_flops(name, dtype)
+        peak = gpu_peak_flops(name, dtype, float32_precision)
         return peak, f"spec sheet of {name}" if peak else f"unknown GPU {name}: no MFU"
     if cfg.cpu_peak_tflops > 0:
         return cfg.cpu_peak_tflops * 1e12, "metrics.cpu_peak_tflops"
@@ -102,6 +138,8 @@ class MetricsLogger:
         self.memory_tracker = memory_tracker
         self.flops_per_token, self.peak, self.total_steps = flops_per_token, peak, total_steps
         self.start = time.perf_counter()
+        if device.type == "cuda":  # the peak of training, not of loading (e.g. dense NF4 loads)
+            torch.cuda.reset_peak_memory_stats(device)
         self.jsonl = None
         if cfg.enable_jsonl and (rank == 0 or cfg.jsonl_all_ranks):
             folder = os.path.join(dump_folder, "metrics")

@@ -49,7 +49,7 @@ from titan_lite.loss import (
     sum_over_ranks,
 )
 from titan_lite.memory import TensorMemoryTracker
-from titan_lite.metrics import MetricsLogger, peak_flops
+from titan_lite.metrics import MetricsLogger, peak_flops, tf32_advice
 from titan_lite.hf_config import job_model_args
 from titan_lite.host_allocator import keep_freed_memory
 from titan_lite.models.llama3 import Transformer
@@ -253,7 +253,9 @@ def train(cfg: JobConfig, env: DistEnv) -> TrainResult:
     recipe = step_recipe(cfg, dims, env.device)
     pipeline_group = mesh["pp"].get_group() if dims.pp > 1 else None
     tokens_per_step = tokens_per_rank_per_step(cfg, dims, env.world_size)
-    peak, peak_source = peak_flops(env.device, compute_dtype, cfg.metrics)
+    torch.set_float32_matmul_precision(cfg.training.float32_matmul_precision)
+    peak, peak_source = peak_flops(env.device, compute_dtype, cfg.metrics,
+                                   cfg.training.float32_matmul_precision)
     checkpointer, preemption, start_step = None, None, 0
     scaler = build_grad_scaler(compute_dtype == torch.float16, env.device)
     if cfg.checkpoint.enable:
@@ -282,6 +284,11 @@ def train(cfg: JobConfig, env: DistEnv) -> TrainResult:
               f"{cfg.training.seq_len} ({recipe.accumulation} accumulation step(s)) | "
               f"{compute_dtype} compute | MFU peak: {peak_source}")
     log0(env, describe_parameters(model, modules))
+    if env.device.type == "cuda":
+        advice = tf32_advice(torch.cuda.get_device_capability(env.device), compute_dtype,
+                             cfg.training.float32_matmul_precision)
+        if advice:
+            log0(env, advice)
 
     evaluation = build_evaluation(cfg, data, parts, runner, tokenizer, env, recipe, dims)
     if evaluation and start_step == 0 and cfg.validation.at_start:

@@ -155,6 +155,12 @@ class Training:
                                    "CPUOffloadPolicy; turns FSDP on even for one rank).")
     device: str = opt("auto", "auto: CUDA + nccl when present, else CPU + gloo.",
                       choices=["auto", "cuda", "cpu"])
+    float32_matmul_precision: str = opt(
+        "highest", "torch.set_float32_matmul_precision for float32 matmuls: highest (full "
+        "float32), high (TF32 tensor cores on NVIDIA GPUs from A100/RTX 30xx on: ~8x faster, "
+        "10-bit mantissa inputs), medium (bfloat16 inputs). On CPU, oneDNN may also use "
+        "reduced precision for high/medium where the processor supports it.",
+        choices=["highest", "high", "medium"])
 
 
 @dataclass
