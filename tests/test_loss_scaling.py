@@ -105,3 +105,27 @@ def test_ranks_agree_on_skipping_a_step_one_rank_overflowed(tmp_path):
     assert ranks[0]["losses"] == ranks[1]["losses"]
     for rank in ranks:
         assert rank["skipped_steps"] == [2] and rank["loss_scale"] == 2.0**15
+
+
+def test_loss_scaler_follows_torchs_grad_scaler():
+    """Same scale after every step as torch.amp.GradScaler, the reference rule, over a run of
+    overflows and good steps (growth interval shortened to 3), and the same unscaled
+    gradients."""
+    from titan_lite.optim import LossScaler
+
+    ours = LossScaler(enabled=True, growth_interval=3)
+    theirs = torch.amp.GradScaler("cpu", growth_interval=3)
+    param = torch.nn.Parameter(torch.ones(4))
+    optimizer = torch.optim.SGD([param], lr=0.0)
+    for overflow in [False, True, False, False, False, False, True, True, False, False, False]:
+        theirs.scale(torch.ones(()))  # (GradScaler makes its scale tensor here)
+        param.grad = torch.full((4,), float("inf") if overflow else 3.0 * theirs.get_scale())
+        theirs.unscale_(optimizer)
+        expected = param.grad.clone()
+        param.grad = torch.full((4,), float("inf") if overflow else 3.0 * ours.get_scale())
+        ours.unscale_([param])
+        torch.testing.assert_close(param.grad, expected, rtol=0, atol=0)
+        theirs.step(optimizer)
+        theirs.update()
+        ours.update(found_inf=overflow)
+        assert ours.get_scale() == theirs.get_scale()

@@ -33,6 +33,7 @@ from titan_lite.config import Checkpoint
 from titan_lite.data import PackedDataLoader
 from titan_lite.distributed import barrier, local_shard
 from titan_lite.finetune.nf4 import is_quantized
+from titan_lite.optim import LossScaler
 from titan_lite.parallel.init import write_shard
 
 _STEP_FOLDER = re.compile(r"step-(\d+)")
@@ -113,7 +114,7 @@ class Checkpointer:
                  optimizer: torch.optim.Optimizer,
                  scheduler: torch.optim.lr_scheduler.LRScheduler, loader: PackedDataLoader,
                  frozen_base: dict[str, torch.Tensor] | None = None,
-                 save_frozen: bool = True, grad_scaler: torch.amp.GradScaler | None = None,
+                 save_frozen: bool = True, grad_scaler: LossScaler | None = None,
                  device: torch.device = torch.device("cpu")):
         """``device``: the rank's compute device, whose RNG (e.g. LoRA dropout's on a GPU) is
         stored beside the CPU's. ``frozen_base``: the fingerprint (``finetune.base_fingerprint``) of a frozen base the
@@ -150,7 +151,7 @@ class Checkpointer:
         if self.grad_scaler:
             scaler = self.grad_scaler.state_dict()  # the scale and its count of good steps
             state["train.loss_scale"] = torch.tensor(
-                [scaler["scale"], scaler["_growth_tracker"]], dtype=torch.float64)
+                [scaler["scale"], scaler["good_steps"]], dtype=torch.float64)
         return state
 
     def save(self, step: int) -> None:
@@ -245,8 +246,7 @@ class Checkpointer:
         set_rng_state(state, self.device, _rank())
         if self.grad_scaler:
             scale, good_steps = state["train.loss_scale"].tolist()
-            self.grad_scaler.load_state_dict({**self.grad_scaler.state_dict(), "scale": scale,
-                                              "_growth_tracker": int(good_steps)})
+            self.grad_scaler.load_state_dict({"scale": scale, "good_steps": good_steps})
 
 
 _RNG_PREFIX = "train.rng."

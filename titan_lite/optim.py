@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 from torch.distributed.tensor import DTensor
 
 from titan_lite.config import LRScheduler, Optimizer
@@ -44,23 +42,58 @@ def clip_gradients(parameters: list[torch.Tensor], max_norm: float,
     return total_norm
 
 
-def build_grad_scaler(enabled: bool, device: torch.device) -> torch.amp.GradScaler:
-    """Dynamic loss scaling for float16 compute (a disabled scaler passes everything through).
+class LossScaler:
+    """Dynamic loss scaling for float16 compute (disabled: a scale of 1 that never changes).
 
     float16 gradients of small values underflow to zero, so the loss is multiplied by a large
     scale (2^16 at first) and the gradients divided by it before clipping; a step whose
     gradients hold an inf or NaN (the scale was too large) is skipped and the scale halved; after
-    2,000 good steps it doubles. With a process group, torch's ShardedGradScaler all-reduces
-    its overflow flag, so every rank's scale stays the same (it also takes the gradients of
-    CPU-offloaded parameters)."""
-    if enabled and dist.is_initialized():
-        return ShardedGradScaler(device.type, process_group=dist.group.WORLD)
-    return torch.amp.GradScaler(device.type, enabled=enabled)
+    2,000 good steps it doubles: torch.amp.GradScaler's rule and defaults. Unlike GradScaler,
+    the gradients are unscaled in place on whatever device holds them, with no flag tensors
+    copied between devices (torch's ShardedGradScaler copies them to the host without waiting,
+    which a CPU-offloaded gradient's kernel then reads early), and the skip decision is the
+    caller's: the global gradient norm, which every rank computes alike, is finite or not."""
 
+    def __init__(self, enabled: bool, init_scale: float = 2.0**16, growth_factor: float = 2.0,
+                 backoff_factor: float = 0.5, growth_interval: int = 2000):
+        self.enabled = enabled
+        self.scale = init_scale if enabled else 1.0
+        self.growth_factor, self.backoff_factor = growth_factor, backoff_factor
+        self.growth_interval = growth_interval
+        self.good_steps = 0  # since the scale last changed
 
-# Unscaling DTensor gradients mixes in the scaler's one-element tensors, which DTensor
-# replicates as intended but warns about on every step.
-warnings.filterwarnings("ignore", message="Found a non-scalar tensor with numel=1 and ndim!=0")
+    def is_enabled(self) -> bool:
+        return self.enabled
+
+    def get_scale(self) -> float:
+        return self.scale
+
+    @torch.no_grad()
+    def unscale_(self, parameters: list[torch.Tensor]) -> None:
+        """Divide the gradients by the scale, in place."""
+        if self.enabled:
+            for param in parameters:
+                if param.grad is not None:
+                    param.grad.mul_(1.0 / self.scale)
+
+    def update(self, found_inf: bool) -> None:
+        """After a step: halve the scale on an overflow, double it after enough good steps."""
+        if not self.enabled:
+            return
+        if found_inf:
+            self.scale *= self.backoff_factor
+            self.good_steps = 0
+            return
+        self.good_steps += 1
+        if self.good_steps == self.growth_interval:
+            self.scale *= self.growth_factor
+            self.good_steps = 0
+
+    def state_dict(self) -> dict[str, float]:
+        return {"scale": self.scale, "good_steps": self.good_steps}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.scale, self.good_steps = float(state["scale"]), int(state["good_steps"])
 
 
 def lr_factor(step: int, total_steps: int, cfg: LRScheduler) -> float:

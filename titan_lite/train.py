@@ -54,7 +54,7 @@ from titan_lite.hf_config import job_model_args
 from titan_lite.host_allocator import keep_freed_memory
 from titan_lite.models.llama3 import Transformer
 from titan_lite.optim import (
-    build_grad_scaler,
+    LossScaler,
     build_lr_scheduler,
     build_optimizer,
     clip_gradients,
@@ -141,7 +141,7 @@ def step_recipe(cfg: JobConfig, dims: ParallelDims, device: torch.device) -> Ste
 
 def forward_backward(runner: torch.nn.Module | Pipeline, next_batch: Callable[[], Batch],
                      device: torch.device, recipe: StepRecipe,
-                     scaler: torch.amp.GradScaler | None = None) -> torch.Tensor:
+                     scaler: LossScaler | None = None) -> torch.Tensor:
     """Forward and backward over one step's micro-batches, leaving in ``.grad`` the gradients
     of the mean loss over every target token of the global batch (titan_lite.loss), times
     float16's loss scale when ``scaler`` is enabled. Returns this rank's share of that mean,
@@ -152,8 +152,8 @@ def forward_backward(runner: torch.nn.Module | Pipeline, next_batch: Callable[[]
     loss_scale = recipe.grad_scale / global_target_count([b.labels for b in batches],
                                                          recipe.label_copies)
     unscale = recipe.grad_scale
-    if scaler is not None:  # (a disabled scaler passes the loss through, at scale 1)
-        loss_scale, unscale = scaler.scale(loss_scale), unscale * scaler.get_scale()
+    if scaler is not None:  # (a disabled scaler's scale is 1)
+        loss_scale, unscale = loss_scale * scaler.get_scale(), unscale * scaler.get_scale()
     if isinstance(runner, Pipeline):  # no accumulation: the schedule splits the batch
         with recipe.autocast, recipe.loss_context():
             return full_tensor(runner.step(batches[0], loss_scale)) / unscale
@@ -174,17 +174,16 @@ def forward_backward(runner: torch.nn.Module | Pipeline, next_batch: Callable[[]
 
 def optimizer_step(parameters: list[torch.Tensor], optimizer: torch.optim.Optimizer,
                    max_norm: float, pipeline_group: dist.ProcessGroup | None,
-                   scaler: torch.amp.GradScaler) -> tuple[torch.Tensor, bool]:
+                   scaler: LossScaler) -> tuple[torch.Tensor, bool]:
     """Unscale (float16), clip, step and free the gradients; returns the gradient norm before
     clipping and whether the step was skipped for inf/NaN gradients (the scale then halves)."""
-    scaler.unscale_(optimizer)  # clipping sees the true gradients
+    scaler.unscale_(parameters)  # clipping sees the true gradients
     grad_norm = clip_gradients(parameters, max_norm, pipeline_group)
-    # The norm covers every rank's shards and stages, so all ranks skip alike. (Not through
-    # scaler.step: it hands a fused AdamW a found-inf flag its kernel cannot broadcast.)
+    # The norm covers every rank's shards and stages, so all ranks skip alike.
     skipped = scaler.is_enabled() and not torch.isfinite(grad_norm).item()
     if not skipped:
         optimizer.step()
-    scaler.update()  # halves the scale after an overflow, doubles it after 2,000 good steps
+    scaler.update(found_inf=skipped)
     optimizer.zero_grad(set_to_none=True)
     return grad_norm, skipped
 
@@ -257,7 +256,7 @@ def train(cfg: JobConfig, env: DistEnv) -> TrainResult:
     peak, peak_source = peak_flops(env.device, compute_dtype, cfg.metrics,
                                    cfg.training.float32_matmul_precision)
     checkpointer, preemption, start_step = None, None, 0
-    scaler = build_grad_scaler(compute_dtype == torch.float16, env.device)
+    scaler = LossScaler(enabled=compute_dtype == torch.float16)
     if cfg.checkpoint.enable:
         # a LoRA run's checkpoints identify the frozen base they were trained on
         frozen_base = base_fingerprint(parts) if cfg.lora.enable else None
