@@ -11,6 +11,7 @@ import time
 
 import pytest
 import torch
+from torch.distributed.checkpoint import FileSystemWriter
 from conftest import CPU_ENV, REPO, python_env
 from dist_helpers import run_distributed
 from layouts import run_layout
@@ -115,6 +116,39 @@ def test_metadata_with_a_pickle_payload_is_refused(repo_cwd, straight, tmp_path)
     with pytest.raises(CheckpointError, match=r"refusing to load (posix|os)\.system"):
         run(tmp_path, "--training.local_batch_size", "4")
     assert not (tmp_path / "pwned").exists() and not os.path.exists(os.path.join(REPO, "pwned"))
+
+
+def _unpickle_metadata(data: bytes):
+    import io
+
+    from titan_lite.checkpoint import _MetadataUnpickler
+
+    return _MetadataUnpickler(io.BytesIO(data)).load()
+
+
+def test_metadata_of_another_torch_version_loads_or_says_why(monkeypatch):
+    """Another torch may write DCP metadata classes this one's list would not name: DCP's own
+    dataclasses and enums load whatever they are called; a class this torch lacks is named,
+    with the likely cause; anything else of DCP's modules is still refused."""
+    import dataclasses
+
+    import torch.distributed.checkpoint.metadata as dcp_metadata
+
+    @dataclasses.dataclass
+    class FutureStorageMeta:
+        checkpoint_id: str = ""
+
+    FutureStorageMeta.__module__ = dcp_metadata.__name__
+    FutureStorageMeta.__qualname__ = "FutureStorageMeta"
+    monkeypatch.setattr(dcp_metadata, "FutureStorageMeta", FutureStorageMeta, raising=False)
+    data = pickle.dumps(FutureStorageMeta("x"))
+    assert _unpickle_metadata(data) == FutureStorageMeta("x")
+    monkeypatch.delattr(dcp_metadata, "FutureStorageMeta")
+    with pytest.raises(pickle.UnpicklingError, match=r"FutureStorageMeta, which this torch "
+                       r"\(.*\) does not have: was the checkpoint written by another torch"):
+        _unpickle_metadata(data)
+    with pytest.raises(pickle.UnpicklingError, match="refusing to load .*FileSystemWriter"):
+        _unpickle_metadata(pickle.dumps(FileSystemWriter))
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):

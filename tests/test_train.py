@@ -190,3 +190,20 @@ def test_tokens_per_rank_count_each_token_of_the_job_once(degrees, world, local_
     dims, problems = resolve_degrees(cfg.parallelism, world)
     assert not problems and local_batch * dims.dp == 4  # the job's batch: 4 x 64 tokens
     assert tokens_per_rank_per_step(cfg, dims, world) == 4 * 64 // world
+
+
+def _timeout_without_private_api(rank: int, world_size: int) -> None:
+    import torch.distributed.distributed_c10d as c10d
+
+    from titan_lite.distributed import set_collective_timeout
+
+    assert set_collective_timeout(5, None) is None  # this torch has the private function
+    del c10d._set_pg_timeout  # as if a later torch renamed it
+    message = set_collective_timeout(5, None)
+    assert message.startswith("comm.train_timeout_seconds is not applied: this torch")
+
+
+def test_a_torch_without_the_private_timeout_api_trains_and_says_so():
+    """titan_lite imports without torch's private _set_pg_timeout, and the run says that the
+    shorter training timeout is not applied."""
+    run_distributed(_timeout_without_private_api, 1)

@@ -12,6 +12,9 @@ but DCP's own metadata classes.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import enum
+import importlib
 import os
 import pickle
 import re
@@ -49,14 +52,14 @@ class CheckpointError(RuntimeError):
 
 
 class _MetadataUnpickler(pickle.Unpickler):
-    """Unpickles DCP's .metadata and nothing else: only the classes DCP writes there, torch
-    sizes, dtypes and layouts, paths and plain containers, so a crafted file cannot run code."""
+    """Unpickles DCP's .metadata and nothing else: DCP's own plain data classes (dataclasses
+    and enums of its metadata modules, whichever this torch has: another torch version may
+    write classes this list would not name), torch sizes, dtypes and layouts, paths and plain
+    containers, so a crafted file cannot run code."""
 
+    _DCP_MODULES = ("torch.distributed.checkpoint.metadata",
+                    "torch.distributed.checkpoint.filesystem")
     _ALLOWED = {
-        "torch.distributed.checkpoint.metadata": {
-            "Metadata", "MetadataIndex", "ChunkStorageMetadata", "TensorStorageMetadata",
-            "BytesStorageMetadata", "TensorProperties", "StorageMeta", "_MEM_FORMAT_ENCODING"},
-        "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
         "torch.serialization": {"_get_layout"},  # maps a layout's name to torch.layout
         "pathlib": {"PosixPath", "PurePosixPath"},
         "collections": {"OrderedDict"},
@@ -68,7 +71,17 @@ class _MetadataUnpickler(pickle.Unpickler):
         if module == "torch" and (name == "Size" or isinstance(
                 getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format))):
             return getattr(torch, name)
-        if name in self._ALLOWED.get(module, ()):
+        if module in self._DCP_MODULES:
+            found = getattr(importlib.import_module(module), name, None)
+            if isinstance(found, type) and (dataclasses.is_dataclass(found)
+                                            or issubclass(found, enum.Enum)):
+                return found
+            if found is None:
+                raise pickle.UnpicklingError(
+                    f"checkpoint metadata names {module}.{name}, which this torch "
+                    f"({torch.__version__}) does not have: was the checkpoint written by "
+                    "another torch version? Load it with that version")
+        elif name in self._ALLOWED.get(module, ()):
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} from checkpoint "
                                      "metadata")

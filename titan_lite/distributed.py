@@ -13,7 +13,6 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.distributed_c10d import _set_pg_timeout
 from torch.distributed.tensor import DTensor
 
 T = TypeVar("T")
@@ -75,14 +74,25 @@ def init_distributed(device_choice: str, timeout_s: float = 600,
     return DistEnv(rank, local_rank, world_size, local_world_size, device)
 
 
-def set_collective_timeout(seconds: float, mesh: DeviceMesh | None) -> None:
+def set_collective_timeout(seconds: float, mesh: DeviceMesh | None) -> str | None:
     """From now on a collective of the job's groups (the default one and each of ``mesh``'s
-    dims) waits at most ``seconds`` for the other ranks (comm.train_timeout_seconds)."""
+    dims) waits at most ``seconds`` for the other ranks (comm.train_timeout_seconds). All ranks
+    first meet (under the start-up timeout), so none is still starting up when its peers begin
+    to wait less. Returns a line to log where this torch cannot change a group's timeout
+    (torch has no public API for it), else None."""
     if not dist.is_initialized():
-        return
+        return None
+    try:
+        from torch.distributed.distributed_c10d import _set_pg_timeout
+    except ImportError:
+        return (f"comm.train_timeout_seconds is not applied: this torch ({torch.__version__}) "
+                "cannot change a process group's timeout; collectives keep "
+                "comm.init_timeout_seconds")
+    dist.barrier()
     groups = [None] + ([mesh.get_group(dim) for dim in range(mesh.ndim)] if mesh else [])
     for group in groups:
         _set_pg_timeout(timedelta(seconds=seconds), group)
+    return None
 
 
 def describe_collective_timeout(error: BaseException) -> str | None:

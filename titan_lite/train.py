@@ -307,7 +307,9 @@ def train(cfg: JobConfig, env: DistEnv) -> TrainResult:
             optimizer_seconds += _synchronized_time(env.device) - optimizer_start
         scheduler.step()  # a skipped step still counts in the schedule, as in torch's recipe
         if step == start_step + 1:  # start-up (caches, loading, the first compile) is over
-            set_collective_timeout(cfg.comm.train_timeout_seconds, mesh)
+            unapplied = set_collective_timeout(cfg.comm.train_timeout_seconds, mesh)
+            if unapplied:
+                log0(env, unapplied)
             if cfg.training.compile:
                 log0(env, f"torch.compile: step {step} took "
                           f"{time.perf_counter() - interval_start:.1f} s, compiling included "
