@@ -79,8 +79,11 @@ def llama2_reference(spm, messages: list[dict]) -> list[int]:
                 for p, a in zip(messages[::2], messages[1::2])], [])
 
 
-@pytest.mark.parametrize("messages", [CONVERSATION, CONVERSATION[1:3]],
-                         ids=["system-multi-turn", "one-turn"])
+@pytest.mark.parametrize("messages", [
+    CONVERSATION, CONVERSATION[1:3],
+    # Meta keeps the system prompt's own whitespace inside <<SYS>> (Hugging Face's template too)
+    [{"role": "system", "content": "  Be terse.  "}, *CONVERSATION[1:3]],
+], ids=["system-multi-turn", "one-turn", "system-with-spaces"])
 def test_llama2_ids_equal_metas_chat_completion(spm, messages):
     template = Llama2Template(spm)
     ids, is_target = template.render(messages)

@@ -39,6 +39,19 @@ def test_tokenize_packs_documents_with_bos_and_eos_and_reuses_the_cache(tok, cor
                              log=messages.append) != cache
 
 
+@pytest.mark.parametrize("name, content, message", [
+    ("a.txt", b"In the beginning\nGod cr\xe9ated", r"a.txt:2: not UTF-8 text \(byte 0xe9"),
+    ("a.jsonl", b'{"text": "a"}\n{"text": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n",
+     r"a.jsonl:2: invalid JSON \(nested too deeply\)"),
+    ("a.jsonl", b'{"text": "a"}\n{"text": "\xe9"}\n', r"a.jsonl:2: not UTF-8 text"),
+])
+def test_unreadable_text_is_named_by_file_and_line(tok, tmp_path, name, content, message):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(ValueError, match=message):
+        tokenize_to_cache([str(tmp_path / name)], tok, cache_dir=str(tmp_path / "c"),
+                          log=lambda m: None)
+
+
 def test_bad_jsonl_line_is_named(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"txt": "no"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2: expected a JSON object with a 'text'"):

@@ -8,7 +8,8 @@ from conftest import REPO, TIKTOKEN_PATH
 
 from titan_lite.data import PackedSamples, ValidationLoader, tokenize_samples_to_cache
 from titan_lite.data.chat import Llama3Template
-from titan_lite.data.instruct import Rendering, iter_records
+from titan_lite.data.instruct import Rendering
+from titan_lite.data.records import iter_records
 from titan_lite.data.loader import split_indices
 from titan_lite.loss import IGNORE_INDEX
 from titan_lite.tokenizer import build_tokenizer
@@ -110,6 +111,29 @@ def test_bad_data_names_file_line_and_field_and_leaves_no_cache(tok, tmp_path, c
     with pytest.raises(ValueError, match=message):
         cache_of(tok, str(tmp_path / "a.jsonl"), tmp_path, data_format)
     assert not os.path.exists(tmp_path / "cache") or os.listdir(tmp_path / "cache") == []
+
+
+NESTED = b"[" * 100_000 + b"]" * 100_000
+
+
+@pytest.mark.parametrize("content, message", [
+    # a JSON array per line: every record read, or a refusal naming the line (never 1 of 3)
+    (b'[{"instruction": "a", "output": "b"}]\n' * 3, r"a.jsonl:2: text after the JSON array"),
+    (b'{"instruction": "a", "output": "b"}\n[{"instruction": "a", "output": "b"}]\n',
+     r"a.jsonl:2: a record must be a JSON object, not an array"),
+    (b'{"instruction": "a", "output": "b"}\n{"instruction": ' + NESTED + b', "output": "b"}\n',
+     r"a.jsonl:2: invalid JSON \(nested too deeply\)"),
+    (b'[{"instruction": "a", "output": "b"},\n {"instruction": ' + NESTED + b'}]',
+     r"a.jsonl:2: invalid JSON \(nested too deeply\)"),
+    (b'{"instruction": "a", "output": "b"}\n{"instruction": "caf\xe9", "output": "b"}\n',
+     r"a.jsonl:2: not UTF-8 text \(byte 0xe9 at column 21\)"),
+    (b'[{"instruction": "a", "output": "b"},\n {"instruction": "caf\xe9", "output": "b"}]',
+     r"a.jsonl:2: not UTF-8 text \(byte 0xe9 at column 22\)"),
+])
+def test_records_are_all_read_or_refused_naming_file_and_line(tok, tmp_path, content, message):
+    (tmp_path / "a.jsonl").write_bytes(content)
+    with pytest.raises(ValueError, match=message):
+        cache_of(tok, str(tmp_path / "a.jsonl"), tmp_path)
 
 
 def test_json_arrays_and_jsonl_read_alike(tmp_path):

@@ -137,7 +137,7 @@ def test_resume_is_exact_with_validation_on(repo_cwd, sft_file, tmp_path):
 # (each message itself, and the others, are tested in process: test_instruct_data.py)
 @pytest.mark.parametrize("content, message", [
     ('{"instruction": "' + "long " * 300 + '", "output": "a"}\n',
-     "data.paths: none of the 1 samples fits training.seq_len 256"),
+     "data.paths ({folder}/sft.jsonl): none of the 1 samples fits training.seq_len 256"),
 ])
 def test_bad_data_through_run_train_exits_2_on_every_rank_with_one_line(tmp_path, content,
                                                                         message):
@@ -149,6 +149,7 @@ def test_bad_data_through_run_train_exits_2_on_every_rank_with_one_line(tmp_path
         cwd=REPO, env=python_env(NGPU="2", LOG_RANK="0,1"), capture_output=True, text=True,
         timeout=180)
     output = result.stdout + result.stderr
+    message = message.format(folder=tmp_path)
     assert result.returncode == 2, output[-3000:]
     for rank in (0, 1):
         assert f"[rank{rank}] error: " in output and message in output, output[-3000:]

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from titan_lite.config import JobConfig
 from titan_lite.data.batch import Batch, Rows
 from titan_lite.data.chat import ChatTemplate, build_chat_template
+from titan_lite.data.instruct import SUFFIXES as INSTRUCT_SUFFIXES
 from titan_lite.data.instruct import (
     PackedSamples,
     Rendering,
@@ -42,10 +43,14 @@ def _cached(cfg: JobConfig, tokenizer: Tokenizer, paths: list[str], key: str,
     return tokenize_samples_to_cache(paths, rendering, d.cache_dir, key, log=log)
 
 
-def _rows(cfg: JobConfig, cache: str, indices=None, key: str = "data.paths") -> Rows:
+def _rows(cfg: JobConfig, cache: str, indices=None, key: str = "data.paths",
+          paths: list[str] | None = None) -> Rows:
+    """The rows of ``cache``; ``key`` and the files of ``paths`` name the data in errors."""
     if cfg.data.format == "text":
         return TextRows(cache, cfg.training.seq_len, indices)
-    return PackedSamples(cache, cfg.training.seq_len, cfg.data.overlong, indices, key)
+    files = corpus_files(paths if paths is not None else cfg.data.paths, INSTRUCT_SUFFIXES, key)
+    source = f"{key} ({', '.join(files[:3])}{', ...' if len(files) > 3 else ''})"
+    return PackedSamples(cache, cfg.training.seq_len, cfg.data.overlong, indices, source)
 
 
 def _split(cfg: JobConfig, cache: str) -> tuple[Rows, Rows]:
@@ -76,7 +81,8 @@ def build_data(cfg: JobConfig, tokenizer: Tokenizer, local_rank: int, dp_rank: i
         train_rows, held_rows = _split(cfg, train_cache)
     else:
         train_rows = _rows(cfg, train_cache)
-        held_rows = _rows(cfg, held_cache, key="validation.paths") if held_cache else None
+        held_rows = (_rows(cfg, held_cache, key="validation.paths", paths=v.paths)
+                     if held_cache else None)
     for name, rows in (("training", train_rows), ("validation", held_rows)):
         if isinstance(rows, PackedSamples):
             log(f"{name} data: {rows.report}")

@@ -162,7 +162,8 @@ class Llama2Template:
         if messages and messages[0]["role"] == "system":
             if len(messages) < 2 or messages[1]["role"] != "user":
                 raise ValueError("a system message must be followed by a user message")
-            first = {"role": "user", "content": self.B_SYS + messages[0]["content"].strip()
+            # (the system prompt keeps its own whitespace, as in Meta's chat_completion)
+            first = {"role": "user", "content": self.B_SYS + messages[0]["content"]
                      + self.E_SYS + messages[1]["content"]}
             messages = [first, *messages[2:]]
         for i, message in enumerate(messages):

@@ -11,7 +11,6 @@ label that would cross into the next sample and padding are ignored.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -24,48 +23,13 @@ import torch
 
 from titan_lite.data.batch import Batch
 from titan_lite.data.chat import ChatTemplate, record_messages
+from titan_lite.data.records import iter_records
 from titan_lite.data.text import TOKEN_DTYPE, cache_path, corpus_files
 from titan_lite.loss import IGNORE_INDEX
 
 SUFFIXES = (".json", ".jsonl")
-_CACHE_VERSION = "sft-1"  # bump when what is cached changes
+_CACHE_VERSION = "sft-2"  # bump when what is cached changes
 _PROGRESS_EVERY_S = 5.0
-
-
-def _json_array(text: str, file: str) -> Iterator[tuple[int, Any]]:
-    """(line number, item) of a JSON array, with the line each item starts on."""
-    decoder = json.JSONDecoder()
-    pos = text.index("[") + 1
-    while True:
-        while pos < len(text) and text[pos] in " \t\r\n,":
-            pos += 1
-        if pos >= len(text):
-            raise ValueError(f"{file}: the JSON array is not closed with ']'")
-        if text[pos] == "]":
-            return
-        line = text.count("\n", 0, pos) + 1
-        try:
-            item, pos = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{file}:{text.count(chr(10), 0, e.pos) + 1}: invalid JSON "
-                             f"({e.msg})") from None
-        yield line, item
-
-
-def iter_records(file: str) -> Iterator[tuple[int, Any]]:
-    """(line number, record) of a JSON array file or a JSON-lines file."""
-    with open(file, encoding="utf-8") as fh:
-        text = fh.read()
-    if text.lstrip().startswith("["):
-        yield from _json_array(text, file)
-        return
-    for line_no, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            yield line_no, json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{file}:{line_no}: invalid JSON ({e.msg})") from None
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from titan_lite.data.batch import Batch
+from titan_lite.data.records import json_lines, read_text
 from titan_lite.loss import IGNORE_INDEX
 from titan_lite.tokenizer import Tokenizer
 
@@ -42,25 +43,17 @@ def iter_documents(files: list[str], text_field: str) -> Iterator[tuple[str, int
     done = 0
     for file in files:
         if file.endswith(".txt"):
-            with open(file, encoding="utf-8") as fh:
-                text = fh.read()
+            text = read_text(file)
             done += os.path.getsize(file)
             yield text, done
             continue
-        with open(file, encoding="utf-8") as fh:
-            for line_no, line in enumerate(fh, 1):
-                done += len(line.encode("utf-8"))
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                    text = record[text_field]
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise ValueError(f"{file}:{line_no}: expected a JSON object with a "
-                                     f"{text_field!r} string field ({e})") from None
-                if not isinstance(text, str):
-                    raise ValueError(f"{file}:{line_no}: field {text_field!r} is not a string")
-                yield text, done
+        for line_no, record, read in json_lines(file):
+            text = record.get(text_field) if isinstance(record, dict) else None
+            if not isinstance(text, str):
+                raise ValueError(f"{file}:{line_no}: expected a JSON object with a "
+                                 f"{text_field!r} string field")
+            yield text, done + read
+        done += os.path.getsize(file)
 
 
 def cache_path(files: list[str], tokenizer: Tokenizer, settings: str, cache_dir: str,
