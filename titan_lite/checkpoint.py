@@ -130,8 +130,9 @@ class Checkpointer:
                  save_frozen: bool = True, grad_scaler: LossScaler | None = None,
                  device: torch.device = torch.device("cpu")):
         """``device``: the rank's compute device, whose RNG (e.g. LoRA dropout's on a GPU) is
-        stored beside the CPU's. ``frozen_base``: the fingerprint (``finetune.base_fingerprint``) of a frozen base the
-        run does not train; it is stored, and a resume onto another base refuses. The frozen
+        stored beside the CPU's. ``frozen_base``: the fingerprint
+        (``finetune.base_fingerprint``) of a frozen base the run does not train; it is stored,
+        and a resume onto another base refuses. The frozen
         parameters themselves are stored only with ``save_frozen``. ``grad_scaler``: float16's
         loss scale and its count of good steps are stored when it is enabled."""
         self.cfg = cfg

@@ -35,7 +35,7 @@ from titan_lite.finetune import host_parameters
 from titan_lite.loss import cross_entropy_sum
 from titan_lite.hf_config import job_model_args
 from titan_lite.models.llama3 import ModelArgs, Transformer
-from titan_lite.optim import build_optimizer
+from titan_lite.optim import LossScaler, build_optimizer
 from titan_lite.parallel.dims import ParallelDims, build_mesh, resolve_degrees
 from titan_lite.parallel.pp import Pipeline
 from titan_lite.build import build_meta_model, build_model
@@ -145,7 +145,7 @@ def _trace_steps(cfg: JobConfig, args: ModelArgs, dims: ParallelDims, mesh: Devi
     group = mesh["pp"].get_group() if dims.pp > 1 else None
     t = cfg.training
     # float16's loss scaling unscales gradients in place: nothing to trace
-    no_scaling = torch.amp.GradScaler("cpu", enabled=False)
+    no_scaling = LossScaler(enabled=False)
 
     def next_batch() -> Batch:
         tokens = torch.randint(0, args.vocab_size, (t.local_batch_size, t.seq_len + 1))
