@@ -93,6 +93,36 @@ def job(tmp_path, base: str, *extra: str) -> list[str]:
             "--model.init_from", base, "--lora.base_dtype", "float32", *LORA, *extra]
 
 
+def test_peft_export_of_adapters_on_a_titan_lite_checkpoint_names_a_base_peft_loads(
+        repo_cwd, tmp_path):
+    """A base given as a titan_lite checkpoint (e.g. imported from a Hugging Face folder, or
+    pretrained here) is no base peft can load: the export refuses without --base, saying what
+    to give; with --base the adapter folder loads in peft on its own."""
+    hf_base = base_folder(tmp_path / "base", seed=1)
+    checkpoint = str(tmp_path / "base_ckpt")
+    subprocess.run([sys.executable, "-m", "titan_lite.hf", "import", "--hf", hf_base, "--out",
+                    checkpoint], cwd=REPO, env=python_env(), check=True, capture_output=True)
+    argv = job(tmp_path, checkpoint, "--training.steps", "2")
+    result = train(load_config(argv), CPU_ENV)
+
+    def export(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "titan_lite.hf", "export", *argv,
+                               "--format", "peft", "--out", str(tmp_path / "peft"), *extra],
+                              cwd=REPO, env=python_env(), capture_output=True, text=True,
+                              timeout=120)
+
+    refused = export()
+    assert refused.returncode == 2
+    assert f"the base is the titan_lite checkpoint {checkpoint}, which peft cannot load: " \
+           "give --base" in refused.stderr
+    assert export("--base", hf_base).returncode == 0
+    on_base = peft.AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "peft")).eval()
+    tokens = torch.randint(0, 2256, (2, 32), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(on_base(tokens).logits, result.model_parts[0](tokens),
+                                   rtol=0, atol=1e-4)
+
+
 def test_resume_is_exact_holds_only_adapters_refuses_another_base_and_exports(
         repo_cwd, tmp_path):
     base = base_folder(tmp_path / "base", seed=1)
@@ -121,8 +151,8 @@ def test_resume_is_exact_holds_only_adapters_refuses_another_base_and_exports(
                                 env=python_env(), capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr[-2000:]
     merged = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "merged").eval()
-    on_base = peft.PeftModel.from_pretrained(
-        transformers.LlamaForCausalLM.from_pretrained(base), str(tmp_path / "peft")).eval()
+    # peft finds the base by itself: adapter_config.json names the Hugging Face folder
+    on_base = peft.AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "peft")).eval()
     assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["r"] == 4
     with torch.no_grad():
         for model in (merged, on_base):

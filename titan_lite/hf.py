@@ -23,7 +23,7 @@ from torch.distributed.tensor import DTensor
 from titan_lite.finetune.lora import LoRALinear, base_parameters
 from titan_lite.finetune.nf4 import is_quantized
 from titan_lite.finetune.nf4 import dequantized, write_quantized
-from titan_lite.hf_config import args_from_hf_config, job_model_args
+from titan_lite.hf_config import args_from_hf_config, has_config_json, job_model_args
 from titan_lite.models.llama3 import ModelArgs
 from titan_lite.parallel.init import local_offset
 
@@ -261,6 +261,24 @@ def import_checkpoint(argv: list[str] | None = None) -> None:
     print(f"wrote {args.hf} ({len(state)} tensors) as a titan_lite checkpoint: {args.out}")
 
 
+def peft_base(base: str, init_from: str) -> str:
+    """What a PEFT export names as its base (``base_model_name_or_path``): ``base`` (--base),
+    else ``init_from`` when peft can load it (a Hugging Face folder, as an absolute path);
+    ValueError saying what to do otherwise."""
+    from titan_lite.checkpoint import is_checkpoint
+
+    if base:
+        return base
+    if has_config_json(init_from) and not is_checkpoint(init_from):
+        return os.path.abspath(init_from)
+    what = (f"the titan_lite checkpoint {init_from}" if init_from
+            else "drawn from job.seed (model.init_from is empty)")
+    raise ValueError(f"--format peft: the base is {what}, which peft cannot load: give --base "
+                     "the Hugging Face folder or hub name it came from, or export it first "
+                     "(python -m titan_lite.hf export --config <its job> --out BASE) and give "
+                     "--base BASE")
+
+
 def export_checkpoint(argv: list[str] | None = None) -> None:
     """``python -m titan_lite.hf export --config JOB.toml [--step N] [--format merged|peft]
     --out FOLDER [overrides]``: write a titan_lite checkpoint of that job as a Hugging Face
@@ -283,6 +301,10 @@ def export_checkpoint(argv: list[str] | None = None) -> None:
                         help="a LoRA job: merged = a plain Hugging Face Llama folder with the "
                         "adapters merged into the base (in lora.base_dtype); peft = a PEFT "
                         "adapter folder for the base of model.init_from")
+    parser.add_argument("--base", default="",
+                        help="--format peft: the Hugging Face folder or hub name of the base "
+                        "(adapter_config.json's base_model_name_or_path, which peft loads); "
+                        "default: model.init_from when it is a Hugging Face folder")
     args, job_argv = parser.parse_known_args(argv)
     try:
         cfg = load_config(job_argv)
@@ -306,7 +328,11 @@ def export_checkpoint(argv: list[str] | None = None) -> None:
         except (OSError, ValueError, CheckpointError) as e:
             parser.exit(2, f"error: {e}\n")
         if args.format == "peft":
-            save_peft(model, model_args, args.out, cfg.model.init_from)
+            try:
+                base = peft_base(args.base, cfg.model.init_from)
+            except ValueError as e:
+                parser.exit(2, f"error: {e}\n")
+            save_peft(model, model_args, args.out, base)
             print(f"wrote the adapters of {checkpoint} as a PEFT adapter folder: {args.out}")
             return
         state = merge_adapters({name: dequantized(p.detach()) for name, p in
