@@ -140,10 +140,21 @@ def test_ddp_gradients_equal_single_process_gradients():
     run_distributed(_ddp_grads_match_single_process, 2)
 
 
-def run_train_sh(tmp_path, ngpu: int, *overrides: str) -> subprocess.CompletedProcess:
+def run_train_sh(tmp_path, ngpu: int, *overrides: str, **env: str
+                 ) -> subprocess.CompletedProcess:
     return subprocess.run(
         ["./run_train.sh", "--job.dump_folder", str(tmp_path), *SHORT, *overrides], cwd=REPO,
-        env=python_env(NGPU=str(ngpu)), capture_output=True, text=True, timeout=240)
+        env=python_env(**({"NGPU": str(ngpu)} if ngpu else {}), **env), capture_output=True,
+        text=True, timeout=240)
+
+
+# run_train.sh counts the visible GPUs with `python -c "...torch.cuda.device_count()"`: this
+# makes that count (only in `python -c` processes) what FAKE_VISIBLE_GPUS says.
+FAKE_GPUS = """import os, sys
+if os.environ.get("FAKE_VISIBLE_GPUS") and sys.argv == ["-c"]:
+    import torch
+    torch.cuda.device_count = lambda: int(os.environ["FAKE_VISIBLE_GPUS"])
+"""
 
 
 def jsonl_losses(folder) -> list[float]:
@@ -156,10 +167,18 @@ def test_run_train_sh_one_and_two_ranks_give_the_same_losses(tmp_path):
     one = run_train_sh(tmp_path / "one", 1, "--training.steps", "3", "--metrics.log_freq", "1")
     assert one.returncode == 0, one.stderr[-3000:]
     assert "step     3/3" in one.stdout
-    # Two FSDP ranks (the default layout) with half the local batch each see the same batch.
-    two = run_train_sh(tmp_path / "two", 2, "--training.steps", "3", "--metrics.log_freq", "1",
-                       "--training.local_batch_size", "2")
+    # Two FSDP ranks (the default layout) with half the local batch each see the same batch;
+    # without NGPU, as on a machine where two GPUs are visible (emulated: see FAKE_GPUS).
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(FAKE_GPUS)
+    two = run_train_sh(tmp_path / "two", 0, "--training.steps", "3", "--metrics.log_freq", "1",
+                       "--training.local_batch_size", "2", FAKE_VISIBLE_GPUS="2",
+                       PYTHONPATH=str(tmp_path / "site"))
     assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.startswith("run_train.sh: 2 GPUs visible: launching 2 processes")
+    # the console is kept beside the run's outputs, as it was shown
+    logs = list((tmp_path / "two" / "logs").glob("run-*.log"))
+    assert len(logs) == 1 and "[rank0]:step     3/3" in logs[0].read_text()
     # a clean exit (no exit-time abort of the process group); every other multi-rank launch of
     # the suite checks its exit status too
     assert "terminate called" not in two.stderr
