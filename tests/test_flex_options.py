@@ -72,3 +72,24 @@ def test_options_come_from_the_devices_properties_and_flex_accepts_them(monkeypa
     mask = create_block_mask(lambda b, h, qi, ki: ki <= qi, None, None, 128, 128, device="cpu")
     torch.testing.assert_close(flex_attention(q, k, v, block_mask=mask, kernel_options=options),
                                flex_attention(q, k, v, block_mask=mask))
+
+
+@pytest.mark.slow  # one Inductor compile on this CPU: ~25 s
+def test_the_compiled_block_mask_equals_the_eager_one_batch_after_batch():
+    """CUDA builds the packed samples' block mask with a compiled create_block_mask (eager, it
+    materialises batch x seq x seq booleans); here on CPU, for two batches of other sample
+    lengths through the one compiled function, against the eager build and the dense mask."""
+    from titan_lite.models.llama3.attention import document_block_mask, sample_ids
+
+    for lengths in ([100, 156, 256], [300, 212]):
+        positions = torch.cat([torch.arange(n) for n in lengths]).expand(2, 512)
+        compiled = document_block_mask(positions)
+        ids = sample_ids(positions)
+
+        def same_sample_causal(b, h, q, k):
+            return (ids[b, q] == ids[b, k]) & (k <= q)
+
+        eager = create_block_mask(same_sample_causal, 2, None, 512, 512, device="cpu")
+        assert torch.equal(compiled.to_dense(), eager.to_dense())
+        assert torch.equal(compiled.kv_num_blocks, eager.kv_num_blocks)
+        assert torch.equal(compiled.kv_indices, eager.kv_indices)

@@ -27,18 +27,26 @@ def sample_ids(positions: torch.Tensor) -> torch.Tensor:
 
 def document_mask(positions: torch.Tensor) -> AttentionMask:
     """Causal attention that never crosses from one packed sample into another."""
-    ids = sample_ids(positions)
-    batch, seq = positions.shape
     if positions.device.type == "cuda":
-        def same_sample_causal(b, h, q, k):
-            return (ids[b, q] == ids[b, k]) & (k <= q)
-
-        return _compiled_create_block_mask()(same_sample_causal, batch, None, seq, seq,
-                                             device=positions.device)
+        return document_block_mask(positions)
+    ids = sample_ids(positions)
+    seq = positions.shape[1]
     causal = torch.ones(seq, seq, dtype=torch.bool, device=positions.device).tril()
     allowed = ((ids[:, :, None] == ids[:, None, :]) & causal)[:, None]
     return torch.zeros(allowed.shape, device=positions.device).masked_fill_(~allowed,
                                                                             float("-inf"))
+
+
+def document_block_mask(positions: torch.Tensor) -> BlockMask:
+    """``document_mask`` as FlexAttention's block mask (what CUDA uses)."""
+    ids = sample_ids(positions)
+    batch, seq = positions.shape
+
+    def same_sample_causal(b, h, q, k):
+        return (ids[b, q] == ids[b, k]) & (k <= q)
+
+    return _compiled_create_block_mask()(same_sample_causal, batch, None, seq, seq,
+                                         device=positions.device)
 
 
 @functools.cache
