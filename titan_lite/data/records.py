@@ -74,13 +74,21 @@ def _json_array(text: str, file: str) -> Iterator[tuple[int, Any]]:
         yield line, item
 
 
+def _starts_with_array(file: str) -> bool:
+    """Whether the first character after any white space is '[' (a JSON array)."""
+    with open(file, "rb") as fh:
+        while chunk := fh.read(2**16):
+            if chunk.strip():
+                return chunk.lstrip().startswith(b"[")
+    return False
+
+
 def iter_records(file: str) -> Iterator[tuple[int, dict]]:
     """(line number, record) of each record, a JSON object, of ``file``: one JSON array of
     records, or JSON lines (one record per line; also in a ``.json`` file, as ``datasets``'
     to_json writes them)."""
-    text = read_text(file)
-    if text.lstrip().startswith("["):
-        records: Iterator[tuple[int, Any]] = _json_array(text, file)
+    if _starts_with_array(file):
+        records: Iterator[tuple[int, Any]] = _json_array(read_text(file), file)
     else:
         records = ((line, value) for line, value, _ in json_lines(file))
     for line, record in records:
