@@ -129,6 +129,8 @@ NESTED = b"[" * 100_000 + b"]" * 100_000
      r"a.jsonl:2: not UTF-8 text \(byte 0xe9 at column 21\)"),
     (b'[{"instruction": "a", "output": "b"},\n {"instruction": "caf\xe9", "output": "b"}]',
      r"a.jsonl:2: not UTF-8 text \(byte 0xe9 at column 22\)"),
+    (b'[{"instruction": "a", "output": "b"},\n\n {"instruction": }]',
+     r"a.jsonl:3: invalid JSON \(Expecting value\)"),
 ])
 def test_records_are_all_read_or_refused_naming_file_and_line(tok, tmp_path, content, message):
     (tmp_path / "a.jsonl").write_bytes(content)

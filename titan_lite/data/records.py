@@ -51,12 +51,13 @@ def _json_array(text: str, file: str) -> Iterator[tuple[int, Any]]:
     """(line number, item) of the JSON array ``text``, with the line each item starts on."""
     decoder = json.JSONDecoder()
     pos = text.index("[") + 1
+    line, counted = 1, 0  # the line of text[counted] (counted on as we go: linear time)
     while True:
         while pos < len(text) and text[pos] in " \t\r\n,":
             pos += 1
         if pos >= len(text):
             raise ValueError(f"{file}: the JSON array is not closed with ']'")
-        line = text.count("\n", 0, pos) + 1
+        line, counted = line + text.count("\n", counted, pos), pos
         if text[pos] == "]":
             rest = text[pos + 1:]
             if rest.strip():
@@ -67,8 +68,8 @@ def _json_array(text: str, file: str) -> Iterator[tuple[int, Any]]:
         try:
             item, pos = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{file}:{text.count(chr(10), 0, e.pos) + 1}: invalid JSON "
-                             f"({e.msg})") from None
+            raise ValueError(f"{file}:{line + text.count(chr(10), counted, e.pos)}: invalid "
+                             f"JSON ({e.msg})") from None
         except RecursionError:
             raise ValueError(f"{file}:{line}: invalid JSON (nested too deeply)") from None
         yield line, item
