@@ -56,9 +56,8 @@ class Model:
 @dataclass
 class Tokenizer:
     kind: str = opt("auto", "tiktoken: Llama 3 BPE file (base64 token + rank per line); "
-                    "sentencepiece: Llama 2 style .model file; huggingface: a tokenizer.json "
-                    "(byte-level BPE, or sentencepiece-style with byte fallback); auto: told "
-                    "apart by the file's contents.", choices=list(KINDS))
+                    "sentencepiece: Llama 2 style .model file; huggingface: a tokenizer.json, run "
+                    "by the tokenizers library; auto: told apart by the file's contents.", choices=list(KINDS))
     path: str = opt("titan_lite/assets/tokenizers/test_tiktoken.model",
                     "Tokenizer file, or a model folder: its original/tokenizer.model, "
                     "tokenizer.model or tokenizer.json, in that order, with bos/eos/pad from "
