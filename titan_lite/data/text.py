@@ -57,9 +57,11 @@ def iter_documents(files: list[str], text_field: str) -> Iterator[tuple[str, int
 
 def cache_path(files: list[str], tokenizer: Tokenizer, settings: str, cache_dir: str,
                suffix: str) -> str:
-    """Cache name keyed on the sources (path, size, mtime), the tokenizer (the contents of its
-    files, its bos/eos ids) and the ``settings`` that change what is cached."""
-    digest = hashlib.sha256(f"{settings}:{tokenizer.bos_id}:{tokenizer.eos_id}".encode())
+    """Cache name keyed on the sources (path, size, mtime), the tokenizer (the engine that
+    reads it, the contents of its files, its bos/eos ids) and the ``settings`` that change what
+    is cached."""
+    digest = hashlib.sha256(f"{settings}:{type(tokenizer).__name__}:{tokenizer.bos_id}:"
+                            f"{tokenizer.eos_id}".encode())
     for tokenizer_file in tokenizer.files:
         with open(tokenizer_file, "rb") as fh:
             digest.update(fh.read())
