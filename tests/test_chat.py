@@ -138,3 +138,60 @@ def test_sharegpt_conversations_map_their_roles():
 def test_bad_records_name_the_field(record, data_format, message):
     with pytest.raises(ValueError, match=message):
         record_messages(record, data_format)
+
+
+# The ChatML template text as Qwen2.5 / SmolLM2 ship it, without the tool-calling branches.
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + "
+          "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt "
+          "%}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def chatml_folder(tmp_path_factory):
+    """A Qwen-style byte-level BPE (Digits + ByteLevel) with ChatML's control tokens."""
+    import json
+
+    from conftest import CORPUS
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    folder = tmp_path_factory.mktemp("chatml")
+    texts = [json.loads(line)["text"] for line in open(CORPUS)][:60]
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(
+            add_prefix_space=False, use_regex=True)])
+    hf.decoder = decoders.ByteLevel()
+    hf.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=800, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    hf.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": None, "eos_token": "<|im_end|>", "chat_template": CHATML}))
+    return folder
+
+
+def test_chatml_equals_transformers_apply_chat_template(chatml_folder):
+    """Ids equal transformers' rendering of the ChatML template text (training and the
+    generation prompt); targets exactly the assistant contents and their <|im_end|>; chosen
+    by auto for a tokenizer with ChatML's control tokens."""
+    from transformers import PreTrainedTokenizerFast
+
+    from titan_lite.data.chat import ChatMLTemplate
+    from titan_lite.tokenizer import build_tokenizer
+
+    reference = PreTrainedTokenizerFast(tokenizer_file=str(chatml_folder / "tokenizer.json"),
+                                        eos_token="<|im_end|>", chat_template=CHATML)
+    tok = build_tokenizer("auto", str(chatml_folder / "tokenizer.json"))
+    template = build_chat_template("auto", tok)
+    assert isinstance(template, ChatMLTemplate)
+    ids, is_target = template.render(CONVERSATION)
+    assert ids == list(reference.apply_chat_template(CONVERSATION, tokenize=True,
+                                                     return_dict=False))
+    assert template.prompt(CONVERSATION[:-1]) == list(reference.apply_chat_template(
+        CONVERSATION[:-1], tokenize=True, add_generation_prompt=True, return_dict=False))
+    end = tok.special_ids["<|im_end|>"]
+    answers = [m["content"] for m in CONVERSATION if m["role"] == "assistant"]
+    expected = sum(([*tok.encode(a, bos=False), end] for a in answers), [])
+    assert [i for i, t in zip(ids, is_target) if t] == expected
+    assert end in template.stop_ids

@@ -56,8 +56,9 @@ class Model:
 @dataclass
 class Tokenizer:
     kind: str = opt("auto", "tiktoken: Llama 3 BPE file (base64 token + rank per line); "
-                    "sentencepiece: Llama 2 style .model file; huggingface: a tokenizer.json, run "
-                    "by the tokenizers library; auto: told apart by the file's contents.", choices=list(KINDS))
+                    "sentencepiece: Llama 2 style .model file; huggingface: a tokenizer.json, "
+                    "run by the tokenizers library; auto: told apart by the file's contents.",
+                    choices=list(KINDS))
     path: str = opt("titan_lite/assets/tokenizers/test_tiktoken.model",
                     "Tokenizer file, or a model folder: its original/tokenizer.model, "
                     "tokenizer.model or tokenizer.json, in that order, with bos/eos/pad from "
@@ -79,9 +80,11 @@ class Data:
                       choices=["text", "alpaca", "chat"])
     chat_template: str = opt("auto", "How conversations become tokens (training and "
                              "`generate --chat`): llama3 (header/eot control tokens), llama2 "
-                             "([INST] ... [/INST], <<SYS>>); auto: llama3 for the tiktoken "
-                             "tokenizer, llama2 for sentencepiece.",
-                             choices=["auto", "llama3", "llama2"])
+                             "([INST] ... [/INST], <<SYS>>), chatml (<|im_start|>role ... "
+                             "<|im_end|>: Qwen, SmolLM2); auto: llama3 when the tokenizer has "
+                             "Llama 3's header tokens, chatml when it has <|im_start|> and "
+                             "<|im_end|>, else llama2.",
+                             choices=["auto", "llama3", "llama2", "chatml"])
     train_on_prompt: bool = opt(False, "Instruction data: also learn the prompt, system and "
                                 "header tokens (by default only the assistant's answers and "
                                 "their end-of-turn token are targets).")

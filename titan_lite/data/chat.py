@@ -2,8 +2,9 @@
 
 Records: Alpaca ``{"instruction", "input"?, "output"}``, chat ``{"messages": [{"role",
 "content"}]}`` and ShareGPT ``{"conversations": [{"from", "value"}]}``. Formats: Llama 3
-(header and end-of-turn control tokens, as Meta's reference ``ChatFormat`` encodes a dialog)
-and Llama 2 (``[INST] ... [/INST]`` with ``<<SYS>>``, as Meta's ``chat_completion`` does).
+(header and end-of-turn control tokens, as Meta's reference ``ChatFormat`` encodes a dialog),
+Llama 2 (``[INST] ... [/INST]`` with ``<<SYS>>``, as Meta's ``chat_completion`` does) and
+ChatML (``<|im_start|>role ... <|im_end|>``: Qwen, SmolLM2 and many others).
 Message text is always encoded as plain text: a user typing ``<|eot_id|>`` gets those
 characters, never the control token.
 """
@@ -17,7 +18,7 @@ from titan_lite.tokenizer import Tokenizer
 Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": text}
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "gpt": "assistant"}
-TEMPLATES = ("llama3", "llama2")
+TEMPLATES = ("llama3", "llama2", "chatml")
 
 
 def _text(record: dict, key: str, required: bool = True) -> str:
@@ -203,10 +204,54 @@ class Llama2Template:
         return ids
 
 
+class ChatMLTemplate:
+    """Per message ``<|im_start|>role\ncontent<|im_end|>\n``, content as given (ChatML
+    templates do not trim), no bos; the targets are the assistant contents and their
+    ``<|im_end|>``. Control tokens by id, text pieces encoded separately."""
+
+    CONTROL = ("<|im_start|>", "<|im_end|>")
+
+    def __init__(self, tokenizer: Tokenizer):
+        missing = [t for t in self.CONTROL if t not in tokenizer.special_ids]
+        if missing:
+            raise ValueError(f"data.chat_template: 'chatml' needs the control tokens "
+                             f"{', '.join(self.CONTROL)}, and this tokenizer lacks "
+                             f"{', '.join(missing)}")
+        self.tokenizer = tokenizer
+        self.start, self.end = (tokenizer.special_ids[t] for t in self.CONTROL)
+        self.stop_ids = {self.end, tokenizer.eos_id}
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, bos=False, eos=False)
+
+    def _header(self, role: str) -> list[int]:
+        return [self.start, *self._encode(f"{role}\n")]
+
+    def render(self, messages: list[Message], train_on_prompt: bool = False
+               ) -> tuple[list[int], list[bool]]:
+        ids: list[int] = []
+        is_target: list[bool] = []
+        for message in messages:
+            header, newline = self._header(message["role"]), self._encode("\n")
+            body = [*self._encode(message["content"]), self.end]
+            learn = train_on_prompt or message["role"] == "assistant"
+            ids += header + body + newline
+            is_target += ([train_on_prompt] * len(header) + [learn] * len(body)
+                          + [train_on_prompt] * len(newline))
+        return ids, is_target
+
+    def prompt(self, messages: list[Message]) -> list[int]:
+        ids, _ = self.render(messages)
+        return ids + self._header("assistant")
+
+
 def build_chat_template(name: str, tokenizer: Tokenizer) -> ChatTemplate:
-    """``name`` 'llama3', 'llama2' or 'auto' (Llama 3's when the tokenizer has its header and
-    end-of-turn tokens, else Llama 2's)."""
+    """``name`` 'llama3', 'llama2', 'chatml' or 'auto' (Llama 3's when the tokenizer has its
+    header and end-of-turn tokens, ChatML when it has ``<|im_start|>`` and ``<|im_end|>``, else
+    Llama 2's)."""
     if name == "auto":
-        name = "llama3" if all(t in tokenizer.special_ids for t in Llama3Template.CONTROL) \
-            else "llama2"
-    return Llama3Template(tokenizer) if name == "llama3" else Llama2Template(tokenizer)
+        name = next((candidate for candidate, template in (("llama3", Llama3Template),
+                                                            ("chatml", ChatMLTemplate))
+                     if all(t in tokenizer.special_ids for t in template.CONTROL)), "llama2")
+    return {"llama3": Llama3Template, "llama2": Llama2Template,
+            "chatml": ChatMLTemplate}[name](tokenizer)
