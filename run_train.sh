@@ -22,12 +22,11 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 
-if ! python -c "import torch" 2>/dev/null; then
+if ! GPUS=$(python -c "import torch; print(torch.cuda.device_count())" 2>/dev/null); then
   echo "run_train.sh: torch is not importable; see README.md (pip install torch==2.13.0 && pip install -e .)" >&2
   exit 2
 fi
 if [[ -z "${NGPU:-}" ]]; then  # as torchrun --nproc-per-node gpu: every visible GPU
-  GPUS=$(python -c "import torch; print(torch.cuda.device_count())")
   NGPU=$(( GPUS > 0 ? GPUS : 1 ))
   if (( GPUS > 1 )); then
     echo "run_train.sh: $GPUS GPUs visible: launching $NGPU processes (NGPU=1 for one)"
