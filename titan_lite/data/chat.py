@@ -18,7 +18,6 @@ from titan_lite.tokenizer import Tokenizer
 Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": text}
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "gpt": "assistant"}
-TEMPLATES = ("llama3", "llama2", "chatml")
 
 
 def _text(record: dict, key: str, required: bool = True) -> str:
