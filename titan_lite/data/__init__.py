@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from titan_lite.config import JobConfig
 from titan_lite.data.batch import Batch, Rows
 from titan_lite.data.chat import ChatTemplate, build_chat_template
-from titan_lite.data.instruct import SUFFIXES as INSTRUCT_SUFFIXES
 from titan_lite.data.instruct import (
     PackedSamples,
     Rendering,
@@ -45,11 +44,11 @@ def _cached(cfg: JobConfig, tokenizer: Tokenizer, paths: list[str], key: str,
 
 def _rows(cfg: JobConfig, cache: str, indices=None, key: str = "data.paths",
           paths: list[str] | None = None) -> Rows:
-    """The rows of ``cache``; ``key`` and the files of ``paths`` name the data in errors."""
+    """The rows of ``cache``; ``key`` and its ``paths`` (files or folders, as configured) name
+    the data in errors."""
     if cfg.data.format == "text":
         return TextRows(cache, cfg.training.seq_len, indices)
-    files = corpus_files(paths if paths is not None else cfg.data.paths, INSTRUCT_SUFFIXES, key)
-    source = f"{key} ({', '.join(files[:3])}{', ...' if len(files) > 3 else ''})"
+    source = f"{key} ({', '.join(paths if paths is not None else cfg.data.paths)})"
     return PackedSamples(cache, cfg.training.seq_len, cfg.data.overlong, indices, source)
 
 
