@@ -5,10 +5,10 @@ from titan_lite.data.chat import (
     Llama2Template,
     Llama3Template,
     alpaca_messages,
-    build_chat_template,
     chat_messages,
     record_messages,
 )
+from titan_lite.data.chat_templates import build_chat_template
 from titan_lite.tokenizer import build_tokenizer
 
 CONVERSATION = [

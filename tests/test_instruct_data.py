@@ -30,7 +30,7 @@ def write_jsonl(path, records) -> str:
 
 
 def cache_of(tok, path, tmp_path, data_format="alpaca", train_on_prompt=False) -> str:
-    rendering = Rendering(data_format, Llama3Template(tok), "llama3", train_on_prompt)
+    rendering = Rendering(data_format, Llama3Template(tok), train_on_prompt)
     return tokenize_samples_to_cache([path], rendering, str(tmp_path / "cache"),
                                      log=lambda m: None)
 

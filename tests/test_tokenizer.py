@@ -3,7 +3,7 @@ import json
 import pytest
 from conftest import SPM_PATH, TIKTOKEN_PATH
 
-from titan_lite.data.chat import build_chat_template
+from titan_lite.data.chat_templates import build_chat_template
 from titan_lite.tokenizer import (
     LLAMA3_PATTERN,
     build_tokenizer,

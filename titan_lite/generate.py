@@ -110,7 +110,10 @@ def run(cfg: JobConfig) -> None:
     use_cuda = cfg.training.device != "cpu" and torch.cuda.is_available()
     device = torch.device("cuda" if use_cuda else "cpu")
     tokenizer = build_tokenizer(cfg.tokenizer.kind, cfg.tokenizer.path)
-    template = build_chat_template(cfg.data.chat_template, tokenizer) if g.chat else None
+    template = None
+    if g.chat:
+        template = build_chat_template(cfg.data.chat_template, tokenizer, cfg.tokenizer.path)
+        print(f"chat template: {template.describe}", file=sys.stderr)
     model = load_model(cfg, tokenizer, device)
     if g.chat and not g.prompt:
         chat_loop(model, cfg, tokenizer, template, device)

@@ -9,6 +9,7 @@ import base64
 import json
 import os
 import re
+from collections.abc import Sequence
 from typing import Protocol
 
 # The regex Llama 3 uses to split text before byte-pair merging.
@@ -51,9 +52,34 @@ class Tokenizer(Protocol):
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]: ...
 
+    def encode_with_specials(self, text: str, plain: Sequence[tuple[int, int]] = ()
+                             ) -> list[int]:
+        """``text`` (a rendered chat template) with its special tokens' texts as control ids,
+        except inside the ``plain`` (start, end) character spans (message contents), which
+        stay text; no bos/eos added."""
+        ...
+
     def decode(self, ids: list[int]) -> str: ...
 
     def token_id(self, name: str) -> int | None: ...
+
+
+def split_at_specials(text: str, specials: dict[str, int], plain: Sequence[tuple[int, int]]
+                      ) -> list[str | int]:
+    """``text`` as text pieces and the control ids of the special-token texts between them
+    (longest match first), leaving those inside a ``plain`` span as text."""
+    if not specials:
+        return [text]
+    pattern = re.compile("|".join(map(re.escape, sorted(specials, key=len, reverse=True))))
+    pieces: list[str | int] = []
+    at = 0
+    for match in pattern.finditer(text):
+        if any(start < match.end() and match.start() < end for start, end in plain):
+            continue
+        pieces += [text[at:match.start()], specials[match.group()]]
+        at = match.end()
+    pieces.append(text[at:])
+    return [piece for piece in pieces if piece != ""]
 
 
 def read_bpe_ranks(path: str) -> dict[bytes, int]:
@@ -103,6 +129,12 @@ class TikTokenizer:
             ids.extend(self.encoding.encode_ordinary(text[start:start + _MAX_ENCODE_CHARS]))
         return ids + [self.eos_id] if eos else ids
 
+    def encode_with_specials(self, text: str, plain: Sequence[tuple[int, int]] = ()
+                             ) -> list[int]:
+        # (tiktoken itself cuts at special tokens and encodes the pieces between separately)
+        return [id for piece in split_at_specials(text, self.special_ids, plain)
+                for id in ([piece] if isinstance(piece, int) else self.encode(piece, bos=False))]
+
     def decode(self, ids: list[int]) -> str:
         return self.encoding.decode(ids)
 
@@ -134,6 +166,13 @@ class SentencePieceTokenizer:
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         ids = self.model.encode(text)
         return [self.bos_id] * bos + ids + [self.eos_id] * eos
+
+    def encode_with_specials(self, text: str, plain: Sequence[tuple[int, int]] = ()
+                             ) -> list[int]:
+        # (as Hugging Face's sentencepiece Llama tokenizers: each piece between control
+        # tokens is encoded on its own)
+        return [id for piece in split_at_specials(text, self.special_ids, plain)
+                for id in ([piece] if isinstance(piece, int) else self.model.encode(piece))]
 
     def decode(self, ids: list[int]) -> str:
         return self.model.decode(ids)
@@ -243,6 +282,23 @@ class HuggingFaceTokenizer:
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids
         return [self.bos_id] * bos + ids + [self.eos_id] * eos
+
+    def encode_with_specials(self, text: str, plain: Sequence[tuple[int, int]] = ()
+                             ) -> list[int]:
+        # The whole text through the library with special tokens recognised, exactly as
+        # transformers' apply_chat_template tokenizes; a control token found inside a
+        # message's content is put back as that text's plain ids.
+        self.tokenizer.encode_special_tokens = False
+        try:
+            encoding = self.tokenizer.encode(text, add_special_tokens=False)
+        finally:
+            self.tokenizer.encode_special_tokens = True
+        special = set(self.special_ids.values())
+        ids: list[int] = []
+        for id, (start, end) in zip(encoding.ids, encoding.offsets):
+            inside = any(s <= start and end <= e for s, e in plain)
+            ids += self.encode(text[start:end], bos=False) if id in special and inside else [id]
+        return ids
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False)

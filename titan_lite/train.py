@@ -216,7 +216,7 @@ def build_evaluation(cfg: JobConfig, data: Data, parts: list[Transformer],
         data.validation, runner, env.device, recipe.autocast, recipe.loss_context, dims.tp,
         recipe.label_copies, recipe.loss_chunks)
     template = None if cfg.data.format == "text" else build_chat_template(
-        cfg.data.chat_template, tokenizer)
+        cfg.data.chat_template, tokenizer, cfg.tokenizer.path)
     return Evaluation(cfg, validator, parts, tokenizer, template, env.device,
                       log=lambda m: log0(env, m))
 

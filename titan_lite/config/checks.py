@@ -8,7 +8,7 @@ import os
 import sys
 
 from titan_lite.config.loader import ConfigError, help_text, load_config
-from titan_lite.config.schema import JobConfig
+from titan_lite.config.schema import CHAT_TEMPLATES, JobConfig
 from titan_lite.finetune.nf4 import INSTALL_HINT, nf4_available, nf4_problems
 from titan_lite.hf_config import has_config_json, job_model_args
 from titan_lite.models.llama3 import ModelArgs
@@ -103,6 +103,12 @@ def _data_problems(cfg: JobConfig, dims: ParallelDims | None) -> list[str]:
     if v.sample_prompts and dims is not None and dims.pp > 1:
         problems.append("validation.sample_prompts: generation needs the whole model in each "
                         "process; it is not supported with pipeline parallel")
+    if d.chat_template.endswith(".jinja"):
+        if not os.path.isfile(d.chat_template):
+            problems.append(f"data.chat_template: {d.chat_template} does not exist")
+    elif d.chat_template not in CHAT_TEMPLATES:
+        problems.append(f"data.chat_template: {d.chat_template!r} is not one of "
+                        f"{', '.join(map(repr, CHAT_TEMPLATES))} or a .jinja file")
     return problems
 
 

@@ -28,6 +28,9 @@ def opt(default: Any, help: str, *, choices: list | None = None, min: float | No
     return field(default=default, metadata=meta)
 
 
+# data.chat_template's names (besides a .jinja path); data/chat_templates.py implements them
+CHAT_TEMPLATES = ("auto", "llama3", "llama2", "chatml")
+
 @dataclass
 class Job:
     description: str = opt("titan_lite training job", "Free text printed at start-up.")
@@ -78,13 +81,15 @@ class Data:
                       "data is rendered with data.chat_template, packed into rows whose samples "
                       "do not attend to each other, and only the answers are learned.",
                       choices=["text", "alpaca", "chat"])
-    chat_template: str = opt("auto", "How conversations become tokens (training and "
-                             "`generate --chat`): llama3 (header/eot control tokens), llama2 "
-                             "([INST] ... [/INST], <<SYS>>), chatml (<|im_start|>role ... "
-                             "<|im_end|>: Qwen, SmolLM2); auto: llama3 when the tokenizer has "
-                             "Llama 3's header tokens, chatml when it has <|im_start|> and "
-                             "<|im_end|>, else llama2.",
-                             choices=["auto", "llama3", "llama2", "chatml"])
+    chat_template: str = opt("auto", "How conversations become tokens (training, validation "
+                             "samples, `generate --chat`): auto: the template the tokenizer's "
+                             "folder ships (tokenizer_config.json chat_template or "
+                             "chat_template.jinja, rendered with jinja2 as transformers does), "
+                             "else llama3 when the tokenizer has Llama 3's header tokens, chatml "
+                             "when it has <|im_start|> and <|im_end|>, else llama2. Named: "
+                             "llama3 (header/eot control tokens), llama2 ([INST] ... [/INST], "
+                             "<<SYS>>), chatml (<|im_start|>role ... <|im_end|>). Or a path to a "
+                             ".jinja file.")
     train_on_prompt: bool = opt(False, "Instruction data: also learn the prompt, system and "
                                 "header tokens (by default only the assistant's answers and "
                                 "their end-of-turn token are targets).")

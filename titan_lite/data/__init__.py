@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 from titan_lite.config import JobConfig
 from titan_lite.data.batch import Batch, Rows
-from titan_lite.data.chat import ChatTemplate, build_chat_template
+from titan_lite.data.chat import ChatTemplate
+from titan_lite.data.chat_templates import build_chat_template
 from titan_lite.data.instruct import (
     PackedSamples,
     Rendering,
@@ -37,8 +38,9 @@ def _cached(cfg: JobConfig, tokenizer: Tokenizer, paths: list[str], key: str,
     d = cfg.data
     if d.format == "text":
         return tokenize_to_cache(paths, tokenizer, d.text_field, d.cache_dir, log=log)
-    rendering = Rendering(d.format, build_chat_template(d.chat_template, tokenizer),
-                          d.chat_template, d.train_on_prompt)
+    template = build_chat_template(d.chat_template, tokenizer, cfg.tokenizer.path)
+    log(f"chat template: {template.describe}")
+    rendering = Rendering(d.format, template, d.train_on_prompt)
     return tokenize_samples_to_cache(paths, rendering, d.cache_dir, key, log=log)
 
 

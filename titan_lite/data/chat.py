@@ -6,7 +6,8 @@ Records: Alpaca ``{"instruction", "input"?, "output"}``, chat ``{"messages": [{"
 Llama 2 (``[INST] ... [/INST]`` with ``<<SYS>>``, as Meta's ``chat_completion`` does) and
 ChatML (``<|im_start|>role ... <|im_end|>``: Qwen, SmolLM2 and many others).
 Message text is always encoded as plain text: a user typing ``<|eot_id|>`` gets those
-characters, never the control token.
+characters, never the control token. Which template a job uses, and a checkpoint's own Jinja
+template: data/chat_templates.py.
 """
 
 from __future__ import annotations
@@ -92,6 +93,8 @@ class ChatTemplate(Protocol):
 
     stop_ids: set[int]  # ids that end an assistant turn in generation
     tokenizer: Tokenizer
+    name: str  # what the token cache is keyed on
+    describe: str  # which template, and why it was chosen (for the log)
 
     def render(self, messages: list[Message], train_on_prompt: bool = False
                ) -> tuple[list[int], list[bool]]:
@@ -110,6 +113,7 @@ class Llama3Template:
 
     CONTROL = ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
                "<|end_header_id|>", "<|eot_id|>")
+    name = describe = "llama3"
 
     def __init__(self, tokenizer: Tokenizer):
         specials = tokenizer.special_ids
@@ -150,6 +154,7 @@ class Llama2Template:
     user turn as ``<<SYS>>\\n...\\n<</SYS>>\\n\\n``, as Meta's chat_completion."""
 
     B_INST, E_INST = "[INST]", "[/INST]"
+    name = describe = "llama2"
     B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
 
     def __init__(self, tokenizer: Tokenizer):
@@ -209,6 +214,7 @@ class ChatMLTemplate:
     ``<|im_end|>``. Control tokens by id, text pieces encoded separately."""
 
     CONTROL = ("<|im_start|>", "<|im_end|>")
+    name = describe = "chatml"
 
     def __init__(self, tokenizer: Tokenizer):
         missing = [t for t in self.CONTROL if t not in tokenizer.special_ids]
@@ -242,15 +248,3 @@ class ChatMLTemplate:
     def prompt(self, messages: list[Message]) -> list[int]:
         ids, _ = self.render(messages)
         return ids + self._header("assistant")
-
-
-def build_chat_template(name: str, tokenizer: Tokenizer) -> ChatTemplate:
-    """``name`` 'llama3', 'llama2', 'chatml' or 'auto' (Llama 3's when the tokenizer has its
-    header and end-of-turn tokens, ChatML when it has ``<|im_start|>`` and ``<|im_end|>``, else
-    Llama 2's)."""
-    if name == "auto":
-        name = next((candidate for candidate, template in (("llama3", Llama3Template),
-                                                            ("chatml", ChatMLTemplate))
-                     if all(t in tokenizer.special_ids for t in template.CONTROL)), "llama2")
-    return {"llama3": Llama3Template, "llama2": Llama2Template,
-            "chatml": ChatMLTemplate}[name](tokenizer)

@@ -36,11 +36,10 @@ class Rendering:
     """How records become samples; everything here changes the cache."""
     data_format: str  # alpaca | chat
     template: ChatTemplate
-    template_name: str
     train_on_prompt: bool
 
     def settings(self) -> str:
-        return f"{_CACHE_VERSION}:{self.data_format}:{self.template_name}:{self.train_on_prompt}"
+        return f"{_CACHE_VERSION}:{self.data_format}:{self.template.name}:{self.train_on_prompt}"
 
 
 def tokenize_samples_to_cache(paths: list[str], rendering: Rendering, cache_dir: str = "",
