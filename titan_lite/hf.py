@@ -1,10 +1,11 @@
-"""Hugging Face Llama checkpoints: read their config, load their safetensors into any layout,
-write a model back in their layout.
+"""Hugging Face Llama-family checkpoints (Llama, Mistral, Qwen2 / Qwen2.5, Qwen3): read their
+config, load their safetensors into any layout, write a model back in their layout.
 
 Meta's checkpoints (and this model) rotate consecutive pairs of each head's q/k features; Hugging
-Face's ``LlamaForCausalLM`` rotates the two halves of each head, so its conversion script
-permutes the rows of q_proj and k_proj within every head. Loading undoes that permutation and
-writing redoes it; every other tensor only changes its name.
+Face's models rotate the two halves of each head, so its conversion script permutes the rows of
+q_proj and k_proj within every head. Loading undoes that permutation and writing redoes it, for
+everything indexed by those rows: the weights, Qwen2's q/k biases, and (within one head) Qwen3's
+q/k norm weights. Every other tensor only changes its name.
 """
 
 from __future__ import annotations
@@ -23,7 +24,12 @@ from torch.distributed.tensor import DTensor
 from titan_lite.finetune.lora import LoRALinear, base_parameters
 from titan_lite.finetune.nf4 import is_quantized
 from titan_lite.finetune.nf4 import dequantized, write_quantized
-from titan_lite.hf_config import args_from_hf_config, has_config_json, job_model_args
+from titan_lite.hf_config import (
+    ARCHITECTURES,
+    args_from_hf_config,
+    has_config_json,
+    job_model_args,
+)
 from titan_lite.models.llama3 import ModelArgs
 from titan_lite.parallel.init import local_offset
 
@@ -32,6 +38,11 @@ _LAYER_NAMES = {
     "attention.wk.weight": "self_attn.k_proj.weight",
     "attention.wv.weight": "self_attn.v_proj.weight",
     "attention.wo.weight": "self_attn.o_proj.weight",
+    "attention.wq.bias": "self_attn.q_proj.bias",
+    "attention.wk.bias": "self_attn.k_proj.bias",
+    "attention.wv.bias": "self_attn.v_proj.bias",
+    "attention.q_norm.weight": "self_attn.q_norm.weight",
+    "attention.k_norm.weight": "self_attn.k_norm.weight",
     "feed_forward.w1.weight": "mlp.gate_proj.weight",
     "feed_forward.w3.weight": "mlp.up_proj.weight",
     "feed_forward.w2.weight": "mlp.down_proj.weight",
@@ -54,10 +65,12 @@ def hf_name(name: str) -> str:
 
 def _rotary_heads(name: str, args: ModelArgs) -> int:
     """Heads whose rows Hugging Face permutes in this parameter (0: not permuted)."""
-    if name.endswith("attention.wq.weight"):
+    if re.search(r"attention\.wq\.(weight|bias)$", name):
         return args.n_heads
-    if name.endswith("attention.wk.weight"):
+    if re.search(r"attention\.wk\.(weight|bias)$", name):
         return args.kv_heads
+    if re.search(r"attention\.[qk]_norm\.weight$", name):
+        return 1  # one head's features
     return 0
 
 
@@ -137,18 +150,27 @@ def _read_local(source: _Safetensors, name: str, args: ModelArgs, shape: torch.S
 
 
 def hf_config(args: ModelArgs, dtype: torch.dtype = torch.float32) -> dict:
-    """config.json for ``LlamaForCausalLM`` with this architecture."""
+    """config.json for transformers' model of this architecture's family (``LlamaForCausalLM``,
+    ``MistralForCausalLM``, ``Qwen2ForCausalLM``, ``Qwen3ForCausalLM``)."""
     config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "architectures": [ARCHITECTURES[args.family]], "model_type": args.family,
         "hidden_size": args.dim, "intermediate_size": args.ffn_hidden_dim,
         "num_hidden_layers": args.n_layers, "num_attention_heads": args.n_heads,
         "num_key_value_heads": args.kv_heads, "head_dim": args.head_dim,
         "vocab_size": args.vocab_size, "rms_norm_eps": args.norm_eps,
         "max_position_embeddings": args.max_seq_len, "hidden_act": "silu",
         "tie_word_embeddings": args.tie_word_embeddings, "rope_theta": args.rope_theta,
-        "attention_bias": False, "mlp_bias": False, "torch_dtype": str(dtype).removeprefix(
-            "torch."),
+        "torch_dtype": str(dtype).removeprefix("torch."),
     }
+    if args.family in ("llama", "qwen3"):
+        config.update(attention_bias=False)
+    if args.family == "llama":
+        config.update(mlp_bias=False)
+    if args.family == "mistral":
+        config.update(sliding_window=args.sliding_window)
+    if args.family in ("qwen2", "qwen3"):
+        config.update(use_sliding_window=args.sliding_window is not None,
+                      sliding_window=args.sliding_window, max_window_layers=args.n_layers)
     if args.rope_scaling is not None:
         s = args.rope_scaling
         config["rope_scaling"] = {

@@ -1,6 +1,7 @@
-"""A job's architecture: a named flavor, or (``model.flavor = "auto"``) a Hugging Face Llama
-folder's config.json, read exactly or refused with the field it cannot represent; and the
-check that the tokenizer agrees with that config.json (vocab size, bos/eos/pad ids)."""
+"""A job's architecture: a named flavor, or (``model.flavor = "auto"``) a Hugging Face
+folder's config.json (Llama, Mistral, Qwen2 / Qwen2.5, Qwen3), read exactly or refused with the
+field it cannot represent; and the check that the tokenizer agrees with that config.json (vocab
+size, bos/eos/pad ids)."""
 
 from __future__ import annotations
 
@@ -8,15 +9,21 @@ import json
 import os
 from dataclasses import replace
 
-from titan_lite.models.llama3 import FLAVORS, ModelArgs, RopeScaling
+from titan_lite.models.llama3 import FAMILIES, FLAVORS, ModelArgs, RopeScaling
 from titan_lite.tokenizer import Tokenizer
 
 AUTO_FLAVOR = "auto"
+# model_type -> the architecture name transformers loads it as
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                 "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+assert set(ARCHITECTURES) == set(FAMILIES)
 # Keys that, when true, mean weights or norms this model does not have.
 _UNSUPPORTED_TRUE = {
-    "attention_bias": "biases on q/k/v/o (this Llama has none)",
-    "mlp_bias": "biases in the MLP (this Llama has none)",
-    "qk_norm": "norms on q and k",
+    "attention_bias": "a bias on the attention output projection (only q/k/v biases, as "
+                      "Qwen2's, are supported)",
+    "mlp_bias": "biases in the MLP (this model has none)",
+    "qk_norm": "norms on q and k outside Qwen3",
+    "use_qk_norm": "norms on q and k outside Qwen3",
 }
 
 
@@ -44,11 +51,7 @@ def args_from_config(config: dict, path: str) -> ModelArgs:
     try:
         args = _args_from(config)
     except KeyError as e:
-        raise ValueError(f"{path}: no {e.args[0]!r}; is it a Llama model?") from None
-    head_dim = config.get("head_dim") or args.head_dim
-    if head_dim != args.head_dim:
-        raise ValueError(f"{path}: head_dim {head_dim} is not hidden_size / num_attention_heads "
-                         f"({args.head_dim}), which this model assumes")
+        raise ValueError(f"{path}: no {e.args[0]!r}; is it a Llama-family model?") from None
     try:
         args.validate()
     except ValueError as e:
@@ -57,12 +60,17 @@ def args_from_config(config: dict, path: str) -> ModelArgs:
 
 
 def _refuse_unsupported(config: dict, path: str) -> None:
-    """One line for the first thing in ``config`` that is not the Llama architecture."""
-    if config.get("sliding_window"):
-        raise ValueError(f"{path}: sliding_window {config['sliding_window']}: this model "
-                         "attends over the whole context (no sliding-window attention)")
+    """One line for the first thing in ``config`` that is not this model."""
+    family = config.get("model_type", "llama")
+    if family not in ARCHITECTURES:
+        raise ValueError(f"{path}: model_type {family!r}: supported are "
+                         f"{', '.join(map(repr, ARCHITECTURES))}")
+    architectures = config.get("architectures") or [ARCHITECTURES[family]]
+    if ARCHITECTURES[family] not in architectures:
+        raise ValueError(f"{path}: architectures {architectures}: only "
+                         f"{ARCHITECTURES[family]} (a language-model head) is supported")
     for key, what in _UNSUPPORTED_TRUE.items():
-        if config.get(key):
+        if config.get(key) and not (family == "qwen3" and key in ("qk_norm", "use_qk_norm")):
             raise ValueError(f"{path}: {key} {json.dumps(config[key])}: {what}")
     if config.get("hidden_act", "silu") != "silu":
         raise ValueError(f"{path}: hidden_act {config['hidden_act']!r}: this model's MLP is "
@@ -76,13 +84,14 @@ def _refuse_unsupported(config: dict, path: str) -> None:
         if rope_type not in ("default", "llama3"):
             raise ValueError(f"{path}: {key} type {rope_type!r}: only Llama 3.1's 'llama3' "
                              "scaling (or none) is supported")
-    if config.get("model_type", "llama") != "llama":
-        raise ValueError(f"{path}: model_type {config['model_type']!r}: only Llama "
-                         "('llama') checkpoints are supported")
-    architectures = config.get("architectures") or ["LlamaForCausalLM"]
-    if "LlamaForCausalLM" not in architectures:
-        raise ValueError(f"{path}: architectures {architectures}: only LlamaForCausalLM "
-                         "(a language-model head) is supported")
+
+
+def sliding_window(config: dict) -> int | None:
+    """The attention window the checkpoint was trained with, or None: Mistral's
+    ``sliding_window`` (null from v0.2 on); Qwen's only when ``use_sliding_window``."""
+    if config.get("model_type") in ("qwen2", "qwen3") and not config.get("use_sliding_window"):
+        return None
+    return config.get("sliding_window") or None
 
 
 def _rope(config: dict) -> dict:
@@ -99,22 +108,28 @@ def _args_from(config: dict) -> ModelArgs:
             factor=rope["factor"], low_freq_factor=rope["low_freq_factor"],
             high_freq_factor=rope["high_freq_factor"],
             original_max_position_embeddings=rope["original_max_position_embeddings"])
+    family = config.get("model_type", "llama")
+    dim, n_heads = config["hidden_size"], config["num_attention_heads"]
+    head_dim = config.get("head_dim")
     return ModelArgs(
-        dim=config["hidden_size"], n_layers=config["num_hidden_layers"],
-        n_heads=config["num_attention_heads"],
-        n_kv_heads=config.get("num_key_value_heads") or config["num_attention_heads"],
+        dim=dim, n_layers=config["num_hidden_layers"], n_heads=n_heads,
+        n_kv_heads=config.get("num_key_value_heads") or n_heads,
         vocab_size=config["vocab_size"], ffn_hidden_size=config["intermediate_size"],
         norm_eps=config.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
         rope_scaling=scaling, max_seq_len=config.get("max_position_embeddings", 2048),
-        tie_word_embeddings=config.get("tie_word_embeddings", False))
+        tie_word_embeddings=config.get("tie_word_embeddings", False),
+        qkv_bias=family == "qwen2", qk_norm=family == "qwen3",
+        head_size=head_dim if head_dim and head_dim * n_heads != dim else None,
+        sliding_window=sliding_window(config), family=family)
 
 
 def architecture_mismatches(expected: ModelArgs, found: ModelArgs) -> list[str]:
     """The fields (other than the context length) in which two architectures differ."""
     fields = {"dim": "dim", "n_layers": "n_layers", "n_heads": "n_heads",
-              "kv_heads": "n_kv_heads", "ffn_hidden_dim": "FFN width", "vocab_size": "vocab_size",
-              "norm_eps": "norm_eps", "rope_theta": "rope_theta",
-              "rope_scaling": "rope_scaling", "tie_word_embeddings": "tie_word_embeddings"}
+              "kv_heads": "n_kv_heads", "head_dim": "head_dim", "ffn_hidden_dim": "FFN width",
+              "vocab_size": "vocab_size", "norm_eps": "norm_eps", "rope_theta": "rope_theta",
+              "rope_scaling": "rope_scaling", "tie_word_embeddings": "tie_word_embeddings",
+              "qkv_bias": "qkv_bias", "qk_norm": "qk_norm", "family": "model_type"}
     return [f"{label} {getattr(found, name)} (expected {getattr(expected, name)})"
             for name, label in fields.items() if getattr(found, name) != getattr(expected, name)]
 
@@ -146,6 +161,11 @@ def job_model_args(flavor: str, init_from: str, seq_len: int,
                              f"{'; '.join(mismatches)}")
     if tokenizer is not None:
         check_tokenizer(tokenizer, config, path)
+    if found.sliding_window is not None and seq_len > found.sliding_window:
+        raise ValueError(f"{path}: sliding_window {found.sliding_window}: training.seq_len "
+                         f"{seq_len} is longer, and this model has no windowed attention (up "
+                         "to the window it is plain causal attention): set training.seq_len "
+                         f"<= {found.sliding_window}")
     return replace(found, max_seq_len=seq_len)
 
 

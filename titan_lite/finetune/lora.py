@@ -21,6 +21,7 @@ from torch import nn
 
 from titan_lite.finetune.nf4 import dequantized, is_quantized, quantize_linears
 from titan_lite.models.llama3 import Transformer
+from titan_lite.models.llama3.model import RMSNorm
 
 BLOCK_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 TARGETS = (*BLOCK_TARGETS, "output")
@@ -55,25 +56,30 @@ def frozen_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 class FrozenLinear(nn.Module):
-    """A bias-free linear layer whose weight is frozen and stored in ``dtype`` (or replaced by a
-    quantised tensor); it computes in its input's dtype."""
+    """A linear layer whose weight (and bias, if any: Qwen2's q/k/v) is frozen and stored in
+    ``dtype`` (the weight may be replaced by a quantised tensor; the bias is never quantised);
+    it computes in its input's dtype."""
 
-    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype):
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype,
+                 bias: bool = False):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype),
                                    requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype),
+                                 requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return frozen_linear(x, self.weight)
+        out = frozen_linear(x, self.weight)
+        return out if self.bias is None else out + self.bias.to(out.dtype)
 
 
 class LoRALinear(FrozenLinear):
     """A frozen linear layer plus a trainable float32 low-rank update (alpha / rank) B A."""
 
     def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, rank: int,
-                 alpha: float, dropout: float):
-        super().__init__(in_features, out_features, dtype)
+                 alpha: float, dropout: float, bias: bool = False):
+        super().__init__(in_features, out_features, dtype, bias)
         self.rank, self.alpha, self.dropout_p = rank, alpha, dropout
         self.scale = alpha / rank
         self.lora_a = nn.Linear(in_features, rank, bias=False, dtype=torch.float32)
@@ -132,9 +138,10 @@ def place_on_host(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def _frozen(module: nn.Linear, dtype: torch.dtype, adapter: dict | None) -> FrozenLinear:
+    bias = module.bias is not None
     if adapter is None:
-        return FrozenLinear(module.in_features, module.out_features, dtype)
-    return LoRALinear(module.in_features, module.out_features, dtype, **adapter)
+        return FrozenLinear(module.in_features, module.out_features, dtype, bias)
+    return LoRALinear(module.in_features, module.out_features, dtype, **adapter, bias=bias)
 
 
 def apply_lora(model: Transformer, rank: int, alpha: float, dropout: float,
@@ -158,8 +165,9 @@ def _replace_modules(model: Transformer, adapter: dict, targets: list[str],
                 if isinstance(child, nn.Linear):
                     setattr(parent, name, _frozen(child, base_dtype,
                                                   adapter if name in targets else None))
-        for norm in (block.attention_norm, block.ffn_norm):
-            norm.weight = nn.Parameter(norm.weight.to(base_dtype), requires_grad=False)
+        for norm in block.modules():
+            if isinstance(norm, RMSNorm):  # (with Qwen3's q/k norms)
+                norm.weight = nn.Parameter(norm.weight.to(base_dtype), requires_grad=False)
     if model.output is not None:
         model.output = _frozen(model.output, base_dtype,
                                adapter if "output" in targets else None)

@@ -1,6 +1,7 @@
 """Tensor parallel (Megatron-style) with sequence parallel on the norms, over the ``tp`` mesh dim.
 
-Column-wise q/k/v and w1/w3 split the heads and the FFN width across ranks; row-wise wo and w2
+Column-wise q/k/v (with their biases) and w1/w3 split the heads and the FFN width across ranks;
+Qwen3's per-head q/k norms run on each rank's heads; row-wise wo and w2
 sum the partial outputs and scatter them along the sequence (sequence parallel), where the norms
 run on a slice of the tokens. The embedding is split by vocabulary rows and the output projection
 by vocabulary columns; with loss parallel the logits stay split and the cross entropy is computed
@@ -49,6 +50,11 @@ def apply_tp(model: Transformer, tp_mesh: DeviceMesh, loss_parallel: bool) -> No
             use_local_output=not loss_parallel)
     parallelize_module(model, tp_mesh, root_plan)
     for block in model.layers.values():
+        if block.attention.q_norm is not None:  # Qwen3: a norm per head, on this rank's heads
+            # (as the norms on sequence shards: the weight's gradient is summed over the ranks)
+            parallelize_module(block, tp_mesh, {
+                name: SequenceParallel(sequence_dim=2, use_local_output=True)
+                for name in ("attention.q_norm", "attention.k_norm")})
         parallelize_module(block, tp_mesh, {
             "attention_norm": SequenceParallel(),
             # The rope phases, the attention mask and the KV cache (arguments 2-4) are the same

@@ -1,6 +1,6 @@
 """Llama 3 model family."""
 
-from titan_lite.models.llama3.args import FLAVORS, ModelArgs, RopeScaling
+from titan_lite.models.llama3.args import FAMILIES, FLAVORS, ModelArgs, RopeScaling
 from titan_lite.models.llama3.model import Transformer
 
-__all__ = ["FLAVORS", "ModelArgs", "RopeScaling", "Transformer"]
+__all__ = ["FAMILIES", "FLAVORS", "ModelArgs", "RopeScaling", "Transformer"]

@@ -1,6 +1,9 @@
-"""Llama model hyper-parameters and the published flavors (Llama 3.x, and Llama 2, which is the
-same architecture with multi-head attention for 7B/13B, RoPE theta 10,000 and a 32,000-token
-sentencepiece vocabulary)."""
+"""Llama model hyper-parameters and the published flavors: Llama 3.x; Llama 2 (the same
+architecture with multi-head attention for 7B/13B, RoPE theta 10,000 and a 32,000-token
+sentencepiece vocabulary); and the families that are Llama with switches: Qwen2 / Qwen2.5
+(biases on q, k and v), Qwen3 (RMSNorm on each head's q and k, a head size of its own) and
+Mistral (a sliding window no shorter than the trained context, where it is plain causal
+attention)."""
 
 from __future__ import annotations
 
@@ -32,6 +35,13 @@ class ModelArgs:
     rope_scaling: RopeScaling | None = None
     max_seq_len: int = 8192
     tie_word_embeddings: bool = False
+    qkv_bias: bool = False  # biases on the q, k and v projections (Qwen2)
+    qk_norm: bool = False  # RMSNorm over each head's q and k before RoPE (Qwen3)
+    head_size: int | None = None  # None: dim / n_heads (Qwen3's is its own)
+    # The checkpoint's attention window: the job must train (and generate) within it, where
+    # windowed attention is exactly causal attention; kept to write back on export.
+    sliding_window: int | None = None
+    family: str = "llama"  # the Hugging Face model_type written on export
 
     @property
     def kv_heads(self) -> int:
@@ -39,7 +49,7 @@ class ModelArgs:
 
     @property
     def head_dim(self) -> int:
-        return self.dim // self.n_heads
+        return self.head_size or self.dim // self.n_heads
 
     @property
     def ffn_hidden_dim(self) -> int:
@@ -52,7 +62,7 @@ class ModelArgs:
         return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
 
     def validate(self) -> None:
-        if self.dim % self.n_heads:
+        if self.head_size is None and self.dim % self.n_heads:
             raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
         if self.n_heads % self.kv_heads:
             raise ValueError(f"n_heads {self.n_heads} is not divisible by n_kv_heads "
@@ -64,6 +74,7 @@ class ModelArgs:
         return replace(self, vocab_size=vocab_size)
 
 
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 _LLAMA31_SCALING = RopeScaling(factor=8.0)
 _LLAMA32_SCALING = RopeScaling(factor=32.0)
 
@@ -92,4 +103,27 @@ FLAVORS: dict[str, ModelArgs] = {
     "llama2_70B": ModelArgs(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, vocab_size=32000,
                             ffn_dim_multiplier=1.3, multiple_of=4096, rope_theta=10000.0,
                             max_seq_len=4096),
+    # Qwen2.5 (0.5B / 1.5B tie the output to the embedding) and Qwen3, as their config.json
+    "qwen2.5_0.5B": ModelArgs(dim=896, n_layers=24, n_heads=14, n_kv_heads=2,
+                              ffn_hidden_size=4864, vocab_size=151936, norm_eps=1e-6,
+                              rope_theta=1e6, max_seq_len=32768, tie_word_embeddings=True,
+                              qkv_bias=True, family="qwen2"),
+    "qwen2.5_1.5B": ModelArgs(dim=1536, n_layers=28, n_heads=12, n_kv_heads=2,
+                              ffn_hidden_size=8960, vocab_size=151936, norm_eps=1e-6,
+                              rope_theta=1e6, max_seq_len=32768, tie_word_embeddings=True,
+                              qkv_bias=True, family="qwen2"),
+    "qwen2.5_7B": ModelArgs(dim=3584, n_layers=28, n_heads=28, n_kv_heads=4,
+                            ffn_hidden_size=18944, vocab_size=152064, norm_eps=1e-6,
+                            rope_theta=1e6, max_seq_len=32768, qkv_bias=True, family="qwen2"),
+    "qwen3_0.6B": ModelArgs(dim=1024, n_layers=28, n_heads=16, n_kv_heads=8, head_size=128,
+                            ffn_hidden_size=3072, vocab_size=151936, norm_eps=1e-6,
+                            rope_theta=1e6, max_seq_len=40960, tie_word_embeddings=True,
+                            qk_norm=True, family="qwen3"),
+    "qwen3_8B": ModelArgs(dim=4096, n_layers=36, n_heads=32, n_kv_heads=8, head_size=128,
+                          ffn_hidden_size=12288, vocab_size=151936, norm_eps=1e-6,
+                          rope_theta=1e6, max_seq_len=40960, qk_norm=True, family="qwen3"),
+    # Mistral 7B v0.3 (v0.1's 4096-token sliding window is gone from v0.2 on)
+    "mistral_7B": ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8,
+                            ffn_hidden_size=14336, vocab_size=32768, rope_theta=1e6,
+                            max_seq_len=32768, family="mistral"),
 }

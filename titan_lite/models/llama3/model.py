@@ -1,4 +1,5 @@
-"""Llama 3 in plain torch.nn: GQA, RoPE (with Llama 3.1 scaling), SwiGLU, RMSNorm.
+"""Llama 3 in plain torch.nn: GQA, RoPE (with Llama 3.1 scaling), SwiGLU, RMSNorm; and the
+switches that make it Qwen2 (q/k/v biases) or Qwen3 (q/k norms, its own head size).
 
 No distributed code lives here; parallelism is applied from titan_lite/parallel/.
 Build on the meta device, move with ``to_empty`` and call ``init_weights`` to materialise.
@@ -80,17 +81,23 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_id = layer_id  # its slot in a KVCache
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.kv_heads, args.head_dim
-        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=args.qkv_bias)
+        self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=args.qkv_bias)
+        self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=args.qkv_bias)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+        # Qwen3: each head's q and k normalised (one weight shared by the heads) before RoPE
+        self.q_norm = RMSNorm(self.head_dim, args.norm_eps) if args.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, args.norm_eps) if args.qk_norm else None
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, mask: AttentionMask = None,
                 cache: KVCache | None = None) -> torch.Tensor:
         bsz, seq, _ = x.shape
         # -1 instead of the head counts so that tensor parallel (fewer local heads) needs no change.
-        q = apply_rope(self.wq(x).view(bsz, seq, -1, self.head_dim), rope)
-        k = apply_rope(self.wk(x).view(bsz, seq, -1, self.head_dim), rope)
+        q = self.wq(x).view(bsz, seq, -1, self.head_dim)
+        k = self.wk(x).view(bsz, seq, -1, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
         v = self.wv(x).view(bsz, seq, -1, self.head_dim)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         if cache is not None:
@@ -101,7 +108,12 @@ class Attention(nn.Module):
     def init_weights(self, std: float) -> None:
         for linear in (self.wq, self.wk, self.wv):
             nn.init.trunc_normal_(linear.weight, std=0.02)
+            if linear.bias is not None:
+                nn.init.zeros_(linear.bias)
         nn.init.trunc_normal_(self.wo.weight, std=std)
+        for norm in (self.q_norm, self.k_norm):
+            if norm is not None:
+                norm.reset_parameters()
 
 
 class FeedForward(nn.Module):
