@@ -29,11 +29,11 @@ FAMILIES = {
 TOKENS = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(1))
 
 
-def make_hf_model(family: str, folder, seed: int = 0):
+def make_hf_model(family: str, folder, seed: int = 0, **overrides):
     """A tiny random ``family`` model saved to ``folder``; biases and norm weights random too
     (their permutation on import must show in the logits)."""
     config_class, model_class, extra = FAMILIES[family]
-    config = getattr(transformers, config_class)(**COMMON, **extra)
+    config = getattr(transformers, config_class)(**{**COMMON, **extra, **overrides})
     torch.manual_seed(seed)
     model = getattr(transformers, model_class)(config).eval()
     with torch.no_grad():

@@ -2,6 +2,7 @@
 Meta's Llama 3 tokenizer file, ``Tokenizer`` and ``ChatFormat`` (``llama-models``), and
 Mistral's sentencepiece tokenizer files and tokenizer (``mistral-common``)."""
 
+import json
 import os
 import pathlib
 
@@ -81,3 +82,46 @@ def test_mistral_sentencepiece_files_give_mistrals_ids(name):
                                                                         eos=True), text[:40]
         assert tok.decode(tok.encode(text, bos=False)) == reference.decode(
             reference.encode(text, bos=False, eos=False))
+
+
+# The user / assistant branches of Mistral 7B Instruct v0.3's template (its tool branches
+# left out), as that checkpoint's tokenizer_config.json ships them beside "legacy": false.
+MISTRAL_V3_TEMPLATE = (
+    "{{- bos_token }}{%- for message in messages %}{%- if message['role'] == 'user' %}"
+    "{{- '[INST] ' + message['content'] + '[/INST]' }}{%- elif message['role'] == "
+    "'assistant' %}{{- ' ' + message['content']|trim + eos_token }}{%- endif %}{%- endfor %}")
+
+
+def test_mistral_v3_jinja_template_gives_mistral_commons_ids(tmp_path):
+    """The v3 sentencepiece file (its [INST] / [/INST] are control pieces) in a folder with the
+    template: the generation prompt equals mistral-common's encode_chat_completion, and the
+    answer's targets are its tokens through </s>."""
+    import shutil
+
+    from mistral_common.protocol.instruct.messages import AssistantMessage, UserMessage
+    from mistral_common.protocol.instruct.request import ChatCompletionRequest
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+    from titan_lite.data.chat_templates import JinjaTemplate, build_chat_template
+
+    source = os.path.join(os.path.dirname(mistral_common.__file__), "data",
+                          "mistral_instruct_tokenizer_240323.model.v3")
+    shutil.copy(source, tmp_path / "tokenizer.model")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<s>", "eos_token": "</s>", "legacy": False,
+        "chat_template": MISTRAL_V3_TEMPLATE}))
+    turns = [("user", "Who said, Let there be light?"), ("assistant", "God said it. "),
+             ("user", " And what was made on the second day?")]
+    classes = {"user": UserMessage, "assistant": AssistantMessage}
+    reference = MistralTokenizer.from_file(source)  # (its suffix names the version)
+    expected = reference.encode_chat_completion(ChatCompletionRequest(
+        messages=[classes[role](content=text) for role, text in turns])).tokens
+    tok = build_tokenizer("auto", str(tmp_path))
+    template = build_chat_template("auto", tok, str(tmp_path))
+    assert isinstance(template, JinjaTemplate)
+    messages = [{"role": role, "content": text} for role, text in turns]
+    assert template.prompt(messages) == expected
+    ids, is_target = template.render(messages[:2])
+    first_answer = expected[expected.index(tok.special_ids["[/INST]"]) + 1:
+                            expected.index(tok.eos_id) + 1]
+    assert [i for i, t in zip(ids, is_target) if t] == first_answer

@@ -162,6 +162,12 @@ class SentencePieceTokenizer:
         self.special_ids = {self.model.id_to_piece(i): i for i in range(self.vocab_size)
                             if self.model.is_control(i)}
         self.files = [path]
+        # How text between control tokens is encoded, as transformers' Llama tokenizer does:
+        # legacy (Llama 2, and its default) gives every piece sentencepiece's dummy prefix "▁";
+        # otherwise (tokenizer_config.json "legacy": false: Mistral v0.3) only the text's start.
+        self.legacy = True
+        self._unk_text = self.model.id_to_piece(self.model.unk_id())
+        self._unk_length = len(self.model.encode(self._unk_text))
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         ids = self.model.encode(text)
@@ -169,10 +175,15 @@ class SentencePieceTokenizer:
 
     def encode_with_specials(self, text: str, plain: Sequence[tuple[int, int]] = ()
                              ) -> list[int]:
-        # (as Hugging Face's sentencepiece Llama tokenizers: each piece between control
-        # tokens is encoded on its own)
-        return [id for piece in split_at_specials(text, self.special_ids, plain)
-                for id in ([piece] if isinstance(piece, int) else self.model.encode(piece))]
+        ids: list[int] = []
+        for index, piece in enumerate(split_at_specials(text, self.special_ids, plain)):
+            if isinstance(piece, int):
+                ids.append(piece)
+            elif index == 0 or self.legacy:
+                ids += self.model.encode(piece)
+            else:  # no dummy prefix: encoded after a known piece, which is then dropped
+                ids += self.model.encode(self._unk_text + piece)[self._unk_length:]
+        return ids
 
     def decode(self, ids: list[int]) -> str:
         return self.model.decode(ids)
@@ -237,6 +248,8 @@ def apply_tokenizer_config(tokenizer: Tokenizer, config_path: str) -> None:
         return
     with open(config_path) as fh:
         config = json.load(fh)
+    if isinstance(config.get("legacy"), bool) and hasattr(tokenizer, "legacy"):
+        tokenizer.legacy = config["legacy"]
     for key in ("bos_token", "eos_token", "pad_token"):
         name = config.get(key)
         name = name.get("content") if isinstance(name, dict) else name
