@@ -154,6 +154,11 @@ def job_model_args(flavor: str, init_from: str, seq_len: int,
     path = os.path.join(init_from, "config.json")
     config = read_config_json(init_from)
     found = args_from_config(config, path)
+    if found.sliding_window is not None and seq_len > found.sliding_window:
+        raise ValueError(f"{path}: sliding_window {found.sliding_window}: training.seq_len "
+                         f"{seq_len} is longer, and this model has no windowed attention (up "
+                         "to the window it is plain causal attention): set training.seq_len "
+                         f"<= {found.sliding_window}")
     if flavor != AUTO_FLAVOR:
         mismatches = architecture_mismatches(FLAVORS[flavor].with_vocab(found.vocab_size), found)
         if mismatches:
@@ -161,11 +166,6 @@ def job_model_args(flavor: str, init_from: str, seq_len: int,
                              f"{'; '.join(mismatches)}")
     if tokenizer is not None:
         check_tokenizer(tokenizer, config, path)
-    if found.sliding_window is not None and seq_len > found.sliding_window:
-        raise ValueError(f"{path}: sliding_window {found.sliding_window}: training.seq_len "
-                         f"{seq_len} is longer, and this model has no windowed attention (up "
-                         "to the window it is plain causal attention): set training.seq_len "
-                         f"<= {found.sliding_window}")
     return replace(found, max_seq_len=seq_len)
 
 
