@@ -126,3 +126,34 @@ def test_named_flavors_have_the_published_parameter_counts(flavor):
     if expected_body is not None:
         assert (total - embeddings) / 1e9 == pytest.approx(expected_body, abs=0.01)
     assert hf_config(FLAVORS[flavor])["model_type"] == FLAVORS[flavor].family
+
+
+@pytest.mark.parametrize("quantize", ["none", "nf4"])
+def test_lora_and_qlora_keep_the_families_biases_and_norms(family_folder, quantize, tmp_path):
+    """A LoRA model of the checkpoint (untrained adapters, float32 base) gives transformers'
+    logits: its frozen linears keep Qwen2's biases, its frozen norms Qwen3's q/k norms. QLoRA
+    quantises the weights only: the biases stay exact."""
+    from titan_lite.build import build_finetuned_model
+    from titan_lite.config import load_config
+    from titan_lite.finetune.nf4 import is_quantized
+
+    family, folder = family_folder
+    if quantize == "nf4":  # NF4 needs whole 16,384-weight scale blocks
+        folder = tmp_path
+        make_hf_model(family, folder, hidden_size=256, intermediate_size=256,
+                      **({"head_dim": 128} if family == "qwen3" else {}))
+    cfg = load_config(["--model.flavor", "auto", "--model.init_from", str(folder),
+                       "--lora.enable", "true", "--lora.base_dtype", "float32",
+                       "--lora.quantize_base", quantize, "--training.seq_len", "64"])
+    args = job_model_args("auto", str(folder), 64, None)
+    model = build_finetuned_model(cfg, args, torch.device("cpu"), None)
+    plain = load(folder)
+    for name, p in plain.named_parameters():
+        if name.endswith("bias") or "_norm" in name:
+            torch.testing.assert_close(model.get_parameter(name), p, rtol=0, atol=0)
+    linears = [m for m in model.modules() if hasattr(m, "lora_a")]
+    assert linears and all(is_quantized(m.weight) == (quantize == "nf4") for m in linears)
+    if quantize == "none":
+        with torch.no_grad():
+            torch.testing.assert_close(model(TOKENS), _hf_logits(family, folder), rtol=0,
+                                       atol=LOGITS_ATOL)

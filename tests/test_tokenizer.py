@@ -283,3 +283,18 @@ def test_every_tokenizer_json_reads_as_the_library_reads_it(tmp_path, kind):
     assert tok.vocab_size == tok.special_ids["<|im_end|>"] + 1
     if byte_fallback:  # a character the vocabulary lacks goes through its bytes and back
         assert tok.decode(tok.encode("Ω≈ç√∫", bos=False)) == "Ω≈ç√∫"
+
+
+@pytest.mark.parametrize("kind", ["tiktoken", "sentencepiece", "huggingface"])
+def test_batch_encoding_equals_one_document_at_a_time(tmp_path, kind):
+    """encode_batch (the engines' threads; what the pretraining cache uses) gives each
+    document's encode, bos and eos included."""
+    if kind == "huggingface":
+        pre, norm, byte_fallback = _pre_tokenizers()["digits+bytelevel"]
+        path = str(built_tokenizer(tmp_path / "tokenizer.json", pre, norm, byte_fallback))
+    else:
+        path = TIKTOKEN_PATH if kind == "tiktoken" else SPM_PATH
+    tok = build_tokenizer(kind, path)
+    texts = [*held_out_texts()[:50], "", " leading space", "<|im_end|> 12345"]
+    for bos, eos in ((True, True), (False, False)):
+        assert tok.encode_batch(texts, bos, eos) == [tok.encode(t, bos, eos) for t in texts]

@@ -6,6 +6,7 @@ the folder's ``tokenizer_config.json``."""
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import os
 import re
@@ -52,6 +53,11 @@ class Tokenizer(Protocol):
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]: ...
 
+    def encode_batch(self, texts: list[str], bos: bool = True, eos: bool = False
+                     ) -> list[list[int]]:
+        """``encode`` of each text, on the engine's own threads (whole data sets)."""
+        ...
+
     def encode_with_specials(self, text: str, plain: Sequence[tuple[int, int]] = ()
                              ) -> list[int]:
         """``text`` (a rendered chat template) with its special tokens' texts as control ids,
@@ -64,13 +70,23 @@ class Tokenizer(Protocol):
     def token_id(self, name: str) -> int | None: ...
 
 
+@functools.lru_cache(maxsize=16)
+def _pattern(texts: frozenset[str]) -> re.Pattern:
+    return re.compile("|".join(map(re.escape, sorted(texts, key=len, reverse=True))))
+
+
+def special_pattern(specials: dict[str, int]) -> re.Pattern | None:
+    """A regex finding the special tokens' texts (longest first); None when there are none."""
+    return _pattern(frozenset(specials)) if specials else None
+
+
 def split_at_specials(text: str, specials: dict[str, int], plain: Sequence[tuple[int, int]]
                       ) -> list[str | int]:
     """``text`` as text pieces and the control ids of the special-token texts between them
     (longest match first), leaving those inside a ``plain`` span as text."""
-    if not specials:
+    pattern = special_pattern(specials)
+    if pattern is None:
         return [text]
-    pattern = re.compile("|".join(map(re.escape, sorted(specials, key=len, reverse=True))))
     pieces: list[str | int] = []
     at = 0
     for match in pattern.finditer(text):
@@ -129,6 +145,13 @@ class TikTokenizer:
             ids.extend(self.encoding.encode_ordinary(text[start:start + _MAX_ENCODE_CHARS]))
         return ids + [self.eos_id] if eos else ids
 
+    def encode_batch(self, texts: list[str], bos: bool = True, eos: bool = False
+                     ) -> list[list[int]]:
+        if any(len(text) > _MAX_ENCODE_CHARS for text in texts):  # (rare: split as encode)
+            return [self.encode(text, bos, eos) for text in texts]
+        batch = self.encoding.encode_ordinary_batch(texts, num_threads=_threads())
+        return [[self.bos_id] * bos + ids + [self.eos_id] * eos for ids in batch]
+
     def encode_with_specials(self, text: str, plain: Sequence[tuple[int, int]] = ()
                              ) -> list[int]:
         # (tiktoken itself cuts at special tokens and encodes the pieces between separately)
@@ -172,6 +195,11 @@ class SentencePieceTokenizer:
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         ids = self.model.encode(text)
         return [self.bos_id] * bos + ids + [self.eos_id] * eos
+
+    def encode_batch(self, texts: list[str], bos: bool = True, eos: bool = False
+                     ) -> list[list[int]]:
+        batch = self.model.encode(texts, num_threads=_threads())
+        return [[self.bos_id] * bos + ids + [self.eos_id] * eos for ids in batch]
 
     def encode_with_specials(self, text: str, plain: Sequence[tuple[int, int]] = ()
                              ) -> list[int]:
@@ -296,6 +324,12 @@ class HuggingFaceTokenizer:
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids
         return [self.bos_id] * bos + ids + [self.eos_id] * eos
 
+    def encode_batch(self, texts: list[str], bos: bool = True, eos: bool = False
+                     ) -> list[list[int]]:
+        # (the library's own thread pool: RAYON_NUM_THREADS / TOKENIZERS_PARALLELISM)
+        batch = self.tokenizer.encode_batch(texts, add_special_tokens=False)
+        return [[self.bos_id] * bos + e.ids + [self.eos_id] * eos for e in batch]
+
     def encode_with_specials(self, text: str, plain: Sequence[tuple[int, int]] = ()
                              ) -> list[int]:
         # The whole text through the library with special tokens recognised, exactly as
@@ -318,6 +352,12 @@ class HuggingFaceTokenizer:
 
     def token_id(self, name: str) -> int | None:
         return self.tokenizer.token_to_id(name)
+
+
+def _threads() -> int:
+    """Threads for batch encoding: the cores this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+        os.cpu_count() or 1)
 
 
 def _first_present(names_to_ids: dict[str, int], names: tuple[str, ...]) -> str | None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from datetime import datetime
 from typing import Any
 
@@ -28,7 +27,7 @@ from titan_lite.data.chat import (
     Llama3Template,
     Message,
 )
-from titan_lite.tokenizer import Tokenizer
+from titan_lite.tokenizer import Tokenizer, special_pattern
 
 NAMED = {t.name: t for t in (Llama3Template, Llama2Template, ChatMLTemplate)}
 AUTO = "auto"
@@ -58,8 +57,7 @@ class JinjaTemplate:
         except jinja2.TemplateSyntaxError as e:
             raise ValueError(f"{origin}:{e.lineno}: not a Jinja template ({e.message})") from None
         self._variables = variables
-        specials = sorted(tokenizer.special_ids, key=len, reverse=True)
-        self._special_text = re.compile("|".join(map(re.escape, specials))) if specials else None
+        self._special_text = special_pattern(tokenizer.special_ids)
 
     def _text(self, messages: list[Message], add_generation_prompt: bool) -> str:
         try:

@@ -17,6 +17,7 @@ from titan_lite.tokenizer import Tokenizer
 
 TOKEN_DTYPE = np.uint32
 _PROGRESS_EVERY_S = 5.0
+_BATCH_CHARS = 4_000_000  # per batch handed to the tokenizer's threads (a few MB of text)
 
 
 def corpus_files(paths: list[str], suffixes: tuple[str, ...] = (".txt", ".jsonl"),
@@ -90,16 +91,31 @@ def tokenize_to_cache(paths: list[str], tokenizer: Tokenizer, text_field: str = 
     tmp = f"{cache}.tmp{os.getpid()}"
     n_tokens, last_report = 0, time.monotonic()
     with open(tmp, "wb") as out:
-        for text, done in iter_documents(files, text_field):
-            ids = np.asarray(tokenizer.encode(text, bos=True, eos=True), dtype=TOKEN_DTYPE)
-            ids.tofile(out)
-            n_tokens += ids.size
+        for texts, done in _batches(iter_documents(files, text_field)):
+            for ids in tokenizer.encode_batch(texts, bos=True, eos=True):
+                np.asarray(ids, dtype=TOKEN_DTYPE).tofile(out)
+                n_tokens += len(ids)
             if time.monotonic() - last_report > _PROGRESS_EVERY_S:
                 log(f"tokenizing {files[0]}...: {100 * done / total:.0f}% ({n_tokens:,} tokens)")
                 last_report = time.monotonic()
     os.replace(tmp, cache)
     log(f"tokenized {len(files)} file(s): {n_tokens:,} tokens -> {cache}")
     return cache
+
+
+def _batches(documents: Iterator[tuple[str, int]], max_chars: int = _BATCH_CHARS
+             ) -> Iterator[tuple[list[str], int]]:
+    """Documents grouped for batch encoding, up to ``max_chars`` characters a batch, with the
+    bytes read so far after each batch."""
+    texts, size, done = [], 0, 0
+    for text, done in documents:
+        texts.append(text)
+        size += len(text)
+        if size >= max_chars:
+            yield texts, done
+            texts, size = [], 0
+    if texts:
+        yield texts, done
 
 
 class TextRows:
