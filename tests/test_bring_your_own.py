@@ -1,6 +1,6 @@
-"""A downloaded Qwen-style folder, end to end, with nothing else set: its own tokenizer.json,
-Jinja chat template and generation_config.json; LoRA fine-tuning on instruction data in that
-template; export; `generate --chat` stopping at the template's end of turn. And tensor
+"""Downloaded Qwen2, Qwen3 and Mistral folders, end to end, with nothing else set: their own
+tokenizer.json, Jinja chat template and generation_config.json; LoRA fine-tuning on chat data
+in that template; export; `generate --chat` stopping at the template's end of turn. And tensor
 parallel on Qwen2 (q/k/v biases) and Qwen3 (per-head q/k norms) reproducing one process."""
 
 import json
@@ -20,42 +20,67 @@ from titan_lite.train import train
 
 transformers = pytest.importorskip("transformers")
 
-SPECIALS = ["<|im_end|>", "<|endoftext|>", "<|im_start|>"]  # <|im_end|> is id 0
+# family: (special tokens, id 0 first: the end of a turn; bos; eos; pre-tokenizer; template)
+FOLDERS = {
+    "qwen2": (["<|im_end|>", "<|endoftext|>", "<|im_start|>"], None, "<|im_end|>",
+              "digits+bytelevel", "qwen2_5_instruct"),
+    "qwen3": (["<|im_end|>", "<|endoftext|>", "<|im_start|>"], None, "<|im_end|>",
+              "digits+bytelevel", "chatml"),
+    "mistral": (["</s>", "<unk>", "<s>"], "<s>", "</s>", "metaspace",
+                "mistral_7b_instruct_v0_2"),
+}
+CHATS = [{"messages": [{"role": "user", "content": f"Who begat {name}?"},
+                       {"role": "assistant", "content": f"{father} begat {name}."},
+                       {"role": "user", "content": "And then?"},
+                       {"role": "assistant", "content": f"{name} begat sons and daughters."}]}
+         for father, name in [("Adam", "Seth"), ("Seth", "Enos"), ("Enos", "Cainan"),
+                              ("Cainan", "Mahalaleel"), ("Mahalaleel", "Jared")]]
 
 
-@pytest.fixture(scope="module")
-def qwen_folder(tmp_path_factory):
-    """A tiny Qwen2 checkpoint as the hub ships one, whose output layer always answers id 0:
-    <|im_end|>, the end of a turn."""
-    folder = tmp_path_factory.mktemp("qwen2")
-    hf = _hf_tokenizer(SPECIALS, "digits+bytelevel")
+@pytest.fixture(scope="module", params=sorted(FOLDERS))
+def hub_folder(request, tmp_path_factory):
+    """A tiny checkpoint of the family as the hub ships one (tokenizer.json, the template in
+    tokenizer_config.json, generation_config.json), whose output layer always answers id 0:
+    the end of a turn."""
+    family = request.param
+    specials, bos, eos, kind, template = FOLDERS[family]
+    folder = tmp_path_factory.mktemp(family)
+    hf = _hf_tokenizer(specials, kind)
     hf.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
-        "chat_template": open(os.path.join(TEMPLATES, "qwen2_5_instruct.jinja")).read()}))
-    model = make_hf_model("qwen2", folder, vocab_size=hf.get_vocab_size() + 4)  # (padded)
-    with torch.no_grad():  # tied: the embedding is the output layer
-        model.model.embed_tokens.weight.zero_()
+        "bos_token": bos, "eos_token": eos,
+        "chat_template": open(os.path.join(TEMPLATES, f"{template}.jinja")).read()}))
+    model = make_hf_model(family, folder, vocab_size=hf.get_vocab_size() + 4,  # (padded)
+                          **({"sliding_window": None} if family == "mistral" else {}))  # v0.3
+    with torch.no_grad():  # (tied: the embedding is the output layer)
+        model.get_output_embeddings().weight.zero_()
     model.save_pretrained(folder)
     config = json.loads((folder / "config.json").read_text())
-    config.update(vocab_size=model.config.vocab_size, bos_token_id=None, eos_token_id=0)
+    config.update(bos_token_id=hf.token_to_id(bos) if bos else None, eos_token_id=0)
     (folder / "config.json").write_text(json.dumps(config))
-    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [0, 1]}))
-    return folder
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [0]}))
+    return family, folder
 
 
-def test_lora_fine_tune_in_the_checkpoints_template_then_chat(repo_cwd, qwen_folder, tmp_path,
+def _job(folder, tmp_path, data: str) -> list[str]:
+    return ["--model.flavor", "auto", "--model.init_from", str(folder),
+            "--tokenizer.path", str(folder), "--data.format", "chat", "--data.paths", data,
+            "--data.cache_dir", str(tmp_path / "cache"), "--lora.enable", "true",
+            "--training.seq_len", "128", "--training.steps", "2",
+            "--training.local_batch_size", "2", "--checkpoint.enable", "true",
+            "--checkpoint.interval", "2", "--job.dump_folder", str(tmp_path / "run"),
+            "--metrics.log_freq", "1"]
+
+
+def test_lora_fine_tune_in_the_checkpoints_template_then_chat(repo_cwd, hub_folder, tmp_path,
                                                               capsys):
     from titan_lite.generate import main as generate_main
     from titan_lite.hf import export_checkpoint
 
-    job = ["--model.flavor", "auto", "--model.init_from", str(qwen_folder),
-           "--tokenizer.path", str(qwen_folder), "--data.format", "alpaca",
-           "--data.paths", "titan_lite/assets/data/kjv_sft.jsonl", "--data.cache_dir",
-           str(tmp_path / "cache"), "--lora.enable", "true", "--training.seq_len", "128",
-           "--training.steps", "2", "--training.local_batch_size", "2",
-           "--checkpoint.enable", "true", "--checkpoint.interval", "2",
-           "--job.dump_folder", str(tmp_path / "run"), "--metrics.log_freq", "1"]
+    family, folder = hub_folder
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps(chat) + "\n" for chat in CHATS))
+    job = _job(folder, tmp_path, str(data))
     result = train(load_config(job), CPU_ENV)
     assert len(result.losses) == 2 and all(torch.isfinite(torch.tensor(result.losses)))
     log = capsys.readouterr().out
@@ -63,14 +88,23 @@ def test_lora_fine_tune_in_the_checkpoints_template_then_chat(repo_cwd, qwen_fol
 
     export_checkpoint(["--format", "peft", "--out", str(tmp_path / "peft"), *job])
     adapter = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
-    assert adapter["base_model_name_or_path"] == os.path.abspath(qwen_folder)
+    assert adapter["base_model_name_or_path"] == os.path.abspath(folder)
     capsys.readouterr()
 
     generate_main([*job, "--chat", "--prompt", "Who made the light?", "--max_new_tokens", "5",
                    "--temperature", "0"])
     out = capsys.readouterr()
     assert "tokenizer_config.json (chat_template)" in out.err
-    assert out.out.strip() == ""  # stopped at <|im_end|>, not five of them
+    assert out.out.strip() == ""  # stopped at the end of the turn, not five of them
+
+    if family == "mistral":  # a record the template refuses: its file, line and message
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text(json.dumps({"messages": [{"role": "system", "content": "Be brief."},
+                                                *CHATS[0]["messages"]]}) + "\n")
+        with pytest.raises(ValueError, match=r"bad.jsonl:1: the chat template of .*failed "
+                                              r"on this conversation: .*Conversation roles "
+                                              r"must alternate"):
+            train(load_config(_job(folder, tmp_path / "bad", str(bad))), CPU_ENV)
 
 
 def _tp_job(folder: str, dump: str, tp: int) -> list[str]:
