@@ -1,7 +1,8 @@
 """Downloaded Qwen2, Qwen3 and Mistral folders, end to end, with nothing else set: their own
 tokenizer.json, Jinja chat template and generation_config.json; LoRA fine-tuning on chat data
 in that template; export; `generate --chat` stopping at the template's end of turn. And tensor
-parallel on Qwen2 (q/k/v biases) and Qwen3 (per-head q/k norms) reproducing one process."""
+parallel, FSDP and pipeline parallel on Qwen2 (q/k/v biases) and Qwen3 (per-head q/k norms)
+reproducing one process."""
 
 import json
 import os
@@ -107,10 +108,17 @@ def test_lora_fine_tune_in_the_checkpoints_template_then_chat(repo_cwd, hub_fold
             train(load_config(_job(folder, tmp_path / "bad", str(bad))), CPU_ENV)
 
 
-def _tp_job(folder: str, dump: str, tp: int) -> list[str]:
+LAYOUTS = {  # name: overrides (one process: local batch 8 x 64 tokens; the same global batch)
+    "one": [],
+    "tp2": ["--parallelism.tensor_parallel_degree", "2", "--parallelism.dp_shard", "1"],
+    "fsdp2": ["--parallelism.dp_shard", "2", "--training.local_batch_size", "4"],
+    "pp2": ["--parallelism.pipeline_parallel_degree", "2", "--parallelism.dp_shard", "1"],
+}
+
+
+def _job(folder: str, dump: str, layout: str) -> list[str]:
     return [*BASE, "--model.flavor", "auto", "--model.init_from", folder, "--tokenizer.path",
-            TIKTOKEN_PATH, "--job.dump_folder", dump,
-            "--parallelism.tensor_parallel_degree", str(tp), "--parallelism.dp_shard", "1"]
+            TIKTOKEN_PATH, "--job.dump_folder", dump, *LAYOUTS[layout]]
 
 
 def _train_each(rank: int, world_size: int, jobs: list[list[str]], out: str) -> None:
@@ -119,30 +127,36 @@ def _train_each(rank: int, world_size: int, jobs: list[list[str]], out: str) -> 
     for index, argv in enumerate(jobs):
         result = train(load_config(argv), env)
         params = {name: full_tensor(p).detach().clone() for part in result.model_parts
-                  for name, p in part.named_parameters()}
-        if rank == 0:
-            torch.save({"losses": result.losses, "params": params}, f"{out}.{index}")
+                  for name, p in part.named_parameters()}  # (a pipeline stage: its blocks)
+        torch.save({"losses": result.losses, "params": params}, f"{out}.{index}.rank{rank}")
 
 
 @pytest.mark.slow
-def test_tensor_parallel_on_qwen2_and_qwen3_matches_one_process(tmp_path):
-    folders = []
+def test_tp_fsdp_and_pp_on_qwen2_and_qwen3_match_one_process(tmp_path):
+    """Qwen2's q/k/v biases and Qwen3's per-head q/k norms (with head size 24, not 64 / 4)
+    split, sharded and staged: 2 ranks give one process's losses and final weights."""
+    folders = {}
     for family in ("qwen2", "qwen3"):
         folder = tmp_path / family
-        model = make_hf_model(family, folder, tie_word_embeddings=False)  # (TP: untied)
+        model = make_hf_model(family, folder, tie_word_embeddings=False)  # (TP, PP: untied)
         config = json.loads((folder / "config.json").read_text())
         config.update(vocab_size=2304, bos_token_id=None, eos_token_id=None)  # >= 2256 tokens
-        (folder / "config.json").write_text(json.dumps(config))
         model.resize_token_embeddings(2304)
         model.save_pretrained(folder)
         (folder / "config.json").write_text(json.dumps(config))
-        folders.append(str(folder))
-    one = [_tp_job(f, str(tmp_path / f"one{i}"), 1) for i, f in enumerate(folders)]
-    expected = [train(load_config(argv), CPU_ENV) for argv in one]
-    two = [_tp_job(f, str(tmp_path / f"tp{i}"), 2) for i, f in enumerate(folders)]
-    run_distributed(_train_each, 2, two, str(tmp_path / "tp"))
-    for index, reference in enumerate(expected):
-        got = torch.load(f"{tmp_path / 'tp'}.{index}", weights_only=True)
+        folders[family] = str(folder)
+    expected = {family: train(load_config(_job(folder, str(tmp_path / f"{family}-one"), "one")),
+                              CPU_ENV) for family, folder in folders.items()}
+    runs = [(family, layout) for family in folders for layout in ("tp2", "fsdp2", "pp2")]
+    run_distributed(_train_each, 2, [_job(folders[family], str(tmp_path / f"{family}-{layout}"),
+                                          layout) for family, layout in runs],
+                    str(tmp_path / "out"))
+    for index, (family, layout) in enumerate(runs):
+        ranks = [torch.load(f"{tmp_path / 'out'}.{index}.rank{r}", weights_only=True)
+                 for r in range(2)]
+        got = {"losses": ranks[0]["losses"], "params": {**ranks[0]["params"],
+                                                        **ranks[1]["params"]}}
+        reference = expected[family]
         assert_matches(got, {"losses": reference.losses, "params": {
             name: p.detach() for part in reference.model_parts
             for name, p in part.named_parameters()}})
