@@ -168,6 +168,20 @@ def test_jinja_file_and_auto_without_a_template(qwen):
     assert template.render(TURNS) == named.render(TURNS)
 
 
+def test_generation_tags_render_their_body(qwen, tmp_path):
+    """{% generation %} (transformers' assistant-mask tag) renders as the template without it."""
+    tok = build_tokenizer("auto", str(qwen))
+    plain = os.path.join(TEMPLATES, "chatml.jinja")
+    tagged = tmp_path / "tagged.jinja"
+    tagged.write_text(open(plain).read().replace(
+        "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}",
+        "{% generation %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+        "'<|im_end|>' + '\n'}}{% endgeneration %}"))
+    assert "generation" in tagged.read_text()
+    assert (build_chat_template(str(tagged), tok, str(qwen)).render(TURNS)
+            == build_chat_template(plain, tok, str(qwen)).render(TURNS))
+
+
 def test_a_template_that_is_not_prefix_stable_is_refused_naming_a_fallback(qwen, tmp_path):
     tok = build_tokenizer("auto", str(qwen))
     unstable = tmp_path / "unstable.jinja"  # marks the last turn: earlier renderings change

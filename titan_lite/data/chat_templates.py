@@ -137,9 +137,24 @@ def _common_length(a: list[int], b: list[int]) -> int:
 def _environment():
     """The environment transformers renders chat templates in: sandboxed (templates are
     downloaded code), trim_blocks / lstrip_blocks, loop controls, JSON without HTML escaping,
-    ``raise_exception`` and ``strftime_now``."""
+    ``raise_exception``, ``strftime_now``, and the ``{% generation %}`` tag (which marks the
+    answers for transformers' assistant mask; here the prefix diff finds them, so its body
+    renders as it is)."""
     import jinja2
+    from jinja2.ext import Extension
     from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Generation(Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            line = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body
+                                          ).set_lineno(line)
+
+        def _body(self, caller):
+            return caller()
 
     def raise_exception(message: str) -> None:
         raise jinja2.exceptions.TemplateError(message)
@@ -150,7 +165,7 @@ def _environment():
                           separators=separators, sort_keys=sort_keys)
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=["jinja2.ext.loopcontrols"])
+                                        extensions=["jinja2.ext.loopcontrols", Generation])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
