@@ -116,7 +116,7 @@ LAYOUTS = {  # name: overrides (one process: local batch 8 x 64 tokens; the same
 }
 
 
-def _job(folder: str, dump: str, layout: str) -> list[str]:
+def _layout_job(folder: str, dump: str, layout: str) -> list[str]:
     return [*BASE, "--model.flavor", "auto", "--model.init_from", folder, "--tokenizer.path",
             TIKTOKEN_PATH, "--job.dump_folder", dump, *LAYOUTS[layout]]
 
@@ -145,11 +145,13 @@ def test_tp_fsdp_and_pp_on_qwen2_and_qwen3_match_one_process(tmp_path):
         model.save_pretrained(folder)
         (folder / "config.json").write_text(json.dumps(config))
         folders[family] = str(folder)
-    expected = {family: train(load_config(_job(folder, str(tmp_path / f"{family}-one"), "one")),
-                              CPU_ENV) for family, folder in folders.items()}
+    expected = {family: train(load_config(_layout_job(folder, str(tmp_path / f"{family}-one"),
+                                                      "one")), CPU_ENV)
+                for family, folder in folders.items()}
     runs = [(family, layout) for family in folders for layout in ("tp2", "fsdp2", "pp2")]
-    run_distributed(_train_each, 2, [_job(folders[family], str(tmp_path / f"{family}-{layout}"),
-                                          layout) for family, layout in runs],
+    run_distributed(_train_each, 2, [_layout_job(folders[family],
+                                                 str(tmp_path / f"{family}-{layout}"), layout)
+                                     for family, layout in runs],
                     str(tmp_path / "out"))
     for index, (family, layout) in enumerate(runs):
         ranks = [torch.load(f"{tmp_path / 'out'}.{index}.rank{r}", weights_only=True)
