@@ -32,6 +32,7 @@ from titan_lite.tokenizer import Tokenizer, special_pattern
 NAMED = {t.name: t for t in (Llama3Template, Llama2Template, ChatMLTemplate)}
 AUTO = "auto"
 _TEMPLATE_FILE = "chat_template.jinja"
+_TOKENIZER_CONFIG = "tokenizer_config.json"
 
 
 class JinjaTemplate:
@@ -182,16 +183,16 @@ def _read_json(path: str) -> dict:
         raise ValueError(f"{path}:{e.lineno}: not JSON ({e.msg})") from None
 
 
-def folder_template(folder: str) -> tuple[str, str] | None:
+def folder_template(folder: str, tokenizer_config: dict) -> tuple[str, str] | None:
     """(template source, where it came from) of a model folder: chat_template.jinja, or
-    tokenizer_config.json's ``chat_template`` (a string, or a list of named templates whose
-    ``default`` is taken); None when it has neither."""
+    its tokenizer_config.json's ``chat_template`` (a string, or a list of named templates
+    whose ``default`` is taken); None when it has neither."""
     path = os.path.join(folder, _TEMPLATE_FILE)
     if os.path.isfile(path):
         with open(path) as fh:
             return fh.read(), path
-    config_path = os.path.join(folder, "tokenizer_config.json")
-    template = _read_json(config_path).get("chat_template")
+    config_path = os.path.join(folder, _TOKENIZER_CONFIG)
+    template = tokenizer_config.get("chat_template")
     if isinstance(template, list):
         template = next((t.get("template") for t in template
                          if isinstance(t, dict) and t.get("name") == "default"), None)
@@ -210,10 +211,9 @@ def checkpoint_stop_ids(folder: str, tokenizer: Tokenizer) -> set[int]:
     return ids
 
 
-def _template_variables(folder: str, tokenizer: Tokenizer) -> dict[str, str]:
-    """bos_token, eos_token, unk_token, pad_token as tokenizer_config.json names them (what
-    transformers passes a template), else the tokenizer's own bos and eos."""
-    config = _read_json(os.path.join(folder, "tokenizer_config.json"))
+def _template_variables(config: dict, tokenizer: Tokenizer) -> dict[str, str]:
+    """bos_token, eos_token, unk_token, pad_token as tokenizer_config.json (``config``) names
+    them (what transformers passes a template), else the tokenizer's own bos and eos."""
     names = {i: text for text, i in tokenizer.special_ids.items()}
     variables = {"bos_token": names.get(tokenizer.bos_id, ""),
                  "eos_token": names.get(tokenizer.eos_id, "")} if not config else {}
@@ -239,25 +239,23 @@ def build_chat_template(name: str, tokenizer: Tokenizer, tokenizer_path: str = "
     says which one and why, for the log."""
     folder = tokenizer_path if os.path.isdir(tokenizer_path) else os.path.dirname(tokenizer_path)
     stop_ids = checkpoint_stop_ids(folder, tokenizer) if tokenizer_path else {tokenizer.eos_id}
+    config = _read_json(os.path.join(folder, _TOKENIZER_CONFIG)) if tokenizer_path else {}
     fallback = named_for(tokenizer)
+    found, why = None, "data.chat_template"
     if name.endswith(".jinja"):
         with open(name) as fh:
-            template = JinjaTemplate(fh.read(), name, tokenizer, stop_ids,
-                                     _template_variables(folder, tokenizer), fallback)
-        template.describe += " (data.chat_template)"
+            found = fh.read(), name
+    elif name == AUTO and tokenizer_path:
+        found, why = folder_template(folder, config), "auto: the checkpoint's own"
+    if found is not None:
+        template = JinjaTemplate(*found, tokenizer, stop_ids,
+                                 _template_variables(config, tokenizer), fallback)
+        template.describe += f" ({why})"
         return template
     if name == AUTO:
-        found = folder_template(folder) if tokenizer_path else None
-        if found is not None:
-            template = JinjaTemplate(*found, tokenizer, stop_ids,
-                                     _template_variables(folder, tokenizer), fallback)
-            template.describe += " (auto: the checkpoint's own)"
-            return template
         name = fallback
         why = (f"auto: {folder or tokenizer_path or 'the tokenizer'} has no chat template, "
                f"and the tokenizer's control tokens call for {name}")
-    else:
-        why = "data.chat_template"
     if name not in NAMED:
         raise ValueError(f"data.chat_template: unknown template {name!r} (one of auto, "
                          f"{', '.join(NAMED)}, or a .jinja file)")
