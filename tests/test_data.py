@@ -5,7 +5,8 @@ import pytest
 import torch
 from conftest import TIKTOKEN_PATH
 
-from titan_lite.data import PackedDataLoader, TextRows, iter_documents, tokenize_to_cache
+from titan_lite.data import PackedDataLoader, TextRows, tokenize_to_cache
+from titan_lite.data.shards import Stream
 from titan_lite.tokenizer import build_tokenizer
 
 
@@ -27,7 +28,7 @@ def test_tokenize_packs_documents_with_bos_and_eos_and_reuses_the_cache(tok, cor
     messages = []
     cache = tokenize_to_cache([str(folder)], tok, cache_dir=str(tmp_path / "c"),
                               log=messages.append)
-    tokens = np.fromfile(cache, dtype=np.uint32)
+    tokens = Stream(cache, "tokens", np.uint32).read()
     expected = [i for d in docs for i in tok.encode(d, bos=True, eos=True)]
     assert tokens.tolist() == expected
     assert len(messages) == 1
@@ -52,10 +53,11 @@ def test_unreadable_text_is_named_by_file_and_line(tok, tmp_path, name, content,
                           log=lambda m: None)
 
 
-def test_bad_jsonl_line_is_named(tmp_path):
+def test_bad_jsonl_line_is_named(tok, tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"txt": "no"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2: expected a JSON object with a 'text'"):
-        list(iter_documents([str(tmp_path / "bad.jsonl")], "text"))
+        tokenize_to_cache([str(tmp_path / "bad.jsonl")], tok, cache_dir=str(tmp_path / "c"),
+                          log=None)
 
 
 def make_loader(path, dp_rank=0, dp_size=1, batch=2, seed=0, shuffle=True):

@@ -1,4 +1,5 @@
 import json
+import re
 import os
 
 import numpy as np
@@ -9,7 +10,8 @@ from conftest import REPO, TIKTOKEN_PATH
 from titan_lite.data import PackedSamples, ValidationLoader, tokenize_samples_to_cache
 from titan_lite.data.chat import Llama3Template
 from titan_lite.data.instruct import Rendering
-from titan_lite.data.records import iter_records
+from titan_lite.data.shards import Stream
+from titan_lite.data.sources import records as iter_records
 from titan_lite.data.loader import split_indices
 from titan_lite.loss import IGNORE_INDEX
 from titan_lite.tokenizer import build_tokenizer
@@ -79,7 +81,7 @@ def test_length_report_counts_and_overlong_handling(tok, tmp_path):
     assert len(truncated.spans) == 5
     assert "truncated 2, dropped 1 left without an answer" in truncated.report
     assert max(length for _, length in truncated.spans) == 49
-    lengths = np.diff(np.load(os.path.join(cache, "offsets.npy")))
+    lengths = Stream(cache, "lengths", np.uint32).read()
     p50 = int(np.percentile(lengths, 50).round())
     assert f"min {lengths.min()} / p50 {p50}" in dropped.report
     with pytest.raises(ValueError, match="none of the 6 samples fits training.seq_len 8"):
@@ -110,7 +112,10 @@ def test_bad_data_names_file_line_and_field_and_leaves_no_cache(tok, tmp_path, c
     (tmp_path / "a.jsonl").write_text(content)
     with pytest.raises(ValueError, match=message):
         cache_of(tok, str(tmp_path / "a.jsonl"), tmp_path, data_format)
-    assert not os.path.exists(tmp_path / "cache") or os.listdir(tmp_path / "cache") == []
+    left = os.listdir(tmp_path / "cache") if os.path.exists(tmp_path / "cache") else []
+    assert [name for name in left if not name.endswith(".sft.error")] == []  # no cache
+    for name in left:  # only the message, for the other builders of a job to raise
+        assert re.search(message, (tmp_path / "cache" / name).read_text())
 
 
 NESTED = b"[" * 100_000 + b"]" * 100_000

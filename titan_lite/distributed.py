@@ -5,17 +5,14 @@ from __future__ import annotations
 import os
 import sys
 import traceback
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
-T = TypeVar("T")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16,  # config name -> dtype
           "float16": torch.float16}
 
@@ -119,26 +116,6 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
 def local_shard(tensor: torch.Tensor) -> torch.Tensor:
     """This rank's part of a possibly sharded (DTensor) tensor; no communication."""
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
-
-
-def local_rank0_first(fn: Callable[[Callable[[str], None]], T], local_rank: int,
-                      log: Callable[[str], None]) -> T:
-    """``fn(log)`` on local rank 0 first, then ``fn`` (silent) on the other ranks, which reuse
-    what it wrote to disk (a token cache). A ValueError or OSError on rank 0 is raised on every
-    rank with rank 0's message, so all of them stop alike instead of waiting forever."""
-    result, error = None, None
-    if local_rank == 0:
-        try:
-            result = fn(log)
-        except (ValueError, OSError) as e:
-            error = str(e)
-    if dist.is_initialized():
-        errors: list[str | None] = [None] * dist.get_world_size()
-        dist.all_gather_object(errors, error)  # also the barrier the other ranks wait at
-        error = next((e for e in errors if e is not None), None)
-    if error is not None:
-        raise ValueError(error)
-    return fn(lambda message: None) if local_rank != 0 else result
 
 
 def barrier() -> None:

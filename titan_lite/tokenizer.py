@@ -65,9 +65,45 @@ class Tokenizer(Protocol):
         stay text; no bos/eos added."""
         ...
 
+    def encode_continuation(self, text: str) -> list[int]:
+        """The ids of ``text`` as the rest of a text cut by ``safe_cut`` (no bos, and none of
+        the prefix a tokenizer gives a text's start, such as sentencepiece's "▁")."""
+        ...
+
     def decode(self, ids: list[int]) -> str: ...
 
     def token_id(self, name: str) -> int | None: ...
+
+
+# Where a text may be cut into pieces encoded one by one: between words (before a single
+# space) or at the start of a line; each candidate is checked by encoding its neighbourhood.
+_CUT_CANDIDATE = re.compile(r"(?<=\S) (?=\S)|(?<=\n)(?=\S)")
+_CUT_CONTEXT = 256  # characters each side of a cut encoded to check it
+_CUT_TRIES = 64
+
+
+def safe_cut(tokenizer: Tokenizer, text: str, at: int, end: int | None = None) -> int | None:
+    """The first position in [at, end) where ``text`` can be cut so that encoding the two
+    pieces (the second with ``encode_continuation``) gives the ids of the whole, or None.
+
+    A candidate is checked on its neighbourhood (encoded whole and in two). For pre-tokenizing
+    BPEs (tiktoken, byte-level tokenizer.json) a candidate is a pre-token boundary, which no
+    merge crosses, so the check confirms what holds for the whole text; for sentencepiece it is
+    a word boundary, encoded without the dummy prefix. A position with too little text on
+    either side to check is never taken."""
+    end = len(text) if end is None else min(end, len(text))
+    candidates = _CUT_CANDIDATE.finditer(text, max(at, _CUT_CONTEXT), end - _CUT_CONTEXT + 1)
+    for tried, match in enumerate(candidates):
+        if tried == _CUT_TRIES:
+            return None
+        cut = match.start()
+        if cut + _CUT_CONTEXT > len(text):
+            return None
+        left, right = text[cut - _CUT_CONTEXT:cut], text[cut:cut + _CUT_CONTEXT]
+        if (tokenizer.encode(left + right, bos=False)
+                == tokenizer.encode(left, bos=False) + tokenizer.encode_continuation(right)):
+            return cut
+    return None
 
 
 @functools.lru_cache(maxsize=16)
@@ -140,10 +176,20 @@ class TikTokenizer:
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         # Special-token text inside a document is encoded as plain text, never as control ids.
+        # A long text is encoded in pieces of at most _MAX_ENCODE_CHARS cut where the ids
+        # cannot change (Meta cuts at the limit itself when it finds no such place).
         ids = [self.bos_id] if bos else []
-        for start in range(0, len(text), _MAX_ENCODE_CHARS):
-            ids.extend(self.encoding.encode_ordinary(text[start:start + _MAX_ENCODE_CHARS]))
+        start = 0
+        while len(text) - start > _MAX_ENCODE_CHARS:
+            limit = start + _MAX_ENCODE_CHARS
+            cut = safe_cut(self, text, limit - _MAX_ENCODE_CHARS // 2, limit) or limit
+            ids.extend(self.encoding.encode_ordinary(text[start:cut]))
+            start = cut
+        ids.extend(self.encoding.encode_ordinary(text[start:]))
         return ids + [self.eos_id] if eos else ids
+
+    def encode_continuation(self, text: str) -> list[int]:
+        return self.encode(text, bos=False)
 
     def encode_batch(self, texts: list[str], bos: bool = True, eos: bool = False
                      ) -> list[list[int]]:
@@ -209,9 +255,13 @@ class SentencePieceTokenizer:
                 ids.append(piece)
             elif index == 0 or self.legacy:
                 ids += self.model.encode(piece)
-            else:  # no dummy prefix: encoded after a known piece, which is then dropped
-                ids += self.model.encode(self._unk_text + piece)[self._unk_length:]
+            else:
+                ids += self.encode_continuation(piece)
         return ids
+
+    def encode_continuation(self, text: str) -> list[int]:
+        # no dummy prefix: encoded after a known piece, which is then dropped
+        return self.model.encode(self._unk_text + text)[self._unk_length:]
 
     def decode(self, ids: list[int]) -> str:
         return self.model.decode(ids)
@@ -319,6 +369,7 @@ class HuggingFaceTokenizer:
         self.eos_id = self.special_ids.get(_first_present(self.special_ids, _EOS_NAMES))
         self.pad_id = None
         self.files = [path]
+        self._newline_ids = self.encode("\n", bos=False)
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         ids = self.tokenizer.encode(text, add_special_tokens=False).ids
@@ -329,6 +380,12 @@ class HuggingFaceTokenizer:
         # (the library's own thread pool: RAYON_NUM_THREADS / TOKENIZERS_PARALLELISM)
         batch = self.tokenizer.encode_batch(texts, add_special_tokens=False)
         return [[self.bos_id] * bos + e.ids + [self.eos_id] * eos for e in batch]
+
+    def encode_continuation(self, text: str) -> list[int]:
+        # after a newline that is then dropped: no prefix a pre-tokenizer gives a text's start
+        ids = self.encode("\n" + text, bos=False)
+        head = self._newline_ids
+        return ids[len(head):] if ids[:len(head)] == head else self.encode(text, bos=False)
 
     def encode_with_specials(self, text: str, plain: Sequence[tuple[int, int]] = ()
                              ) -> list[int]:
@@ -355,7 +412,10 @@ class HuggingFaceTokenizer:
 
 
 def _threads() -> int:
-    """Threads for batch encoding: the cores this process may use."""
+    """Threads for batch encoding: the cores this process may use (one in a data builder's
+    worker processes, which set TITAN_LITE_ENCODE_THREADS)."""
+    if os.environ.get("TITAN_LITE_ENCODE_THREADS"):
+        return int(os.environ["TITAN_LITE_ENCODE_THREADS"])
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
         os.cpu_count() or 1)
 

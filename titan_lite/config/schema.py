@@ -72,8 +72,10 @@ class Tokenizer:
 class Data:
     paths: list[str] = opt(["titan_lite/assets/data/kjv_sample.jsonl"],
                            "Training data, files or folders. format text: .txt files (one "
-                           "document each) and .jsonl files (one document per line); alpaca and "
-                           "chat: .json (a JSON array) or .jsonl files of records.")
+                           "document each), .json/.jsonl (one document per record) and .parquet "
+                           "(one per row); alpaca and chat: .json (a JSON array or lines), "
+                           ".jsonl or .parquet files of records. .txt/.json/.jsonl may be "
+                           "compressed (.gz, .zst).")
     format: str = opt("text", "text: raw documents packed back to back, every token learned "
                       "(pretraining). alpaca: {instruction, input (optional), output} records. "
                       "chat: {messages: [{role: system|user|assistant, content}]} or ShareGPT "
@@ -97,8 +99,15 @@ class Data:
                         "them, or truncate them to fit (samples left without answer tokens "
                         "are dropped). Counted in the length report at start-up.",
                         choices=["drop", "truncate"])
-    text_field: str = opt("text", "Field of each .jsonl record that holds the text.")
-    cache_dir: str = opt("", "Where the tokenized uint32 cache goes; empty: beside the source.")
+    text_field: str = opt("text", "Field (JSON) or column (Parquet) of each record that holds "
+                          "the text (format text).")
+    cache_dir: str = opt("", "Where the token cache goes; empty: beside the first source. On a "
+                         "filesystem every node sees, the nodes build one cache together.")
+    workers: int = opt(0, "Processes that tokenize, per builder (each rank of a node builds a "
+                       "share of the cache): 0: the builder's share of the cores.", min=0)
+    shard_mb: float = opt(64.0, "Source megabytes per cache part: the unit of parallel work, "
+                          "of resuming a killed build, and of reading a large file in pieces.",
+                          min=0.001)
     shuffle: bool = opt(True, "Shuffle the packed samples every epoch (seeded by job.seed).")
 
 

@@ -1,7 +1,10 @@
 """Training and validation data: plain text (pretraining) or instruction records (fine-tuning),
-tokenized once into a cache, cut or packed into rows, sharded over data-parallel ranks."""
+tokenized once into a cache (ahead of time with ``python -m titan_lite.data prepare``, or by
+every rank together at start-up), cut or packed into rows, sharded over data-parallel ranks."""
 
 from __future__ import annotations
+
+import os
 
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,13 +20,13 @@ from titan_lite.data.instruct import (
     tokenize_samples_to_cache,
 )
 from titan_lite.data.loader import PackedDataLoader, ValidationLoader, split_indices
-from titan_lite.data.text import TextRows, corpus_files, iter_documents, tokenize_to_cache
-from titan_lite.distributed import local_rank0_first
+from titan_lite.data.sources import source_files
+from titan_lite.data.text import TextRows, tokenize_to_cache
 from titan_lite.tokenizer import Tokenizer
 
 __all__ = ["Batch", "ChatTemplate", "Data", "PackedDataLoader", "PackedSamples", "Rows",
-           "TextRows", "ValidationLoader", "build_chat_template", "build_data", "corpus_files",
-           "iter_documents", "tokenize_samples_to_cache", "tokenize_to_cache"]
+           "TextRows", "ValidationLoader", "build_chat_template", "build_data", "data_caches",
+           "source_files", "tokenize_samples_to_cache", "tokenize_to_cache"]
 
 
 @dataclass
@@ -33,15 +36,39 @@ class Data:
 
 
 def _cached(cfg: JobConfig, tokenizer: Tokenizer, paths: list[str], key: str,
-            log: Callable[[str], None]) -> str:
+            log: Callable[[str], None] | None, workers: int) -> str:
     """Tokenize ``paths`` (``key`` names them in errors) into the cache; its path."""
     d = cfg.data
     if d.format == "text":
-        return tokenize_to_cache(paths, tokenizer, d.text_field, d.cache_dir, log=log)
+        return tokenize_to_cache(paths, tokenizer, d.text_field, d.cache_dir, log, workers,
+                                 d.shard_mb, key)
     template = build_chat_template(d.chat_template, tokenizer, cfg.tokenizer.path)
-    log(f"chat template: {template.describe}")
+    if log is not None:
+        log(f"chat template: {template.describe}")
     rendering = Rendering(d.format, template, d.train_on_prompt)
-    return tokenize_samples_to_cache(paths, rendering, d.cache_dir, key, log=log)
+    return tokenize_samples_to_cache(paths, rendering, d.cache_dir, key, log, workers,
+                                     d.shard_mb)
+
+
+def encode_workers(cfg: JobConfig, builders: int = 1) -> int:
+    """Processes each of ``builders`` builders encodes with: data.workers, or its share of the
+    cores (0)."""
+    if cfg.data.workers > 0:
+        return cfg.data.workers
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+        os.cpu_count() or 1)
+    return max(1, cores // builders)
+
+
+def data_caches(cfg: JobConfig, tokenizer: Tokenizer, log: Callable[[str], None] | None,
+                builders: int = 1) -> tuple[str, str | None]:
+    """The training and validation caches, built now unless a prepared one is there; every
+    caller is a builder, sharing the work with the others (``builders`` on this host)."""
+    workers = encode_workers(cfg, builders)
+    train = _cached(cfg, tokenizer, cfg.data.paths, "data.paths", log, workers)
+    held = (_cached(cfg, tokenizer, cfg.validation.paths, "validation.paths", log, workers)
+            if cfg.validation.paths else None)
+    return train, held
 
 
 def _rows(cfg: JobConfig, cache: str, indices=None, key: str = "data.paths",
@@ -68,16 +95,13 @@ def _split(cfg: JobConfig, cache: str) -> tuple[Rows, Rows]:
 
 def build_data(cfg: JobConfig, tokenizer: Tokenizer, local_rank: int, dp_rank: int,
                dp_size: int, log: Callable[[str], None]) -> Data:
-    """Tokenize once per host (local rank 0 first; a bad record stops every rank with the same
-    message), then open this rank's shard of the training and validation rows."""
+    """Tokenize once (every rank of a host building a share, rank 0 reporting; a bad record
+    stops every rank with the same message), then open this rank's shard of the training and
+    validation rows."""
     v = cfg.validation
-
-    def caches(report: Callable[[str], None]) -> tuple[str, str | None]:
-        train = _cached(cfg, tokenizer, cfg.data.paths, "data.paths", report)
-        held = _cached(cfg, tokenizer, v.paths, "validation.paths", report) if v.paths else None
-        return train, held
-
-    train_cache, held_cache = local_rank0_first(caches, local_rank, log)
+    builders = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    train_cache, held_cache = data_caches(cfg, tokenizer, log if local_rank == 0 else None,
+                                          builders)
     if v.split > 0:
         train_rows, held_rows = _split(cfg, train_cache)
     else:

@@ -2,8 +2,8 @@
 packed rows whose samples never see each other.
 
 Each sample is rendered once by the chat template into ids and a per-token target flag and
-cached (``<source>.<hash>.sft/``: tokens.npy, targets.npy, offsets.npy, published by renaming a
-finished temporary folder). At start-up the samples are measured (length report), over-long
+cached (``<source>.<hash>.sft/``: the arrays tokens, targets and lengths, built in parts as
+``shards.build_cache`` builds). At start-up the samples are measured (length report), over-long
 ones dropped or truncated, and the rest packed in file order into rows of ``seq_len``
 positions. A sample's positions restart at 0, which is what keeps attention inside it; the
 label that would cross into the next sample and padding are ignored.
@@ -11,9 +11,6 @@ label that would cross into the next sample and padding are ignored.
 
 from __future__ import annotations
 
-import os
-import shutil
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -22,13 +19,15 @@ import torch
 
 from titan_lite.data.batch import Batch
 from titan_lite.data.chat import ChatTemplate, record_messages
-from titan_lite.data.records import iter_records
-from titan_lite.data.text import TOKEN_DTYPE, cache_path, corpus_files
+from titan_lite.data.shards import (CacheJob, Items, Stream, batched, build_cache, fail,
+                                    read_manifest)
+from titan_lite.data.sources import (RECORD_SUFFIXES, describe_files, plan_parts, read_part,
+                                     require_object, source_files)
+from titan_lite.data.text import TOKEN_DTYPE, cache_path
 from titan_lite.loss import IGNORE_INDEX
 
-SUFFIXES = (".json", ".jsonl")
-_CACHE_VERSION = "sft-2"  # bump when what is cached changes
-_PROGRESS_EVERY_S = 5.0
+_CACHE_VERSION = "sft-3"  # bump when what is cached changes
+_BATCH_RECORDS = 256
 
 
 @dataclass(frozen=True)
@@ -41,54 +40,49 @@ class Rendering:
     def settings(self) -> str:
         return f"{_CACHE_VERSION}:{self.data_format}:{self.template.name}:{self.train_on_prompt}"
 
-
-def tokenize_samples_to_cache(paths: list[str], rendering: Rendering, cache_dir: str = "",
-                              key: str = "data.paths", log: Callable[[str], None] = print) -> str:
-    """Render and tokenize every record once; returns the cache folder (reused when it exists).
-    A bad record raises ValueError naming the file, line and field; nothing is left behind."""
-    files = corpus_files(paths, SUFFIXES, key)
-    cache = cache_path(files, rendering.template.tokenizer, rendering.settings(), cache_dir, ".sft")
-    if os.path.isdir(cache):
-        return cache
-    os.makedirs(os.path.dirname(cache), exist_ok=True)
-    tmp = f"{cache}.tmp{os.getpid()}"
-    try:
-        tokens, targets, lengths = _render_files(files, rendering, log)
-        if not lengths:
-            raise ValueError(f"{key}: no records in {', '.join(files)}")
-        os.makedirs(tmp)
-        np.save(os.path.join(tmp, "tokens.npy"), np.asarray(tokens, dtype=TOKEN_DTYPE))
-        np.save(os.path.join(tmp, "targets.npy"), np.asarray(targets, dtype=bool))
-        np.save(os.path.join(tmp, "offsets.npy"), np.concatenate([[0], np.cumsum(lengths)]))
-        os.replace(tmp, cache)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    log(f"tokenized {len(lengths):,} {rendering.data_format} samples ({len(tokens):,} tokens) "
-        f"from {len(files)} file(s) -> {cache}")
-    return cache
-
-
-def _render_files(files: list[str], rendering: Rendering, log: Callable[[str], None]
-                  ) -> tuple[list[int], list[bool], list[int]]:
-    tokens: list[int] = []
-    targets: list[bool] = []
-    lengths: list[int] = []
-    last_report = time.monotonic()
-    for index, file in enumerate(files):
-        for line_no, record in iter_records(file):
+    def encode(self, batch: Items) -> dict[str, np.ndarray]:
+        """A batch of records as samples: their tokens, target flags and lengths."""
+        tokens: list[int] = []
+        targets: list[bool] = []
+        lengths: list[int] = []
+        for location, record in batch:
             try:
-                messages = record_messages(record, rendering.data_format)
-                ids, is_target = rendering.template.render(messages, rendering.train_on_prompt)
+                messages = record_messages(require_object(location, record), self.data_format)
+                ids, is_target = self.template.render(messages, self.train_on_prompt)
             except ValueError as e:
-                raise ValueError(f"{file}:{line_no}: {e}") from None
+                raise ValueError(e if str(e).startswith(location) else f"{location}: {e}"
+                                 ) from None
             tokens += ids
             targets += is_target
             lengths.append(len(ids))
-            if time.monotonic() - last_report > _PROGRESS_EVERY_S:
-                log(f"tokenizing {file} (file {index + 1}/{len(files)}): {len(lengths):,} "
-                    f"samples, {len(tokens):,} tokens")
-                last_report = time.monotonic()
-    return tokens, targets, lengths
+        return {"tokens": np.asarray(tokens, dtype=TOKEN_DTYPE),
+                "targets": np.asarray(targets, dtype=np.uint8),
+                "lengths": np.asarray(lengths, dtype=np.uint32)}
+
+
+def tokenize_samples_to_cache(paths: list[str], rendering: Rendering, cache_dir: str = "",
+                              key: str = "data.paths",
+                              log: Callable[[str], None] | None = print, workers: int = 1,
+                              shard_mb: float = 64) -> str:
+    """Render and tokenize every record once; returns the cache folder (reused when it exists;
+    built as ``shards.build_cache`` builds). A bad record raises ValueError naming the file,
+    line (or row) and field; nothing is left behind."""
+    files = source_files(paths, RECORD_SUFFIXES, key)
+    job = CacheJob(
+        cache=cache_path(files, rendering.template.tokenizer, rendering.settings(), cache_dir,
+                         ".sft"),
+        plan=lambda: [part for file in files for part in plan_parts(file,
+                                                                    int(shard_mb * 2**20))],
+        batches=lambda part: batched(read_part(part), lambda record: 1, _BATCH_RECORDS),
+        encode=rendering.encode,
+        describe=f"tokenizing {rendering.data_format} samples of {key} "
+                 f"({describe_files(files)})")
+    cache = build_cache(job, workers, log)
+    if sample_count(cache) == 0:
+        message = f"{key}: no records in {', '.join(files)}"
+        fail(cache, message)
+        raise ValueError(message)
+    return cache
 
 
 def length_report(lengths: np.ndarray, seq_len: int, overlong: str, dropped: int,
@@ -105,7 +99,7 @@ def length_report(lengths: np.ndarray, seq_len: int, overlong: str, dropped: int
 
 
 def sample_count(cache: str) -> int:
-    return len(np.load(os.path.join(cache, "offsets.npy"), mmap_mode="r")) - 1
+    return read_manifest(cache)["counts"].get("lengths", 0)
 
 
 class PackedSamples:
@@ -118,10 +112,10 @@ class PackedSamples:
 
     def __init__(self, cache: str, seq_len: int, overlong: str,
                  indices: np.ndarray | None = None, key: str = "data.paths"):
-        self.tokens = np.load(os.path.join(cache, "tokens.npy"), mmap_mode="r")
-        self.targets = np.load(os.path.join(cache, "targets.npy"), mmap_mode="r")
-        offsets = np.load(os.path.join(cache, "offsets.npy"))
-        starts, lengths = offsets[:-1], np.diff(offsets)
+        self.tokens = Stream(cache, "tokens", TOKEN_DTYPE)
+        self.targets = Stream(cache, "targets", np.uint8)
+        lengths = Stream(cache, "lengths", np.uint32).read().astype(np.int64)
+        starts = np.cumsum(lengths) - lengths
         if indices is not None:
             starts, lengths = starts[indices], lengths[indices]
         self.seq_len = seq_len

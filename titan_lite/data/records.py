@@ -1,11 +1,11 @@
-"""Reading records from JSON-lines and JSON files, and text as UTF-8: every record or a
+"""Reading JSON lines and JSON arrays, and text as UTF-8: every record or a
 ValueError naming the file and line, never a record silently dropped or a bare traceback."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from typing import Any
+from typing import IO, Any
 
 
 def decode_utf8(raw: bytes, file: str, first_line: int = 1) -> str:
@@ -20,12 +20,6 @@ def decode_utf8(raw: bytes, file: str, first_line: int = 1) -> str:
                          f"{column}); convert the file to UTF-8") from None
 
 
-def read_text(file: str) -> str:
-    """The whole of ``file`` as UTF-8 text."""
-    with open(file, "rb") as fh:
-        return decode_utf8(fh.read(), file)
-
-
 def _loads(text: str, file: str, line: int) -> Any:
     """The JSON value of line ``line`` of ``file``."""
     try:
@@ -36,18 +30,20 @@ def _loads(text: str, file: str, line: int) -> Any:
         raise ValueError(f"{file}:{line}: invalid JSON (nested too deeply)") from None
 
 
-def json_lines(file: str) -> Iterator[tuple[int, Any, int]]:
-    """(line number, value, bytes of the file read so far) for each non-blank line of a
-    JSON-lines file."""
+def json_lines(stream: IO[bytes], file: str, first_line: int = 1, limit: int | None = None
+               ) -> Iterator[tuple[int, Any]]:
+    """(line number, value) for each non-blank line of the JSON-lines ``stream`` (``file``
+    from line ``first_line`` on), up to ``limit`` bytes (None: to the end)."""
     done = 0
-    with open(file, "rb") as fh:
-        for line_no, raw in enumerate(fh, 1):
-            done += len(raw)
-            if raw.strip():
-                yield line_no, _loads(decode_utf8(raw, file, line_no), file, line_no), done
+    for line_no, raw in enumerate(stream, first_line):
+        if limit is not None and done >= limit:
+            return
+        done += len(raw)
+        if raw.strip():
+            yield line_no, _loads(decode_utf8(raw, file, line_no), file, line_no)
 
 
-def _json_array(text: str, file: str) -> Iterator[tuple[int, Any]]:
+def json_array(text: str, file: str) -> Iterator[tuple[int, Any]]:
     """(line number, item) of the JSON array ``text``, with the line each item starts on."""
     decoder = json.JSONDecoder()
     pos = text.index("[") + 1
@@ -73,27 +69,3 @@ def _json_array(text: str, file: str) -> Iterator[tuple[int, Any]]:
         except RecursionError:
             raise ValueError(f"{file}:{line}: invalid JSON (nested too deeply)") from None
         yield line, item
-
-
-def _starts_with_array(file: str) -> bool:
-    """Whether the first character after any white space is '[' (a JSON array)."""
-    with open(file, "rb") as fh:
-        while chunk := fh.read(2**16):
-            if chunk.strip():
-                return chunk.lstrip().startswith(b"[")
-    return False
-
-
-def iter_records(file: str) -> Iterator[tuple[int, dict]]:
-    """(line number, record) of each record, a JSON object, of ``file``: one JSON array of
-    records, or JSON lines (one record per line; also in a ``.json`` file, as ``datasets``'
-    to_json writes them)."""
-    if _starts_with_array(file):
-        records: Iterator[tuple[int, Any]] = _json_array(read_text(file), file)
-    else:
-        records = ((line, value) for line, value, _ in json_lines(file))
-    for line, record in records:
-        if not isinstance(record, dict):
-            kind = "an array" if isinstance(record, list) else type(record).__name__
-            raise ValueError(f"{file}:{line}: a record must be a JSON object, not {kind}")
-        yield line, record

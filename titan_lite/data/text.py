@@ -2,58 +2,25 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
 
 from titan_lite.data.batch import Batch
-from titan_lite.data.records import json_lines, read_text
+from titan_lite.data.shards import Items
+from titan_lite.data.shards import CacheJob, Stream, batched, build_cache
+from titan_lite.data.sources import (CutFinder, Part, Piece, describe_files, plan_parts,
+                                     read_part, source_files)
 from titan_lite.loss import IGNORE_INDEX
-from titan_lite.tokenizer import Tokenizer
+from titan_lite.tokenizer import Tokenizer, safe_cut
 
 TOKEN_DTYPE = np.uint32
-_PROGRESS_EVERY_S = 5.0
-_BATCH_CHARS = 4_000_000  # per batch handed to the tokenizer's threads (a few MB of text)
-
-
-def corpus_files(paths: list[str], suffixes: tuple[str, ...] = (".txt", ".jsonl"),
-                 key: str = "data.paths") -> list[str]:
-    """The files with ``suffixes`` named by ``paths``: files as given, folders searched and
-    sorted."""
-    files = []
-    for path in paths:
-        if os.path.isfile(path):
-            found = [path]
-        else:
-            found = sorted(os.path.join(root, name) for root, _, names in os.walk(path)
-                           for name in names)
-        found = [f for f in found if f.endswith(suffixes)]
-        if not found:
-            raise ValueError(f"{key}: no {' or '.join(suffixes)} files in {path!r}")
-        files += found
-    return files
-
-
-def iter_documents(files: list[str], text_field: str) -> Iterator[tuple[str, int]]:
-    """Yield (document text, bytes of the source consumed so far, for progress)."""
-    done = 0
-    for file in files:
-        if file.endswith(".txt"):
-            text = read_text(file)
-            done += os.path.getsize(file)
-            yield text, done
-            continue
-        for line_no, record, read in json_lines(file):
-            text = record.get(text_field) if isinstance(record, dict) else None
-            if not isinstance(text, str):
-                raise ValueError(f"{file}:{line_no}: expected a JSON object with a "
-                                 f"{text_field!r} string field")
-            yield text, done + read
-        done += os.path.getsize(file)
+_CACHE_VERSION = "text-2"  # bump when what is cached changes
+_BATCH_CHARS = 4_000_000  # per batch handed to the tokenizer (a few MB of text)
 
 
 def cache_path(files: list[str], tokenizer: Tokenizer, settings: str, cache_dir: str,
@@ -74,48 +41,55 @@ def cache_path(files: list[str], tokenizer: Tokenizer, settings: str, cache_dir:
 
 
 def tokenize_to_cache(paths: list[str], tokenizer: Tokenizer, text_field: str = "text",
-                      cache_dir: str = "", log=print) -> str:
-    """Tokenize the corpus once into a flat uint32 file: bos + document + eos, back to back.
-
-    Returns the cache file's path; an existing cache for the same contents is reused. The file is
-    written under a temporary name and renamed, so a crash never leaves a half-written cache.
-    """
-    files = corpus_files(paths)
-    cache = cache_path(files, tokenizer, text_field, cache_dir, ".tokens.u32")
-    if os.path.exists(cache):
-        return cache
+                      cache_dir: str = "", log: Callable[[str], None] | None = print,
+                      workers: int = 1, shard_mb: float = 64, key: str = "data.paths") -> str:
+    """Tokenize the corpus once into a cache of uint32 tokens: bos + document + eos, back to
+    back, built in parts of about ``shard_mb`` of source by ``workers`` processes (see
+    ``shards.build_cache``: resumable, shared by concurrent builders). Returns the cache
+    folder; an existing cache for the same contents is reused."""
+    files = source_files(paths, key=key)
     if tokenizer.vocab_size > np.iinfo(TOKEN_DTYPE).max:
         raise ValueError("tokenizer vocab does not fit in uint32")
-    os.makedirs(os.path.dirname(cache), exist_ok=True)
-    total = sum(os.path.getsize(f) for f in files)
-    tmp = f"{cache}.tmp{os.getpid()}"
-    n_tokens, last_report = 0, time.monotonic()
-    with open(tmp, "wb") as out:
-        for texts, done in _batches(iter_documents(files, text_field)):
-            for ids in tokenizer.encode_batch(texts, bos=True, eos=True):
-                np.asarray(ids, dtype=TOKEN_DTYPE).tofile(out)
-                n_tokens += len(ids)
-            if time.monotonic() - last_report > _PROGRESS_EVERY_S:
-                log(f"tokenizing {files[0]}...: {100 * done / total:.0f}% ({n_tokens:,} tokens)")
-                last_report = time.monotonic()
-    os.replace(tmp, cache)
-    log(f"tokenized {len(files)} file(s): {n_tokens:,} tokens -> {cache}")
-    return cache
+    cut = functools.partial(safe_cut, tokenizer)
+    job = CacheJob(
+        cache=cache_path(files, tokenizer, f"{_CACHE_VERSION}:{text_field}", cache_dir,
+                         ".tokens"),
+        plan=lambda: [part for file in files
+                      for part in plan_parts(file, int(shard_mb * 2**20), cut)],
+        batches=lambda part: batched(documents(part, text_field, cut),
+                                     lambda piece: len(piece.text), _BATCH_CHARS),
+        encode=functools.partial(encode_documents, tokenizer),
+        describe=f"tokenizing {key} ({describe_files(files)})")
+    return build_cache(job, workers, log)
 
 
-def _batches(documents: Iterator[tuple[str, int]], max_chars: int = _BATCH_CHARS
-             ) -> Iterator[tuple[list[str], int]]:
-    """Documents grouped for batch encoding, up to ``max_chars`` characters a batch, with the
-    bytes read so far after each batch."""
-    texts, size, done = [], 0, 0
-    for text, done in documents:
-        texts.append(text)
-        size += len(text)
-        if size >= max_chars:
-            yield texts, done
-            texts, size = [], 0
-    if texts:
-        yield texts, done
+def documents(part: Part, text_field: str, cut: CutFinder) -> Iterator[tuple[str, Piece]]:
+    """(location, document or piece of one) of each text of ``part``: a .txt file's pieces,
+    or each record's ``text_field`` string."""
+    for location, item in read_part(part, [text_field], cut):
+        if isinstance(item, Piece):
+            yield location, item
+            continue
+        text = item.get(text_field) if isinstance(item, dict) else None
+        if not isinstance(text, str):
+            got = type(text).__name__ if isinstance(item, dict) and text_field in item else (
+                f"no {text_field!r} field")
+            raise ValueError(f"{location}: expected a JSON object with a {text_field!r} string "
+                             f"field (data.text_field), got {got}")
+        yield location, Piece(text, first=True, last=True)
+
+
+def encode_documents(tokenizer: Tokenizer, batch: Items) -> dict[str, np.ndarray]:
+    """The tokens of a batch of documents (bos + text + eos) and pieces of documents (bos
+    only at a document's start, eos only at its end)."""
+    pieces = [piece for _, piece in batch]
+    if all(piece.first and piece.last for piece in pieces):
+        encoded = tokenizer.encode_batch([piece.text for piece in pieces], bos=True, eos=True)
+    else:
+        encoded = [(tokenizer.encode(piece.text, bos=True) if piece.first
+                    else tokenizer.encode_continuation(piece.text))
+                   + [tokenizer.eos_id] * piece.last for piece in pieces]
+    return {"tokens": np.fromiter((id for ids in encoded for id in ids), dtype=TOKEN_DTYPE)}
 
 
 class TextRows:
@@ -123,8 +97,8 @@ class TextRows:
     shifted target), so documents are packed across rows with their bos/eos separators and
     attend to each other, as in pretraining. ``indices`` keeps only those rows (a split)."""
 
-    def __init__(self, token_file: str, seq_len: int, indices: np.ndarray | None = None):
-        self.tokens = np.memmap(token_file, dtype=TOKEN_DTYPE, mode="r")
+    def __init__(self, cache: str, seq_len: int, indices: np.ndarray | None = None):
+        self.tokens = Stream(cache, "tokens", TOKEN_DTYPE)  # (or a raw uint32 token file)
         self.seq_len = seq_len
         total = (len(self.tokens) - 1) // seq_len
         self.indices = np.arange(total) if indices is None else indices
