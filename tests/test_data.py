@@ -55,7 +55,7 @@ def test_unreadable_text_is_named_by_file_and_line(tok, tmp_path, name, content,
 
 def test_bad_jsonl_line_is_named(tok, tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"txt": "no"}\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl:2: expected a JSON object with a 'text'"):
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: expected a record with a 'text'"):
         tokenize_to_cache([str(tmp_path / "bad.jsonl")], tok, cache_dir=str(tmp_path / "c"),
                           log=None)
 

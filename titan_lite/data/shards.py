@@ -1,7 +1,7 @@
 """A token cache built in parts by any number of builders at once, resumably, in bounded memory.
 
 The cache is a folder: ``part-00000/``, ``part-00001/``, ... each holding raw arrays
-(``tokens.u32``, ...) published by renaming a finished temporary folder, and ``manifest.json``,
+(``tokens.uint32``, ...) published by renaming a finished temporary folder, and ``manifest.json``,
 written last: a cache is complete when its manifest exists. Builders (every rank of a job, on
 one node or on several sharing a filesystem, or ``python -m titan_lite.data prepare``) claim
 parts with claim files, so no part is built twice while its builder lives; a part whose builder
@@ -16,6 +16,7 @@ collective, so a long build cannot time out the job's process group.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -26,7 +27,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -231,66 +232,67 @@ class _Builder:
             self.log(f"{self.job.describe}: {self.summary()} -> {self.job.cache}")
 
     def claim(self, index: int) -> bool:
-        """Whether this builder may build part ``index`` (its claim file made or taken
-        over)."""
+        """Whether this builder may build part ``index`` (its claim file made, or taken over
+        from a builder that died, whose unfinished folder goes)."""
         claim = self.path(index, ".claim")
         try:
             fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
-            if self.claim_alive(claim):
+            owner = _owner(claim)
+            if owner is not None and self.alive(*owner):
                 return False
-            _write_atomic(claim, f"{_HOST} {os.getpid()}")  # its builder died: take it over
+            if owner is not None:
+                shutil.rmtree(self.path(index, f".tmp-{owner[0]}-{owner[1]}"),
+                              ignore_errors=True)
+            _write_atomic(claim, f"{_HOST} {os.getpid()}")
             return True
         with os.fdopen(fd, "w") as fh:
             fh.write(f"{_HOST} {os.getpid()}")
         return True
 
-    def claim_alive(self, claim: str) -> bool:
-        try:
-            with open(claim) as fh:
-                host, pid = fh.read().split()
-            age = time.time() - os.path.getmtime(claim)
-        except (FileNotFoundError, ValueError):
+    def alive(self, host: str, pid: int, age: float) -> bool:
+        """Whether a claim's builder lives: on this host the process says; on another, its
+        claim was refreshed within ``stale_s``."""
+        if host != _HOST:
+            return age < self.stale_s
+        if pid == os.getpid():  # (a claim of this process left by an interrupted build)
             return False
-        if host == _HOST and int(pid) != os.getpid():  # same host: ask the process itself
-            try:
-                os.kill(int(pid), 0)
-            except ProcessLookupError:
-                return False
-            except PermissionError:
-                pass
-            return True
-        return host != _HOST and age < self.stale_s
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # another user's live process
+            pass
+        return True
 
     def build(self, index: int) -> None:
         """Encode part ``index`` into a temporary folder, then publish it by renaming."""
-        part = self.parts[index]
         claim = self.path(index, ".claim")
         tmp = self.path(index, f".tmp-{_HOST}-{os.getpid()}")
-        os.makedirs(tmp, exist_ok=True)
-        files: dict[str, Any] = {}
         try:
+            self.write(self.parts[index], tmp, claim)
+            os.rename(tmp, self.path(index))
+        except OSError:  # a racing builder published this part (the same bytes) and tidied
+            if not os.path.isdir(self.path(index)):
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+            _remove(claim)
+
+    def write(self, part: Part, tmp: str, claim: str) -> None:
+        os.makedirs(tmp, exist_ok=True)
+        with contextlib.ExitStack() as stack:
+            files: dict[str, IO[bytes]] = {}
             chars = 0
             for arrays, size in self.encoder.map(self.job.batches(part)):
                 for name, array in arrays.items():
                     if name not in files:
-                        files[name] = open(os.path.join(tmp, _file_name(name, array)), "wb")
+                        path = os.path.join(tmp, _file_name(name, array))
+                        files[name] = stack.enter_context(open(path, "wb"))
                     array.tofile(files[name])
                 chars += size
-                os.utime(claim)  # still alive
+                _touch(claim)  # still alive
                 self.report(min(chars, part.size))
-            for fh in files.values():
-                fh.close()
-            try:
-                os.rename(tmp, self.path(index))
-            except OSError:  # another builder published it first (the same bytes)
-                if not os.path.isdir(self.path(index)):
-                    raise
-        finally:
-            for fh in files.values():
-                fh.close()
-            shutil.rmtree(tmp, ignore_errors=True)
-            _remove(claim)
 
     def publish(self) -> None:
         """All parts are there: write the manifest (the same one, whoever writes it)."""
@@ -309,6 +311,10 @@ class _Builder:
                 counts[name] = counts.get(name, 0) + array["count"]
         _write_atomic(_manifest(self.job.cache), json.dumps(
             {"describe": self.job.describe, "counts": counts, "parts": parts}, indent=1))
+        for name in os.listdir(self.job.cache):  # what builders that died left
+            if ".tmp-" in name or name.endswith(".claim"):
+                path = os.path.join(self.job.cache, name)
+                shutil.rmtree(path) if os.path.isdir(path) else _remove(path)
 
 
     def report(self, own: int) -> None:
@@ -335,7 +341,24 @@ class _Builder:
 
 
 def _file_name(name: str, array: np.ndarray) -> str:
-    return f"{name}.{array.dtype.str.lstrip('<>|=')}"
+    return f"{name}.{array.dtype.name}"  # tokens.uint32
+
+
+def _owner(claim: str) -> tuple[str, int, float] | None:
+    """(host, pid, seconds since refreshed) of a claim's builder; None if unreadable."""
+    try:
+        with open(claim) as fh:
+            host, pid = fh.read().split()
+        return host, int(pid), time.time() - os.path.getmtime(claim)
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _touch(path: str) -> None:
+    try:
+        os.utime(path)
+    except FileNotFoundError:
+        pass
 
 
 def _remove(path: str) -> None:

@@ -16,6 +16,7 @@ import dataclasses
 import gzip
 import io
 import os
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any
@@ -112,10 +113,44 @@ def open_stream(file: str) -> IO[bytes]:
     if compression == ".gz":
         return gzip.open(file, "rb")
     if compression == ".zst":
-        zstandard = optional("zstandard", file)
-        reader = zstandard.ZstdDecompressor().stream_reader(open(file, "rb"), closefd=True)
-        return io.BufferedReader(reader, _READ_BYTES)  # (lines are read from it)
+        return io.BufferedReader(_Zstd(file), _READ_BYTES)
     return open(file, "rb")
+
+
+class _Zstd(io.RawIOBase):
+    """A .zst file's bytes, frame after frame; a truncated last frame is an error (zstandard's
+    stream reader ends quietly there, which would drop records silently)."""
+
+    def __init__(self, file: str):
+        self.zstandard = optional("zstandard", file)
+        self.raw = open(file, "rb")
+        self.frame = self.zstandard.ZstdDecompressor().decompressobj()
+        self.pending, self.fed = b"", False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self.pending:
+            chunk = self.raw.read(_READ_BYTES)
+            if not chunk:
+                if self.fed and not self.frame.eof:
+                    raise EOFError("the file ends inside a zstd frame (truncated)")
+                return 0
+            self.fed = True
+            self.pending = self.frame.decompress(chunk)
+            while self.frame.eof and self.frame.unused_data:  # the next frame starts
+                rest = self.frame.unused_data
+                self.frame = self.zstandard.ZstdDecompressor().decompressobj()
+                self.pending += self.frame.decompress(rest)
+        size = min(len(buffer), len(self.pending))
+        buffer[:size] = self.pending[:size]
+        self.pending = self.pending[size:]
+        return size
+
+    def close(self) -> None:
+        self.raw.close()
+        super().close()
 
 
 def plan_parts(file: str, part_bytes: int, cut: CutFinder | None = None) -> list[Part]:
@@ -227,15 +262,31 @@ def read_part(part: Part, columns: list[str] | None = None, cut: CutFinder | Non
     """(location, item) of each item of ``part``: a ``Piece`` of a .txt document, or a record
     (a JSON value; a Parquet row as a dict of ``columns``, all when None)."""
     fmt = split_suffix(part.file)[0]
+    if fmt == ".txt":
+        items = _text_pieces(part, cut)
+    elif fmt == ".parquet":
+        items = _parquet_rows(part, columns)
+    else:
+        items = _json_values(part)
+    location = None
     try:
-        if fmt == ".txt":
-            yield from _text_pieces(part, cut)
-        elif fmt == ".parquet":
-            yield from _parquet_rows(part, columns)
-        else:
-            yield from _json_values(part)
-    except (OSError, EOFError) as e:  # a corrupt gzip, a truncated zstd frame, ...
-        raise ValueError(f"{part.file}: cannot be read ({_first_line(e)})") from None
+        for location, item in items:
+            yield location, item
+    except _read_errors() as e:  # a corrupt gzip, a truncated zstd frame, a damaged page
+        where = (location or "").removeprefix(part.file + ":").strip()
+        after = f" after {'line ' * where.isdigit()}{where}" if where else ""
+        raise ValueError(f"{part.file}: cannot be read{after} ({_first_line(e)})") from None
+
+
+def _read_errors() -> tuple[type[BaseException], ...]:
+    """What the readers' libraries raise on damaged input."""
+    errors: list[type[BaseException]] = [OSError, EOFError, zlib.error]
+    for module, name in (("zstandard", "ZstdError"), ("pyarrow", "ArrowException")):
+        try:
+            errors.append(getattr(__import__(module), name))
+        except ImportError:
+            pass
+    return tuple(errors)
 
 
 def _json_values(part: Part) -> Iterator[tuple[str, Any]]:

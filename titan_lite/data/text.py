@@ -74,8 +74,8 @@ def documents(part: Part, text_field: str, cut: CutFinder) -> Iterator[tuple[str
         if not isinstance(text, str):
             got = type(text).__name__ if isinstance(item, dict) and text_field in item else (
                 f"no {text_field!r} field")
-            raise ValueError(f"{location}: expected a JSON object with a {text_field!r} string "
-                             f"field (data.text_field), got {got}")
+            raise ValueError(f"{location}: expected a record with a {text_field!r} string "
+                             f"(data.text_field), got {got}")
         yield location, Piece(text, first=True, last=True)
 
 

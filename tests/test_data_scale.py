@@ -1,0 +1,260 @@
+"""Data at pretraining scale: every format streamed in parts, text cut where the ids cannot
+change, caches built in parallel, resumed after a kill, shared by racing builders, and bad
+inputs refused in one line naming the file."""
+
+import gzip
+import json
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from conftest import CORPUS, REPO, SPM_PATH, TIKTOKEN_PATH, python_env
+
+from titan_lite.data import tokenize_to_cache
+from titan_lite.data.shards import Stream
+from titan_lite.data.sources import Piece, plan_parts, read_part
+from titan_lite.tokenizer import build_tokenizer, safe_cut
+
+pa = pytest.importorskip("pyarrow")
+pq = pytest.importorskip("pyarrow.parquet")
+zstandard = pytest.importorskip("zstandard")
+
+DOCUMENTS = [json.loads(line)["text"] for line in open(CORPUS)]
+SHARD_MB = 0.1  # ~20 parts of the 2 MB sample: every file is cut many times
+# Whitespace and scripts where a careless cut changes the ids: runs of spaces, tabs and blank
+# lines, CRLF, non-breaking and ideographic spaces, digits, a long unbroken word, accents.
+ADVERSARIAL = "".join(
+    f"Verse {i}:\t\t{'  ' * (i % 4)}And  God   said,\r\n\n\n   Let there be light{'!' * (i % 3)}"
+    f"\u00a0and\u3000there was light 1234567 {'x' * (i % 50)}é\u0301 \n \n{' ' * (i % 9)}"
+    f"{'abc' * 40 if i % 17 == 0 else ''}日本語のテキスト。 \t\n"
+    for i in range(2000))
+
+
+@pytest.fixture(scope="module")
+def tiktoken():
+    return build_tokenizer("tiktoken", TIKTOKEN_PATH)
+
+
+def tokenizer_json(tmp_path_factory, kind: str) -> str:
+    from test_jinja_templates import _hf_tokenizer
+    from test_tokenizer import trained_byte_level_json
+
+    folder = tmp_path_factory.mktemp(kind)
+    if kind == "bytelevel":
+        return trained_byte_level_json(folder / "tokenizer.json")
+    hf = _hf_tokenizer(["<unk>", "<s>", "</s>"], "metaspace")
+    hf.save(str(folder / "tokenizer.json"))
+    return str(folder / "tokenizer.json")
+
+
+@pytest.fixture(scope="module", params=["tiktoken", "sentencepiece", "bytelevel", "metaspace"])
+def engine(request, tmp_path_factory):
+    """(tokenizer, whole-text ids by the engine's own library in one call)."""
+    if request.param == "tiktoken":
+        tok = build_tokenizer("tiktoken", TIKTOKEN_PATH)
+        return tok, tok.encoding.encode_ordinary
+    if request.param == "sentencepiece":
+        tok = build_tokenizer("sentencepiece", SPM_PATH)
+        return tok, tok.model.encode
+    from tokenizers import Tokenizer as HFTokenizer
+
+    path = tokenizer_json(tmp_path_factory, request.param)
+    reference = HFTokenizer.from_file(path)
+    return build_tokenizer("huggingface", path), lambda text: reference.encode(
+        text, add_special_tokens=False).ids
+
+
+def cached_ids(cache: str) -> list[int]:
+    return Stream(cache, "tokens", np.uint32).read().tolist()
+
+
+def write_formats(folder, documents: list[str]) -> dict[str, str]:
+    """The documents as .jsonl, .json (array), .jsonl.gz, .jsonl.zst and .parquet (in two
+    row-group sizes), the same records in each."""
+    folder.mkdir(exist_ok=True)
+    lines = "".join(json.dumps({"text": d, "id": i}) + "\n" for i, d in enumerate(documents))
+    paths = {fmt: str(folder / f"corpus{fmt}") for fmt in (".jsonl", ".json", ".jsonl.gz",
+                                                            ".jsonl.zst", ".parquet")}
+    open(paths[".jsonl"], "w").write(lines)
+    json.dump([{"text": d} for d in documents], open(paths[".json"], "w"), indent=1)
+    with gzip.open(paths[".jsonl.gz"], "wt") as fh:
+        fh.write(lines)
+    open(paths[".jsonl.zst"], "wb").write(zstandard.ZstdCompressor().compress(lines.encode()))
+    table = pa.table({"id": list(range(len(documents))), "text": documents})
+    pq.write_table(table, paths[".parquet"], row_group_size=97)
+    return paths
+
+
+def test_every_format_gives_the_ids_of_todays_jsonl_cache(tiktoken, tmp_path):
+    """The shipped corpus in each format, cut into ~20 parts, equals bos + document + eos of
+    every record, document after document (what the cache held before parts existed)."""
+    expected = [id for d in DOCUMENTS for id in tiktoken.encode(d, bos=True, eos=True)]
+    for fmt, path in write_formats(tmp_path / "src", DOCUMENTS).items():
+        cache = tokenize_to_cache([path], tiktoken, cache_dir=str(tmp_path / "c"), log=None,
+                                  shard_mb=SHARD_MB)
+        assert cached_ids(cache) == expected, fmt
+        if fmt in (".jsonl", ".parquet"):  # cut into parts; compressed files are one
+            assert len(json.load(open(os.path.join(cache, "plan.json")))) >= 5
+
+
+@pytest.mark.parametrize("text", ["\n".join(DOCUMENTS), ADVERSARIAL], ids=["kjv", "whitespace"])
+def test_a_txt_cut_into_parts_and_pieces_gives_the_whole_documents_ids(engine, text, tmp_path):
+    tok, whole = engine
+    (tmp_path / "doc.txt").write_text(text, encoding="utf-8")
+    cache = tokenize_to_cache([str(tmp_path / "doc.txt")], tok, cache_dir=str(tmp_path / "c"),
+                              log=None, shard_mb=0.02)
+    parts = json.load(open(os.path.join(cache, "plan.json")))
+    assert len(parts) > 10  # cut many times
+    assert cached_ids(cache) == [tok.bos_id] + whole(text) + [tok.eos_id]
+
+
+def test_pieces_of_a_part_are_cut_where_the_ids_cannot_change(tiktoken, tmp_path):
+    """Inside one part the text is read a MiB at a time and handed on in pieces; the pieces'
+    ids, each encoded alone, are the whole text's."""
+    (tmp_path / "doc.txt").write_text(ADVERSARIAL * 10)
+    (part,) = plan_parts(str(tmp_path / "doc.txt"), 1 << 40)
+    pieces = [piece for _, piece in read_part(part, cut=lambda text, at: safe_cut(
+        tiktoken, text, at))]
+    assert len(pieces) >= 2 and all(isinstance(p, Piece) for p in pieces)
+    assert "".join(p.text for p in pieces) == ADVERSARIAL * 10
+    ids = [id for p in pieces for id in (tiktoken.encode(p.text, bos=False) if p.first
+                                          else tiktoken.encode_continuation(p.text))]
+    assert ids == tiktoken.encoding.encode_ordinary(ADVERSARIAL * 10)
+    assert (pieces[0].first, pieces[-1].last) == (True, True)
+
+
+def test_parallel_build_equals_serial_byte_for_byte(tiktoken, tmp_path):
+    paths = write_formats(tmp_path / "src", DOCUMENTS)
+    (tmp_path / "src" / "doc.txt").write_text(ADVERSARIAL)
+    sources = [paths[".jsonl"], paths[".parquet"], str(tmp_path / "src" / "doc.txt")]
+    caches = [tokenize_to_cache(sources, tiktoken, cache_dir=str(tmp_path / name), log=None,
+                                shard_mb=SHARD_MB, workers=workers)
+              for name, workers in (("serial", 1), ("parallel", 2))]
+    serial, parallel = (sorted(_files(cache)) for cache in caches)
+    assert [name for name, _ in serial] == [name for name, _ in parallel]
+    assert all(a == b for (_, a), (_, b) in zip(serial, parallel))
+    assert len(serial) > 20
+
+
+def _files(cache: str) -> list[tuple[str, bytes]]:
+    return [(os.path.join(os.path.basename(root), name), open(os.path.join(root, name),
+                                                              "rb").read())
+            for root, _, names in os.walk(cache) for name in names if name.startswith("tokens.")]
+
+
+def _slow_build(sources, cache_dir, seconds_per_batch):
+    """A builder in another process that sleeps after each batch (to be killed mid-way)."""
+    import titan_lite.data.text as text
+
+    encode = text.encode_documents
+
+    def slow(tokenizer, batch):
+        time.sleep(seconds_per_batch)
+        return encode(tokenizer, batch)
+
+    text.encode_documents = slow
+    tok = build_tokenizer("tiktoken", TIKTOKEN_PATH)
+    tokenize_to_cache(sources, tok, cache_dir=cache_dir, log=None, shard_mb=SHARD_MB)
+
+
+def test_a_killed_build_resumes_from_its_finished_parts(tiktoken, tmp_path):
+    source = write_formats(tmp_path / "src", DOCUMENTS)[".jsonl"]
+    child = multiprocessing.get_context("fork").Process(
+        target=_slow_build, args=([source], str(tmp_path / "c"), 0.2))
+    child.start()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and len(_parts_done(tmp_path / "c")) < 3:
+        time.sleep(0.05)
+    os.kill(child.pid, signal.SIGKILL)
+    child.join()
+    done = _parts_done(tmp_path / "c")
+    assert len(done) >= 3
+    before = {path: os.stat(path).st_mtime_ns for path in done}
+    messages = []
+    cache = tokenize_to_cache([source], tiktoken, cache_dir=str(tmp_path / "c"),
+                              log=messages.append, shard_mb=SHARD_MB)
+    assert all(os.stat(path).st_mtime_ns == mtime for path, mtime in before.items())  # kept
+    fresh = tokenize_to_cache([source], tiktoken, cache_dir=str(tmp_path / "fresh"), log=None,
+                              shard_mb=SHARD_MB)
+    assert cached_ids(cache) == cached_ids(fresh)
+    assert not [n for n in os.listdir(cache) if ".tmp" in n or n.endswith(".claim")]
+
+
+def _parts_done(folder) -> list[str]:
+    if not os.path.isdir(folder):
+        return []
+    return [os.path.join(root, name) for root, _, names in os.walk(folder) for name in names
+            if name == "tokens.uint32" and ".tmp" not in root]
+
+
+def test_two_racing_builders_leave_one_valid_cache(tiktoken, tmp_path):
+    source = write_formats(tmp_path / "src", DOCUMENTS)[".jsonl"]
+    context = multiprocessing.get_context("fork")
+    builders = [context.Process(target=_slow_build, args=([source], str(tmp_path / "c"), 0.02))
+                for _ in range(2)]
+    for builder in builders:
+        builder.start()
+    for builder in builders:
+        builder.join(120)
+    assert [builder.exitcode for builder in builders] == [0, 0]
+    (cache,) = [os.path.join(tmp_path / "c", n) for n in os.listdir(tmp_path / "c")]
+    expected = [id for d in DOCUMENTS for id in tiktoken.encode(d, bos=True, eos=True)]
+    assert cached_ids(cache) == expected
+    assert not [n for n in os.listdir(cache) if ".tmp" in n or n.endswith(".claim")]
+
+
+def _bad_parquet(path, **columns):
+    pq.write_table(pa.table(columns), path, row_group_size=2)
+
+
+@pytest.mark.parametrize("name, write, message", [
+    ("a.parquet", lambda p: _bad_parquet(p, body=["a", "b"]),
+     r"a.parquet: no column 'text' \(columns: body\)"),
+    ("a.parquet", lambda p: _bad_parquet(p, text=["a", "b", "c", None]),
+     r"a.parquet: row group 1, row 1: expected a record with a 'text' string .*got NoneType"),
+    ("a.parquet", lambda p: _bad_parquet(p, text=[1, 2, 3]),
+     r"a.parquet: row group 0, row 0: expected a record with a 'text' string .*got int"),
+    ("a.parquet", lambda p: open(p, "wb").write(b"PAR1 not really"),
+     r"a.parquet: not a Parquet file pyarrow can read"),
+    ("a.jsonl.gz", lambda p: open(p, "wb").write(gzip.compress(b'{"text": "a"}\n' * 5000)[:-40]
+                                                 ), r"a.jsonl.gz: cannot be read"),
+    ("a.jsonl.gz", lambda p: open(p, "wb").write(b"\x1f\x8b\x08\x00garbage"),
+     r"a.jsonl.gz: cannot be read"),
+    ("a.jsonl.zst", lambda p: open(p, "wb").write(zstandard.ZstdCompressor().compress(
+        b'{"text": "a"}\n' * 5000)[:-9]), r"a.jsonl.zst: cannot be read"),
+    ("a.jsonl.zst", lambda p: open(p, "wb").write(zstandard.ZstdCompressor().compress(
+        b'{"text": "a"}\n{"text": 5}\n')), r"a.jsonl.zst:2: expected .*'text' string"),
+])
+def test_bad_inputs_are_named_in_one_line_and_leave_no_cache(tiktoken, tmp_path, name, write,
+                                                              message):
+    path = str(tmp_path / name)
+    write(path)
+    with pytest.raises(ValueError, match=message) as error:
+        tokenize_to_cache([path], tiktoken, cache_dir=str(tmp_path / "c"), log=None)
+    assert "\n" not in str(error.value)
+    left = os.listdir(tmp_path / "c") if os.path.exists(tmp_path / "c") else []
+    assert [n for n in left if not n.endswith(".error")] == []
+
+
+def test_prepare_builds_ahead_of_time_and_refuses_bad_data_with_exit_2(tmp_path):
+    source = write_formats(tmp_path / "src", DOCUMENTS[:200])[".parquet"]
+    common = ["--data.cache_dir", str(tmp_path / "c"), "--tokenizer.path", TIKTOKEN_PATH,
+              "--data.shard_mb", "0.02"]
+    done = subprocess.run([sys.executable, "-m", "titan_lite.data", "prepare", "--data.paths",
+                           source, *common], cwd=REPO, env=python_env(), capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "training data: " in done.stdout and "tokens in" in done.stdout
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"txt": "no"}\n')
+    bad = subprocess.run([sys.executable, "-m", "titan_lite.data", "prepare", "--data.paths",
+                          str(tmp_path / "bad.jsonl"), *common], cwd=REPO, env=python_env(),
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'bad.jsonl'}:2: expected a record with a 'text' string "
+        "(data.text_field), got no 'text' field"]
