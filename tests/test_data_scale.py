@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from conftest import CORPUS, REPO, SPM_PATH, TIKTOKEN_PATH, python_env
 
 from titan_lite.data import tokenize_to_cache
@@ -258,3 +259,58 @@ def test_prepare_builds_ahead_of_time_and_refuses_bad_data_with_exit_2(tmp_path)
     assert bad.stderr.strip().splitlines() == [
         f"error: {tmp_path / 'bad.jsonl'}:2: expected a record with a 'text' string "
         "(data.text_field), got no 'text' field"]
+
+
+def _source(tmp_path, index: int, rows: int) -> str:
+    """A raw token file of ``rows`` rows of 8 (+1), its tokens telling its source apart."""
+    path = tmp_path / f"source{index}.u32"
+    (index * 100_000 + np.arange(rows * 8 + 1, dtype=np.uint32)).tofile(path)
+    return str(path)
+
+
+def test_a_mixture_draws_by_weight_covers_every_row_and_resumes_exactly(tmp_path):
+    from titan_lite.data import PackedDataLoader, TextRows
+    from titan_lite.data.mixture import MixedRows
+
+    sizes, weights = [50, 400, 30], [1.0, 2.0, 1.0]
+    sources = [TextRows(_source(tmp_path, i, n), seq_len=8) for i, n in enumerate(sizes)]
+    mixture = MixedRows(sources, weights, ["a", "b", "c"])
+    # every row at least once: the largest rows/share (400 rows at a half) sets 800 rows
+    assert mixture.counts.tolist() == [200, 400, 200] and mixture.num_rows == 800
+    first_tokens = mixture.batch(np.arange(800)).inputs[:, 0].numpy()
+    source = first_tokens // 100_000
+    assert np.bincount(source).tolist() == [200, 400, 200]
+    for s, size in enumerate(sizes):  # each row of each source drawn, small ones repeated
+        assert len(np.unique(first_tokens[source == s])) == size
+    assert "b 50.0% (400 rows from 400, x1.00)" in mixture.report
+
+    def loader():
+        return PackedDataLoader(mixture, batch_size=4, dp_rank=0, dp_size=1, seed=7)
+
+    run = loader()
+    drawn = np.concatenate([run.next_batch().inputs[:, 0].numpy() for _ in range(150)])
+    shares = np.bincount(drawn // 100_000, minlength=3) / len(drawn)
+    assert np.allclose(shares, [0.25, 0.5, 0.25], atol=0.06)
+    state = run.state_dict()
+    resumed = loader()
+    resumed.load_state_dict(state)
+    for _ in range(60):  # across the epoch's end
+        assert torch.equal(run.next_batch().inputs, resumed.next_batch().inputs)
+
+
+def test_a_job_with_data_weights_builds_a_cache_per_source(tmp_path):
+    from titan_lite.config import load_config
+    from titan_lite.data import build_data
+
+    paths = [write_formats(tmp_path / name, DOCUMENTS[:n])[fmt]
+             for name, n, fmt in (("a", 300, ".parquet"), ("b", 60, ".jsonl.zst"))]
+    cfg = load_config(["--config", os.path.join(REPO, "train_configs/debug_model.toml"),
+                       "--data.paths", ",".join(paths), "--data.weights", "3,1",
+                       "--data.cache_dir", str(tmp_path / "c"), "--tokenizer.path",
+                       TIKTOKEN_PATH, "--training.seq_len", "64"])
+    logs = []
+    data = build_data(cfg, build_tokenizer("tiktoken", TIKTOKEN_PATH), 0, 0, 1, logs.append)
+    assert len([n for n in os.listdir(tmp_path / "c") if n.endswith(".tokens")]) == 2
+    report = next(line for line in logs if line.startswith("training data: mixture"))
+    assert "75.0%" in report and "25.0%" in report
+    assert data.train.next_batch().inputs.shape == (cfg.training.local_batch_size, 64)

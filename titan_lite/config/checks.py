@@ -177,6 +177,13 @@ def _local_problems(cfg: JobConfig) -> list[str]:
                         " V100, T4, RTX 20xx); use 'float16', which adds loss scaling")
     if not cfg.data.paths:
         problems.append("data.paths: empty; name at least one corpus file or folder")
+    weights = cfg.data.weights
+    if weights and (len(weights) != len(cfg.data.paths) or min(weights) <= 0):
+        problems.append(f"data.weights: {len(weights)} weight(s) for {len(cfg.data.paths)} "
+                        "data.paths: give one positive weight per path (or none)")
+    if weights and cfg.validation.split > 0:
+        problems.append("validation.split: not with data.weights (a mixture); name held-out "
+                        "data in validation.paths")
     # (DCP's .metadata tested here: importing titan_lite.checkpoint would cycle through config)
     if cfg.model.init_from and not (has_config_json(cfg.model.init_from) or os.path.isfile(
             os.path.join(cfg.model.init_from, ".metadata"))):

@@ -103,6 +103,10 @@ class Data:
                           "the text (format text).")
     cache_dir: str = opt("", "Where the token cache goes; empty: beside the first source. On a "
                          "filesystem every node sees, the nodes build one cache together.")
+    weights: list[float] = opt([], "Sampling weights, one per data.paths entry: each path is a "
+                               "source (its own cache) and rows are drawn from the sources in "
+                               "these proportions (see data/mixture.py); empty: the paths are "
+                               "one corpus.")
     workers: int = opt(0, "Processes that tokenize, per builder (each rank of a node builds a "
                        "share of the cache): 0: the builder's share of the cores.", min=0)
     shard_mb: float = opt(64.0, "Source megabytes per cache part: the unit of parallel work, "

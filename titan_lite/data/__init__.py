@@ -20,6 +20,7 @@ from titan_lite.data.instruct import (
     tokenize_samples_to_cache,
 )
 from titan_lite.data.loader import PackedDataLoader, ValidationLoader, split_indices
+from titan_lite.data.mixture import MixedRows
 from titan_lite.data.sources import source_files
 from titan_lite.data.text import TextRows, tokenize_to_cache
 from titan_lite.tokenizer import Tokenizer
@@ -61,11 +62,13 @@ def encode_workers(cfg: JobConfig, builders: int = 1) -> int:
 
 
 def data_caches(cfg: JobConfig, tokenizer: Tokenizer, log: Callable[[str], None] | None,
-                builders: int = 1) -> tuple[str, str | None]:
-    """The training and validation caches, built now unless a prepared one is there; every
-    caller is a builder, sharing the work with the others (``builders`` on this host)."""
+                builders: int = 1) -> tuple[list[str], str | None]:
+    """The training caches (one per source of a mixture, else one) and the validation cache,
+    built now unless a prepared one is there; every caller is a builder, sharing the work with
+    the others (``builders`` on this host)."""
     workers = encode_workers(cfg, builders)
-    train = _cached(cfg, tokenizer, cfg.data.paths, "data.paths", log, workers)
+    sources = [[path] for path in cfg.data.paths] if cfg.data.weights else [cfg.data.paths]
+    train = [_cached(cfg, tokenizer, paths, "data.paths", log, workers) for paths in sources]
     held = (_cached(cfg, tokenizer, cfg.validation.paths, "validation.paths", log, workers)
             if cfg.validation.paths else None)
     return train, held
@@ -79,6 +82,14 @@ def _rows(cfg: JobConfig, cache: str, indices=None, key: str = "data.paths",
         return TextRows(cache, cfg.training.seq_len, indices)
     source = f"{key} ({', '.join(paths if paths is not None else cfg.data.paths)})"
     return PackedSamples(cache, cfg.training.seq_len, cfg.data.overlong, indices, source)
+
+
+def _training_rows(cfg: JobConfig, caches: list[str]) -> Rows:
+    """One corpus's rows, or the mixture of the sources' rows by data.weights."""
+    if not cfg.data.weights:
+        return _rows(cfg, caches[0])
+    sources = [_rows(cfg, cache, paths=[path]) for cache, path in zip(caches, cfg.data.paths)]
+    return MixedRows(sources, cfg.data.weights, cfg.data.paths)
 
 
 def _split(cfg: JobConfig, cache: str) -> tuple[Rows, Rows]:
@@ -100,16 +111,16 @@ def build_data(cfg: JobConfig, tokenizer: Tokenizer, local_rank: int, dp_rank: i
     validation rows."""
     v = cfg.validation
     builders = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    train_cache, held_cache = data_caches(cfg, tokenizer, log if local_rank == 0 else None,
-                                          builders)
+    train_caches, held_cache = data_caches(cfg, tokenizer, log if local_rank == 0 else None,
+                                           builders)
     if v.split > 0:
-        train_rows, held_rows = _split(cfg, train_cache)
+        train_rows, held_rows = _split(cfg, train_caches[0])
     else:
-        train_rows = _rows(cfg, train_cache)
+        train_rows = _training_rows(cfg, train_caches)
         held_rows = (_rows(cfg, held_cache, key="validation.paths", paths=v.paths)
                      if held_cache else None)
     for name, rows in (("training", train_rows), ("validation", held_rows)):
-        if isinstance(rows, PackedSamples):
+        if isinstance(rows, (PackedSamples, MixedRows)):
             log(f"{name} data: {rows.report}")
     batch = cfg.training.local_batch_size
     train = PackedDataLoader(train_rows, batch, dp_rank, dp_size, cfg.job.seed,

@@ -19,7 +19,7 @@ def prepare(argv: list[str]) -> None:
     cfg = load_config(argv)
     tokenizer = build_tokenizer(cfg.tokenizer.kind, cfg.tokenizer.path)
     train, held = data_caches(cfg, tokenizer, lambda message: print(message, flush=True))
-    print(f"training data: {train}")
+    print(f"training data: {', '.join(train)}")
     if held is not None:
         print(f"validation data: {held}")
 

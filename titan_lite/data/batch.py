@@ -21,6 +21,14 @@ class Batch:
 
         return Batch(move(self.inputs), move(self.labels), move(self.positions))
 
+    @staticmethod
+    def stack(batches: list[Batch]) -> Batch:
+        """The rows of ``batches`` as one batch (all with positions, or none)."""
+        positions = (None if batches[0].positions is None
+                     else torch.cat([b.positions for b in batches]))
+        return Batch(torch.cat([b.inputs for b in batches]),
+                     torch.cat([b.labels for b in batches]), positions)
+
     def model_kwargs(self) -> dict[str, torch.Tensor]:
         """What the model takes besides the inputs (packed samples' positions)."""
         return {} if self.positions is None else {"positions": self.positions}
