@@ -314,3 +314,50 @@ def test_a_job_with_data_weights_builds_a_cache_per_source(tmp_path):
     report = next(line for line in logs if line.startswith("training data: mixture"))
     assert "75.0%" in report and "25.0%" in report
     assert data.train.next_batch().inputs.shape == (cfg.training.local_batch_size, 64)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _train_on_nodes(tmp_path, name: str, source: str, cache_dirs: list[str]) -> list[float]:
+    """Losses of a 2-rank job: one torchrun agent with 2 ranks, or two agents (``--nnodes 2``,
+    c10d rendezvous on localhost, as scripts/multinode_slurm.sh starts them) with one each,
+    agent i caching the data in cache_dirs[i]."""
+    nodes = len(cache_dirs)
+    dump = tmp_path / name
+    rendezvous = ["--nnodes", str(nodes), "--nproc-per-node", str(2 // nodes),
+                  "--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{_free_port()}",
+                  "--rdzv-id", name]
+    agents = [subprocess.Popen(
+        [sys.executable, "-m", "titan_lite.launch", *rendezvous, "-m", "titan_lite.train",
+         "--config", "train_configs/debug_model.toml", "--data.paths", source,
+         "--data.cache_dir", cache_dir, "--tokenizer.path", TIKTOKEN_PATH,
+         "--training.seq_len", "32", "--training.steps", "3", "--training.local_batch_size", "2",
+         "--lr_scheduler.warmup_steps", "1", "--metrics.cpu_peak_tflops", "1",
+         "--job.dump_folder", str(dump)],
+        cwd=REPO, env=python_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for cache_dir in cache_dirs]
+    outputs = [agent.communicate(timeout=240)[0] for agent in agents]
+    assert [agent.returncode for agent in agents] == [0] * nodes, outputs
+    records = [json.loads(line) for line in open(dump / "metrics" / "rank0.jsonl")]
+    return [record["loss"] for record in records if "loss" in record]
+
+
+@pytest.mark.slow
+def test_two_nodes_on_localhost_train_as_one_with_shared_or_own_data_folders(tmp_path):
+    source = write_formats(tmp_path / "src", DOCUMENTS[:400])[".parquet"]
+    one_node = _train_on_nodes(tmp_path, "one", source, [str(tmp_path / "c1")])
+    shared = _train_on_nodes(tmp_path, "shared", source, [str(tmp_path / "c2")] * 2)
+    own = _train_on_nodes(tmp_path, "own", source, [str(tmp_path / "c3"), str(tmp_path / "c4")])
+    assert len(one_node) == 3
+    torch.testing.assert_close(shared, one_node, rtol=0, atol=1e-5)
+    torch.testing.assert_close(own, one_node, rtol=0, atol=1e-5)
+    for folder in ("c2", "c3", "c4"):  # one complete cache in each folder, nothing left over
+        (cache,) = os.listdir(tmp_path / folder)
+        assert sorted(n for n in os.listdir(tmp_path / folder / cache)
+                      if not n.startswith("part-")) == ["manifest.json", "plan.json"]
