@@ -361,3 +361,21 @@ def test_two_nodes_on_localhost_train_as_one_with_shared_or_own_data_folders(tmp
         (cache,) = os.listdir(tmp_path / folder)
         assert sorted(n for n in os.listdir(tmp_path / folder / cache)
                       if not n.startswith("part-")) == ["manifest.json", "plan.json"]
+
+
+def test_a_large_json_array_is_streamed_with_its_line_numbers(tmp_path):
+    """A JSON array of ~4 MB is read a MiB at a time: every record (numbers that straddle a
+    window's end included) at the line it starts on, and an error deep in it named by line."""
+    from titan_lite.data.sources import records
+
+    items = [{"text": "é" * (i % 300), "n": 10**15 + i} for i in range(12_000)]
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps(items, indent=1, ensure_ascii=False))  # 4 lines a record
+    read = list(records(str(path)))
+    assert [item for _, item in read] == items
+    assert [location for location, _ in read][-1] == f"{path}:{2 + 4 * (len(items) - 1)}"
+    broken = json.dumps(items, indent=1, ensure_ascii=False).replace(
+        f'"n": {10**15 + 11_000}', '"n": nope')
+    path.write_text(broken)
+    with pytest.raises(ValueError, match=rf"a.json:{2 + 4 * 11_000 + 2}: invalid JSON"):
+        list(records(str(path)))

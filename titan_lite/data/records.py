@@ -3,9 +3,12 @@ ValueError naming the file and line, never a record silently dropped or a bare t
 
 from __future__ import annotations
 
+import codecs
 import json
 from collections.abc import Iterator
 from typing import IO, Any
+
+_READ_BYTES = 1 << 20
 
 
 def decode_utf8(raw: bytes, file: str, first_line: int = 1) -> str:
@@ -43,29 +46,81 @@ def json_lines(stream: IO[bytes], file: str, first_line: int = 1, limit: int | N
             yield line_no, _loads(decode_utf8(raw, file, line_no), file, line_no)
 
 
-def json_array(text: str, file: str) -> Iterator[tuple[int, Any]]:
-    """(line number, item) of the JSON array ``text``, with the line each item starts on."""
-    decoder = json.JSONDecoder()
-    pos = text.index("[") + 1
-    line, counted = 1, 0  # the line of text[counted] (counted on as we go: linear time)
-    while True:
-        while pos < len(text) and text[pos] in " \t\r\n,":
-            pos += 1
-        if pos >= len(text):
-            raise ValueError(f"{file}: the JSON array is not closed with ']'")
-        line, counted = line + text.count("\n", counted, pos), pos
-        if text[pos] == "]":
-            rest = text[pos + 1:]
-            if rest.strip():
-                extra = line + rest[:len(rest) - len(rest.lstrip())].count("\n")
-                raise ValueError(f"{file}:{extra}: text after the JSON array's closing ']' (a "
-                                 "file holds one array of records, or one record per line)")
-            return
+class _Text:
+    """A byte stream's UTF-8 text, read a MiB at a time into a window that drops what has
+    been consumed, with the line number of any position still in the window."""
+
+    def __init__(self, stream: IO[bytes], file: str):
+        self.stream, self.file = stream, file
+        self.utf8 = codecs.getincrementaldecoder("utf-8")()
+        self.text, self.eof = "", False
+        self.line, self.counted = 1, 0  # the line of text[counted] (counted on: linear time)
+
+    def line_at(self, pos: int) -> int:
+        self.line, self.counted = self.line + self.text.count("\n", self.counted, pos), pos
+        return self.line
+
+    def more(self, pos: int) -> int:
+        """Read on (False at the end); returns ``pos``'s new index (the window moved)."""
+        self.line_at(pos)
+        self.text, self.counted = self.text[pos:], 0
+        raw = self.stream.read(_READ_BYTES)
+        self.eof = not raw
         try:
-            item, pos = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{file}:{line + text.count(chr(10), counted, e.pos)}: invalid "
-                             f"JSON ({e.msg})") from None
-        except RecursionError:
-            raise ValueError(f"{file}:{line}: invalid JSON (nested too deeply)") from None
+            self.text += self.utf8.decode(raw, final=self.eof)
+        except UnicodeDecodeError as e:
+            decode_utf8(e.object, self.file, self.line + self.text.count("\n"))
+            raise
+        return 0
+
+
+def json_array(stream: IO[bytes], file: str) -> Iterator[tuple[int, Any]]:
+    """(line number, item) of the JSON array in ``stream``, with the line each item starts
+    on, streamed: an item is decoded once the text holds it whole (an item that stops at the
+    window's end is decoded again with more text, so a number is never cut short)."""
+    decoder = json.JSONDecoder()
+    reader = _Text(stream, file)
+    pos = reader.more(0)
+    while not reader.eof and "[" not in reader.text:
+        pos = reader.more(len(reader.text))
+    pos = reader.text.index("[") + 1
+    while True:
+        while True:
+            while pos < len(reader.text) and reader.text[pos] in " \t\r\n,":
+                pos += 1
+            if pos < len(reader.text) or reader.eof:
+                break
+            pos = reader.more(pos)
+        if pos >= len(reader.text):
+            raise ValueError(f"{file}: the JSON array is not closed with ']'")
+        line = reader.line_at(pos)
+        if reader.text[pos] == "]":
+            _nothing_after(reader, pos + 1, file)
+            return
+        while True:
+            try:
+                item, end = decoder.raw_decode(reader.text, pos)
+                if end < len(reader.text) or reader.eof:
+                    break
+            except json.JSONDecodeError as e:
+                if reader.eof:
+                    raise ValueError(f"{file}:{reader.line_at(e.pos)}: invalid JSON ({e.msg})"
+                                     ) from None
+            except RecursionError:
+                raise ValueError(f"{file}:{line}: invalid JSON (nested too deeply)") from None
+            pos = reader.more(pos)
+        pos = end
         yield line, item
+
+
+def _nothing_after(reader: _Text, pos: int, file: str) -> None:
+    """Only white space may follow the array's closing ']'."""
+    while True:
+        rest = reader.text[pos:]
+        if rest.strip():
+            extra = reader.line_at(pos + len(rest) - len(rest.lstrip()))
+            raise ValueError(f"{file}:{extra}: text after the JSON array's closing ']' (a "
+                             "file holds one array of records, or one record per line)")
+        if reader.eof:
+            return
+        pos = reader.more(len(reader.text))

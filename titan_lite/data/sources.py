@@ -290,11 +290,10 @@ def _read_errors() -> tuple[type[BaseException], ...]:
 
 
 def _json_values(part: Part) -> Iterator[tuple[str, Any]]:
-    if part.start == 0 and _starts_with_array(part.file):  # a JSON array: read whole
+    if part.start == 0 and _starts_with_array(part.file):  # a JSON array: one part, streamed
         with open_stream(part.file) as fh:
-            text = decode_utf8(fh.read(), part.file)
-        for line, value in json_array(text, part.file):
-            yield f"{part.file}:{line}", value
+            for line, value in json_array(fh, part.file):
+                yield f"{part.file}:{line}", value
         return
     with open_stream(part.file) as fh:
         limit = None
