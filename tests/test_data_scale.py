@@ -379,3 +379,33 @@ def test_a_large_json_array_is_streamed_with_its_line_numbers(tmp_path):
     path.write_text(broken)
     with pytest.raises(ValueError, match=rf"a.json:{2 + 4 * 11_000 + 2}: invalid JSON"):
         list(records(str(path)))
+
+
+@pytest.mark.parametrize("data_format", ["alpaca", "chat"])
+def test_instruction_records_in_parquet_and_zst_give_the_samples_of_jsonl(tiktoken, tmp_path,
+                                                                          data_format):
+    """Alpaca and chat records as published (Parquet: a messages column of structs), read in
+    parts by two workers, give the samples of the same records in JSON lines."""
+    from titan_lite.data import tokenize_samples_to_cache
+    from titan_lite.data.chat import Llama3Template
+    from titan_lite.data.instruct import Rendering
+
+    sft = [json.loads(line) for line in open(os.path.join(REPO, "titan_lite/assets/data/"
+                                                          "kjv_sft.jsonl"))][:600]
+    if data_format == "chat":
+        sft = [{"messages": [{"role": "user", "content": r["instruction"] + "\n" + r["input"]},
+                             {"role": "assistant", "content": r["output"]}]} for r in sft]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sft))
+    pq.write_table(pa.Table.from_pylist(sft), tmp_path / "a.parquet", row_group_size=50)
+    open(tmp_path / "a.jsonl.zst", "wb").write(zstandard.ZstdCompressor().compress(
+        (tmp_path / "a.jsonl").read_bytes()))
+    rendering = Rendering(data_format, Llama3Template(tiktoken), False)
+    arrays = []
+    for name in ("a.jsonl", "a.parquet", "a.jsonl.zst"):
+        cache = tokenize_samples_to_cache([str(tmp_path / name)], rendering,
+                                          str(tmp_path / "c"), log=None, workers=2,
+                                          shard_mb=0.01)
+        arrays.append([Stream(cache, array, dtype).read().tolist() for array, dtype in (
+            ("tokens", np.uint32), ("targets", np.uint8), ("lengths", np.uint32))])
+    assert arrays[0] == arrays[1] == arrays[2]
+    assert len(arrays[0][2]) == 600

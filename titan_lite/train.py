@@ -235,6 +235,10 @@ def train(cfg: JobConfig, env: DistEnv) -> TrainResult:
     tokenizer = build_tokenizer(cfg.tokenizer.kind, cfg.tokenizer.path)
     args = job_model_args(cfg.model.flavor, cfg.model.init_from, cfg.training.seq_len, tokenizer)
     cfg = resolve_auto_keys(cfg, dims, args.vocab_size)
+    # the data first: a bad record stops the job before weights load, and the builder's worker
+    # processes fork from a process that holds no model yet
+    data = build_data(cfg, tokenizer, env.local_rank, data_parallel_rank(mesh), dims.dp,
+                      log=lambda m: log0(env, m))
     model = build_meta_model(cfg, args)
     num_params, flops_per_token = model.num_params(), model.flops_per_token(args.max_seq_len)
     check_model_fits(model, cfg, dims, env)
@@ -244,8 +248,6 @@ def train(cfg: JobConfig, env: DistEnv) -> TrainResult:
     modules = torch.nn.ModuleList(parts)  # one handle on this rank's parameters
     optimizer = build_optimizer(modules, cfg.optimizer)
     scheduler = build_lr_scheduler(optimizer, cfg.lr_scheduler, cfg.training.steps)
-    data = build_data(cfg, tokenizer, env.local_rank, data_parallel_rank(mesh), dims.dp,
-                      log=lambda m: log0(env, m))
     loader = data.train
 
     compute_dtype = DTYPES[cfg.training.mixed_precision_param]

@@ -343,13 +343,16 @@ def _text_pieces(part: Part, cut: CutFinder | None, piece_chars: int = _READ_BYT
     """The part's text in pieces of about ``piece_chars``, each ending at a safe cut."""
     assert cut is not None, "text pieces need the tokenizer's cut finder"
     decoder = codecs.getincrementaldecoder("utf-8")()
-    text, line, first = "", part.first_line, part.start == 0
+    text, line, first, wanted = "", part.first_line, part.start == 0, piece_chars
     with open(part.file, "rb") as fh:
         fh.seek(part.start)
         left = part.end - part.start
         while left > 0 or text:
-            if left > 0 and len(text) < 2 * piece_chars:
+            if left > 0 and len(text) < 2 * wanted:
                 raw = fh.read(min(_READ_BYTES, left))
+                if not raw:
+                    raise ValueError(f"{part.file}: shorter than when the cache was planned "
+                                     "(changed while being read?)")
                 left -= len(raw)
                 try:
                     text += decoder.decode(raw, final=left == 0)
@@ -357,13 +360,11 @@ def _text_pieces(part: Part, cut: CutFinder | None, piece_chars: int = _READ_BYT
                     decode_utf8(e.object, part.file, line + text.count("\n"))
                     raise ValueError(f"{part.file}: not UTF-8 text") from None
                 continue
-            end = len(text) if left == 0 else cut(text, piece_chars)
-            if end is None:  # no safe cut near: read on (the piece grows)
-                if left == 0:
-                    end = len(text)
-                else:
-                    piece_chars *= 2
-                    continue
+            end = len(text) if left == 0 else cut(text, wanted)
+            if end is None:  # no safe cut near: read on (this piece grows)
+                wanted *= 2
+                continue
+            wanted = piece_chars
             piece = Piece(text[:end], first, part.last and left == 0 and end == len(text))
             yield f"{part.file}:{line}", piece
             line += piece.text.count("\n")

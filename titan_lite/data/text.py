@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import os
 from collections.abc import Callable, Iterator
 
@@ -89,7 +90,8 @@ def encode_documents(tokenizer: Tokenizer, batch: Items) -> dict[str, np.ndarray
         encoded = [(tokenizer.encode(piece.text, bos=True) if piece.first
                     else tokenizer.encode_continuation(piece.text))
                    + [tokenizer.eos_id] * piece.last for piece in pieces]
-    return {"tokens": np.fromiter((id for ids in encoded for id in ids), dtype=TOKEN_DTYPE)}
+    count = sum(len(ids) for ids in encoded)
+    return {"tokens": np.fromiter(itertools.chain.from_iterable(encoded), TOKEN_DTYPE, count)}
 
 
 class TextRows:
