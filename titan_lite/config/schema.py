@@ -270,9 +270,9 @@ class Lora:
 @dataclass
 class Comm:
     init_timeout_seconds: float = opt(600.0, "How long a collective may wait before the first "
-                                      "training step is done (start-up: process group, data "
-                                      "cache built by local rank 0, loading weights, the first "
-                                      "compile).", min=1.0)
+                                      "training step is done (start-up: process group, loading "
+                                      "weights, the first compile; building the data cache "
+                                      "does not count: ranks wait on its files).", min=1.0)
     train_timeout_seconds: float = opt(300.0, "How long a collective may wait from then on "
                                        "(checkpoint saves included): a rank that hangs ends the "
                                        "job with one line naming the collective, and the last "
