@@ -12,8 +12,7 @@ import numpy as np
 import torch
 
 from titan_lite.data.batch import Batch
-from titan_lite.data.shards import Items
-from titan_lite.data.shards import CacheJob, Stream, batched, build_cache
+from titan_lite.data.shards import CacheJob, Items, Stream, batched, build_cache
 from titan_lite.data.sources import (CutFinder, Part, Piece, describe_files, plan_parts,
                                      read_part, source_files)
 from titan_lite.loss import IGNORE_INDEX
