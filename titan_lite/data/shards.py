@@ -312,10 +312,11 @@ class _Builder:
         _write_atomic(_manifest(self.job.cache), json.dumps(
             {"describe": self.job.describe, "counts": counts, "parts": parts}, indent=1))
         for name in os.listdir(self.job.cache):  # what builders that died left
-            if ".tmp-" in name or name.endswith(".claim"):
-                path = os.path.join(self.job.cache, name)
-                shutil.rmtree(path) if os.path.isdir(path) else _remove(path)
-
+            path = os.path.join(self.job.cache, name)
+            if ".tmp-" in name and os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            elif ".tmp-" in name or name.endswith(".claim"):
+                _remove(path)
 
     def report(self, own: int) -> None:
         """Progress with an ETA every few seconds (the parts of every builder count)."""

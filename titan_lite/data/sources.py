@@ -103,7 +103,8 @@ class Piece:
     last: bool  # the document's end: gets eos
 
 
-# A text piece may end where finding the next cut is given up (see text.find_cut).
+# (text, at) -> the first place at or after ``at`` where the text may be cut without changing
+# its ids, or None (tokenizer.safe_cut with the job's tokenizer)
 CutFinder = Callable[[str, int], "int | None"]
 
 
@@ -161,7 +162,7 @@ def plan_parts(file: str, part_bytes: int, cut: CutFinder | None = None) -> list
     fmt, compression = split_suffix(file)
     if fmt == ".parquet":
         return _parquet_parts(file, part_bytes)
-    if compression or size == 0 or (fmt == ".json" and _starts_with_array(file)):
+    if compression or size == 0 or (fmt != ".txt" and _starts_with_array(file)):
         return [Part(file, 0, 0, size, 1, size, True)]
     starts = [0]
     with open(file, "rb") as fh:
