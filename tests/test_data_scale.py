@@ -409,3 +409,13 @@ def test_instruction_records_in_parquet_and_zst_give_the_samples_of_jsonl(tiktok
             ("tokens", np.uint32), ("targets", np.uint8), ("lengths", np.uint32))])
     assert arrays[0] == arrays[1] == arrays[2]
     assert len(arrays[0][2]) == 600
+
+
+def test_a_missing_reader_library_says_how_to_install_it(tiktoken, tmp_path, monkeypatch):
+    source = write_formats(tmp_path / "src", DOCUMENTS[:20])
+    for module, fmt in (("pyarrow", ".parquet"), ("zstandard", ".jsonl.zst")):
+        monkeypatch.setitem(sys.modules, module, None)  # import fails as if not installed
+        with pytest.raises(ValueError, match=rf"corpus{fmt}: reading this format needs "
+                           rf"{module} \(pip install 'titan_lite\[data\]'"):
+            tokenize_to_cache([source[fmt]], tiktoken, cache_dir=str(tmp_path / "c"),
+                              log=None)
