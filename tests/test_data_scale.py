@@ -18,7 +18,7 @@ from conftest import CORPUS, REPO, SPM_PATH, TIKTOKEN_PATH, python_env
 
 from titan_lite.data import tokenize_to_cache
 from titan_lite.data.shards import Stream
-from titan_lite.data.sources import Piece, plan_parts, read_part
+from titan_lite.data.sources import PartReader, Piece, plan_parts
 from titan_lite.tokenizer import build_tokenizer, safe_cut
 
 pa = pytest.importorskip("pyarrow")
@@ -119,7 +119,7 @@ def test_pieces_of_a_part_are_cut_where_the_ids_cannot_change(tiktoken, tmp_path
     ids, each encoded alone, are the whole text's."""
     (tmp_path / "doc.txt").write_text(ADVERSARIAL * 10)
     (part,) = plan_parts(str(tmp_path / "doc.txt"), 1 << 40)
-    pieces = [piece for _, piece in read_part(part, cut=lambda text, at: safe_cut(
+    pieces = [piece for _, piece in PartReader(part, cut=lambda text, at: safe_cut(
         tiktoken, text, at))]
     assert len(pieces) >= 2 and all(isinstance(p, Piece) for p in pieces)
     assert "".join(p.text for p in pieces) == ADVERSARIAL * 10
@@ -419,3 +419,18 @@ def test_a_missing_reader_library_says_how_to_install_it(tiktoken, tmp_path, mon
                            rf"{module} \(pip install 'titan_lite\[data\]'"):
             tokenize_to_cache([source[fmt]], tiktoken, cache_dir=str(tmp_path / "c"),
                               log=None)
+
+
+def test_progress_counts_the_bytes_of_each_format_read(tmp_path):
+    """PartReader.done (what progress and the ETA count) climbs through the part's size, in
+    compressed bytes for compressed files, not in decompressed characters."""
+    noisy = [f"{d} {os.urandom(1500).hex()}" for d in DOCUMENTS]  # > 1 MiB compressed
+    paths = write_formats(tmp_path / "src", noisy)
+    for fmt in (".jsonl.gz", ".jsonl.zst", ".jsonl", ".parquet", ".json"):
+        (part,) = plan_parts(paths[fmt], 1 << 40)
+        reader = PartReader(part)
+        seen = []
+        for _ in reader:
+            seen.append(reader.done)
+        assert seen == sorted(seen) and 0 < seen[len(seen) // 2] < part.size, fmt
+        assert part.size * 0.9 <= reader.done <= part.size, fmt  # once all is read

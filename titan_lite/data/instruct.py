@@ -21,7 +21,7 @@ from titan_lite.data.batch import Batch
 from titan_lite.data.chat import ChatTemplate, record_messages
 from titan_lite.data.shards import (CacheJob, Items, Stream, batched, build_cache, fail,
                                     read_manifest)
-from titan_lite.data.sources import (RECORD_SUFFIXES, describe_files, plan_parts, read_part,
+from titan_lite.data.sources import (RECORD_SUFFIXES, PartReader, describe_files, plan_parts,
                                      require_object, source_files)
 from titan_lite.data.text import TOKEN_DTYPE, cache_path
 from titan_lite.loss import IGNORE_INDEX
@@ -73,7 +73,7 @@ def tokenize_samples_to_cache(paths: list[str], rendering: Rendering, cache_dir:
                          ".sft"),
         plan=lambda: [part for file in files for part in plan_parts(file,
                                                                     int(shard_mb * 2**20))],
-        batches=lambda part: batched(read_part(part), lambda record: 1, _BATCH_RECORDS),
+        batches=lambda part: batched(PartReader(part), lambda record: 1, _BATCH_RECORDS),
         encode=rendering.encode,
         describe=f"tokenizing {rendering.data_format} samples of {key} "
                  f"({describe_files(files)})")

@@ -31,7 +31,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from titan_lite.data.sources import Part
+from titan_lite.data.sources import Part, PartReader
 
 _HOST = socket.gethostname()
 _STARTED = time.time()  # an error file older than this process is a past run's
@@ -45,7 +45,7 @@ Items = list[tuple[str, Any]]  # (location, item) pairs
 @dataclass
 class CacheJob:
     """What to build: ``plan`` cuts the sources into parts (run once, by the first builder);
-    ``batches`` reads a part's items in batches (with the characters they hold, for
+    ``batches`` reads a part's items in batches (each with how much of the part is read, for
     progress); ``encode`` turns a batch into arrays (in a worker process when there are
     several); ``describe`` names the data in the log."""
     cache: str
@@ -283,16 +283,14 @@ class _Builder:
         os.makedirs(tmp, exist_ok=True)
         with contextlib.ExitStack() as stack:
             files: dict[str, IO[bytes]] = {}
-            chars = 0
-            for arrays, size in self.encoder.map(self.job.batches(part)):
+            for arrays, done in self.encoder.map(self.job.batches(part)):
                 for name, array in arrays.items():
                     if name not in files:
                         path = os.path.join(tmp, _file_name(name, array))
                         files[name] = stack.enter_context(open(path, "wb"))
                     array.tofile(files[name])
-                chars += size
                 _touch(claim)  # still alive
-                self.report(min(chars, part.size))
+                self.report(min(done, part.size))
 
     def publish(self) -> None:
         """All parts are there: write the manifest (the same one, whoever writes it)."""
@@ -376,19 +374,20 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
-def batched(items: Iterator[tuple[str, Any]], weigh: Callable[[Any], int], limit: int
+def batched(reader: PartReader, weigh: Callable[[Any], int], limit: int
             ) -> Iterator[tuple[Items, int]]:
-    """``items`` in batches of up to ``limit`` by ``weigh``, with each batch's weight."""
+    """The items of ``reader`` in batches of up to ``limit`` by ``weigh``, each with how much
+    of the part is read after it (``PartReader.done``)."""
     batch: Items = []
     weight = 0
-    for location, item in items:
+    for location, item in reader:
         batch.append((location, item))
         weight += weigh(item)
         if weight >= limit:
-            yield batch, weight
+            yield batch, reader.done
             batch, weight = [], 0
     if batch:
-        yield batch, weight
+        yield batch, reader.part.size
 
 
 # --- reading a cache -------------------------------------------------------------------------

@@ -258,25 +258,34 @@ def _first_line(error: Exception) -> str:
 
 # --- reading a part --------------------------------------------------------------------------
 
-def read_part(part: Part, columns: list[str] | None = None, cut: CutFinder | None = None
-              ) -> Iterator[tuple[str, Any]]:
-    """(location, item) of each item of ``part``: a ``Piece`` of a .txt document, or a record
-    (a JSON value; a Parquet row as a dict of ``columns``, all when None)."""
-    fmt = split_suffix(part.file)[0]
-    if fmt == ".txt":
-        items = _text_pieces(part, cut)
-    elif fmt == ".parquet":
-        items = _parquet_rows(part, columns)
-    else:
-        items = _json_values(part)
-    location = None
-    try:
-        for location, item in items:
-            yield location, item
-    except _read_errors() as e:  # a corrupt gzip, a truncated zstd frame, a damaged page
-        where = (location or "").removeprefix(part.file + ":").strip()
-        after = f" after {'line ' * where.isdigit()}{where}" if where else ""
-        raise ValueError(f"{part.file}: cannot be read{after} ({_first_line(e)})") from None
+class PartReader:
+    """The (location, item) pairs of ``part`` when iterated: a ``Piece`` of a .txt document,
+    or a record (a JSON value; a Parquet row as a dict of ``columns``, all when None); and
+    ``done``, how much of the part is read, in the units of ``Part.size`` (bytes of the file,
+    compressed ones included; a Parquet row group's bytes once it is read), for progress."""
+
+    def __init__(self, part: Part, columns: list[str] | None = None,
+                 cut: CutFinder | None = None):
+        self.part, self.columns, self.cut, self.done = part, columns, cut, 0
+
+    def __iter__(self) -> Iterator[tuple[str, Any]]:
+        part = self.part
+        fmt = split_suffix(part.file)[0]
+        if fmt == ".txt":
+            items = _text_pieces(self)
+        elif fmt == ".parquet":
+            items = _parquet_rows(self)
+        else:
+            items = _json_values(self)
+        location = None
+        try:
+            for location, item in items:
+                yield location, item
+        except _read_errors() as e:  # a corrupt gzip, a truncated zstd frame, a damaged page
+            where = (location or "").removeprefix(part.file + ":").strip()
+            after = f" after {'line ' * where.isdigit()}{where}" if where else ""
+            raise ValueError(f"{part.file}: cannot be read{after} ({_first_line(e)})"
+                             ) from None
 
 
 def _read_errors() -> tuple[type[BaseException], ...]:
@@ -290,26 +299,35 @@ def _read_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-def _json_values(part: Part) -> Iterator[tuple[str, Any]]:
-    if part.start == 0 and _starts_with_array(part.file):  # a JSON array: one part, streamed
-        with open_stream(part.file) as fh:
-            for line, value in json_array(fh, part.file):
-                yield f"{part.file}:{line}", value
-        return
+def _json_values(reader: PartReader) -> Iterator[tuple[str, Any]]:
+    part = reader.part
     with open_stream(part.file) as fh:
-        limit = None
-        if not split_suffix(part.file)[1]:  # a byte range of a plain file
-            fh.seek(part.start)
-            limit = part.end - part.start
-        for line, value in json_lines(fh, part.file, part.first_line, limit):
+        if part.start == 0 and _starts_with_array(part.file):  # one part, streamed
+            values = json_array(fh, part.file)
+        else:
+            limit = None
+            if not split_suffix(part.file)[1]:  # a byte range of a plain file
+                fh.seek(part.start)
+                limit = part.end - part.start
+            values = json_lines(fh, part.file, part.first_line, limit)
+        for line, value in values:
+            reader.done = _position(fh) - part.start
             yield f"{part.file}:{line}", value
+
+
+def _position(stream: IO[bytes]) -> int:
+    """How far into its file (compressed bytes for .gz/.zst) ``stream`` has read."""
+    if isinstance(stream, gzip.GzipFile):
+        return stream.fileobj.tell()
+    raw = getattr(stream, "raw", None)
+    return raw.raw.tell() if isinstance(raw, _Zstd) else stream.tell()
 
 
 def records(file: str) -> Iterator[tuple[str, dict]]:
     """(location, record) of each record of ``file``, read whole (small files: tests, the
     examples); a ValueError names a value that is not a JSON object."""
     for part in plan_parts(file, 1 << 62):
-        for location, value in read_part(part):
+        for location, value in PartReader(part):
             yield location, require_object(location, value)
 
 
@@ -320,7 +338,8 @@ def require_object(location: str, value: Any) -> dict:
     return value
 
 
-def _parquet_rows(part: Part, columns: list[str] | None) -> Iterator[tuple[str, Any]]:
+def _parquet_rows(reader: PartReader) -> Iterator[tuple[str, Any]]:
+    part, columns = reader.part, reader.columns
     parquet = _parquet(part.file)
     names = parquet.schema_arrow.names
     missing = [c for c in columns or () if c not in names]
@@ -337,11 +356,13 @@ def _parquet_rows(part: Part, columns: list[str] | None) -> Iterator[tuple[str, 
             for record in batch.to_pylist():
                 yield f"{part.file}: row group {group}, row {row}", record
                 row += 1
+        reader.done += parquet.metadata.row_group(group).total_byte_size
 
 
-def _text_pieces(part: Part, cut: CutFinder | None, piece_chars: int = _READ_BYTES
+def _text_pieces(reader: PartReader, piece_chars: int = _READ_BYTES
                  ) -> Iterator[tuple[str, Piece]]:
     """The part's text in pieces of about ``piece_chars``, each ending at a safe cut."""
+    part, cut = reader.part, reader.cut
     assert cut is not None, "text pieces need the tokenizer's cut finder"
     decoder = codecs.getincrementaldecoder("utf-8")()
     text, line, first, wanted = "", part.first_line, part.start == 0, piece_chars
@@ -367,6 +388,7 @@ def _text_pieces(part: Part, cut: CutFinder | None, piece_chars: int = _READ_BYT
                 continue
             wanted = piece_chars
             piece = Piece(text[:end], first, part.last and left == 0 and end == len(text))
+            reader.done = part.end - part.start - left
             yield f"{part.file}:{line}", piece
             line += piece.text.count("\n")
             text, first = text[end:], False

@@ -13,8 +13,8 @@ import torch
 
 from titan_lite.data.batch import Batch
 from titan_lite.data.shards import CacheJob, Items, Stream, batched, build_cache
-from titan_lite.data.sources import (CutFinder, Part, Piece, describe_files, plan_parts,
-                                     read_part, source_files)
+from titan_lite.data.sources import (CutFinder, Part, PartReader, Piece, describe_files,
+                                     plan_parts, source_files)
 from titan_lite.loss import IGNORE_INDEX
 from titan_lite.tokenizer import Tokenizer, safe_cut
 
@@ -56,27 +56,34 @@ def tokenize_to_cache(paths: list[str], tokenizer: Tokenizer, text_field: str = 
                          ".tokens"),
         plan=lambda: [part for file in files
                       for part in plan_parts(file, int(shard_mb * 2**20), cut)],
-        batches=lambda part: batched(documents(part, text_field, cut),
+        batches=lambda part: batched(Documents(part, text_field, cut),
                                      lambda piece: len(piece.text), _BATCH_CHARS),
         encode=functools.partial(encode_documents, tokenizer),
         describe=f"tokenizing {key} ({describe_files(files)})")
     return build_cache(job, workers, log)
 
 
-def documents(part: Part, text_field: str, cut: CutFinder) -> Iterator[tuple[str, Piece]]:
-    """(location, document or piece of one) of each text of ``part``: a .txt file's pieces,
-    or each record's ``text_field`` string."""
-    for location, item in read_part(part, [text_field], cut):
-        if isinstance(item, Piece):
-            yield location, item
-            continue
-        text = item.get(text_field) if isinstance(item, dict) else None
-        if not isinstance(text, str):
-            got = type(text).__name__ if isinstance(item, dict) and text_field in item else (
-                f"no {text_field!r} field")
-            raise ValueError(f"{location}: expected a record with a {text_field!r} string "
-                             f"(data.text_field), got {got}")
-        yield location, Piece(text, first=True, last=True)
+class Documents(PartReader):
+    """(location, document or piece of one) of each text of a part: a .txt file's pieces, or
+    each record's ``text_field`` string."""
+
+    def __init__(self, part: Part, text_field: str, cut: CutFinder):
+        super().__init__(part, [text_field], cut)
+        self.text_field = text_field
+
+    def __iter__(self) -> Iterator[tuple[str, Piece]]:
+        field = self.text_field
+        for location, item in super().__iter__():
+            if isinstance(item, Piece):
+                yield location, item
+                continue
+            text = item.get(field) if isinstance(item, dict) else None
+            if not isinstance(text, str):
+                got = type(text).__name__ if isinstance(item, dict) and field in item else (
+                    f"no {field!r} field")
+                raise ValueError(f"{location}: expected a record with a {field!r} string "
+                                 f"(data.text_field), got {got}")
+            yield location, Piece(text, first=True, last=True)
 
 
 def encode_documents(tokenizer: Tokenizer, batch: Items) -> dict[str, np.ndarray]:
