@@ -416,6 +416,11 @@ def _threads() -> int:
     worker processes, which set TITAN_LITE_ENCODE_THREADS)."""
     if os.environ.get("TITAN_LITE_ENCODE_THREADS"):
         return int(os.environ["TITAN_LITE_ENCODE_THREADS"])
+    return usable_cores()
+
+
+def usable_cores() -> int:
+    """The cores this process may run on."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
         os.cpu_count() or 1)
 

@@ -5,7 +5,6 @@ every rank together at start-up), cut or packed into rows, sharded over data-par
 from __future__ import annotations
 
 import os
-
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,7 +22,7 @@ from titan_lite.data.loader import PackedDataLoader, ValidationLoader, split_ind
 from titan_lite.data.mixture import MixedRows
 from titan_lite.data.sources import source_files
 from titan_lite.data.text import TextRows, tokenize_to_cache
-from titan_lite.tokenizer import Tokenizer
+from titan_lite.tokenizer import Tokenizer, usable_cores
 
 __all__ = ["Batch", "ChatTemplate", "Data", "PackedDataLoader", "PackedSamples", "Rows",
            "TextRows", "ValidationLoader", "build_chat_template", "build_data", "data_caches",
@@ -56,9 +55,7 @@ def encode_workers(cfg: JobConfig, builders: int = 1) -> int:
     cores (0)."""
     if cfg.data.workers > 0:
         return cfg.data.workers
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
-        os.cpu_count() or 1)
-    return max(1, cores // builders)
+    return max(1, usable_cores() // builders)
 
 
 def data_caches(cfg: JobConfig, tokenizer: Tokenizer, log: Callable[[str], None] | None,

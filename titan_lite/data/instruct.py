@@ -49,9 +49,10 @@ class Rendering:
             try:
                 messages = record_messages(require_object(location, record), self.data_format)
                 ids, is_target = self.template.render(messages, self.train_on_prompt)
-            except ValueError as e:
-                raise ValueError(e if str(e).startswith(location) else f"{location}: {e}"
-                                 ) from None
+            except ValueError as e:  # (require_object's message names the place already)
+                message = str(e)
+                raise ValueError(message if message.startswith(location)
+                                 else f"{location}: {message}") from None
             tokens += ids
             targets += is_target
             lengths.append(len(ids))
