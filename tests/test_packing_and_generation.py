@@ -106,3 +106,26 @@ def test_greedy_decoding_equals_transformers_generate(tmp_path):
     got = generate(ours.eval(), prompt, Generation(max_new_tokens=40), set(),
                    torch.device("cpu"))
     assert got.ids == expected
+
+
+def test_batched_generation_equals_one_prompt_at_a_time(model):
+    """Prompts of very different lengths, left-padded into one batch with one KV cache: each
+    row's greedy tokens are those of its prompt alone, rows stopping (stop id, max_new_tokens,
+    the model's max_seq_len) at different steps and leaving the batch."""
+    from titan_lite.generation import generate_batch
+
+    rng = torch.Generator().manual_seed(1)
+    cpu = torch.device("cpu")
+    prompts = [torch.randint(3, ARGS.vocab_size, (n,), generator=rng).tolist()
+               for n in (1, 17, 5, 40, ARGS.max_seq_len - 8, 2)]
+    cfg = Generation(max_new_tokens=24)
+    alone = [generate(model, p, cfg, set(), cpu).ids for p in prompts]
+    assert [out.ids for out in generate_batch(model, prompts, cfg, set(), cpu)] == alone
+    assert [len(ids) for ids in alone] == [24, 24, 24, 24, 8, 24]  # row 4: max_seq_len
+    stop = alone[2][5]  # a token prompt 2 emits: rows stop on it at different steps
+    alone = [generate(model, p, cfg, {stop}, cpu).ids for p in prompts]
+    assert [out.ids for out in generate_batch(model, prompts, cfg, {stop}, cpu)] == alone
+    assert len({len(ids) for ids in alone}) > 2
+    sampled = Generation(max_new_tokens=12, temperature=0.8, top_k=50, seed=3)
+    assert [out.ids for out in generate_batch(model, prompts, sampled, set(), cpu)] == [
+        generate(model, p, sampled, set(), cpu).ids for p in prompts]

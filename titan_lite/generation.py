@@ -77,6 +77,51 @@ def generate(model: nn.Module, prompt: list[int], cfg: Generation, stop_ids: set
     return Generated(new, time.perf_counter() - start - prefill, prefill)
 
 
+@torch.no_grad()
+def generate_batch(model: nn.Module, prompts: list[list[int]], cfg: Generation,
+                   stop_ids: set[int], device: torch.device, pad_id: int = 0
+                   ) -> list[Generated]:
+    """``generate`` for several prompts at once: left-padded into one batch whose pad
+    positions are never attended to (each row keeps its own positions), one KV cache; a row
+    that finishes leaves the batch, so it costs no more compute. Each row's tokens are those
+    ``generate`` gives its prompt alone (sampling draws from a generator per row, seeded as
+    ``generate``'s)."""
+    max_len = model.args.max_seq_len
+    lengths = [len(prompt) for prompt in prompts]
+    if max(lengths) >= max_len:
+        raise ValueError(f"a prompt has {max(lengths)} tokens; the model takes at most "
+                         f"{max_len - 1} before its first answer token (model max_seq_len)")
+    width = max(lengths)
+    pads = torch.tensor([width - n for n in lengths], device=device)
+    tokens = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
+    cache = KVCache(max_len + int(pads.max()), pads)  # (each row reaches its own max_len)
+    generators = [torch.Generator().manual_seed(cfg.seed) for _ in prompts]
+    new: list[list[int]] = [[] for _ in prompts]
+    active = list(range(len(prompts)))  # the prompts still in the batch, in its row order
+    start = time.perf_counter()
+    logits = full_tensor(model(tokens, cache=cache))[:, -1]
+    prefill = time.perf_counter() - start
+    while True:
+        going, inputs = [], []
+        for row, index in enumerate(active):
+            token = choose_next(logits[row], cfg, generators[index])
+            if token in stop_ids:
+                continue
+            new[index].append(token)
+            if len(new[index]) < cfg.max_new_tokens and lengths[index] + len(new[index]) < max_len:
+                going.append(row)
+                inputs.append(token)
+        if not going:
+            break
+        if len(going) < len(active):
+            cache.keep(torch.tensor(going, device=device))
+            active = [active[row] for row in going]
+        logits = full_tensor(model(torch.tensor(inputs, device=device)[:, None],
+                                   cache=cache))[:, -1]
+    seconds = time.perf_counter() - start - prefill
+    return [Generated(ids, seconds, prefill) for ids in new]
+
+
 def prompt_ids(text: str, tokenizer: Tokenizer, template: ChatTemplate | None,
                history: list[Message] | None = None, system: str = "") -> list[int]:
     """``text`` as a prompt: a user turn after ``history`` (and a system prompt) in the chat

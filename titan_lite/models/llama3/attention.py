@@ -142,20 +142,36 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMas
 
 class KVCache:
     """Keys and values of every position decoded so far, per block, for generation: each new
-    token then costs one position of compute instead of the whole prefix."""
+    token then costs one position of compute instead of the whole prefix.
 
-    def __init__(self, max_len: int):
+    ``pads`` (batch,): a batch of prompts of different lengths, each left-padded by that many
+    positions. A row's pad positions are never attended to and its own positions start after
+    them, so each row decodes as it would alone."""
+
+    def __init__(self, max_len: int, pads: torch.Tensor | None = None):
         self.max_len = max_len
+        self.pads = pads
         self.length = 0  # positions already cached
         self._keys: dict[int, torch.Tensor] = {}
         self._values: dict[int, torch.Tensor] = {}
 
     def positions(self, seq: int, device: torch.device) -> torch.Tensor:
-        """(seq,) positions of the next ``seq`` tokens."""
+        """(seq,) positions of the next ``seq`` tokens; (batch, seq) with pads."""
         if self.length + seq > self.max_len:
             raise ValueError(f"generation needs {self.length + seq} positions, more than the "
                              f"cache's {self.max_len} (the model's max_seq_len)")
-        return torch.arange(self.length, self.length + seq, device=device)
+        positions = torch.arange(self.length, self.length + seq, device=device)
+        if self.pads is None:
+            return positions
+        return (positions[None, :] - self.pads[:, None]).clamp(min=0)
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Go on with only these rows of the batch (the others have finished)."""
+        for cached in (self._keys, self._values):
+            for block, tensor in cached.items():
+                cached[block] = tensor[rows]
+        if self.pads is not None:
+            self.pads = self.pads[rows]
 
     def update(self, block: int, k: torch.Tensor, v: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,7 +188,14 @@ class KVCache:
 
     def mask(self, seq: int, device: torch.device) -> AttentionMask:
         """Queries at the next ``seq`` positions see every cached key and the new ones up to
-        their own position."""
+        their own position (with pads: none of a row's pad positions, and a pad query only
+        itself, so that no row of the softmax is empty)."""
+        if self.pads is not None:
+            keys = torch.arange(self.length + seq, device=device)
+            queries = torch.arange(self.length, self.length + seq, device=device)
+            causal = keys[None, :] <= queries[:, None]
+            allowed = causal[None] & (keys[None, None, :] >= self.pads[:, None, None])
+            return (allowed | (keys[None, :] == queries[:, None])[None])[:, None]
         if self.length == 0:
             return None  # a prefill: plain causal
         if seq == 1:
