@@ -17,6 +17,7 @@ from layouts import assert_matches, run_layout
 from titan_lite.checkpoint import complete_steps
 from titan_lite.config import load_config
 from titan_lite.data import build_data
+from titan_lite.data.loader import split_indices
 from titan_lite.loss import IGNORE_INDEX, cross_entropy_sum
 from titan_lite.models.llama3 import ModelArgs, Transformer
 from titan_lite.tokenizer import build_tokenizer
@@ -184,6 +185,21 @@ def test_shipped_example_learns_and_answers_from_its_checkpoint(tmp_path):
         cwd=REPO, env=python_env(), capture_output=True, text=True, timeout=120)
     assert asked.returncode == 0, asked.stderr[-3000:]
     assert asked.stdout.strip() == "Yes." and "tokens/s" in asked.stderr
+    # predict: the 150 held-out records (validation.split's), answered in batches, scored
+    records = open(os.path.join(REPO, "titan_lite/assets/data/kjv_sft.jsonl")).readlines()
+    _, held = split_indices(len(records), 0.05, seed=0)
+    (tmp_path / "held.jsonl").write_text("".join(records[i] for i in held))
+    scored = subprocess.run(
+        [sys.executable, "-m", "titan_lite.predict", "--config", "train_configs/debug_sft.toml",
+         "--job.dump_folder", out, "--data", str(tmp_path / "held.jsonl"), "--batch_size", "16"],
+        cwd=REPO, env=python_env(), capture_output=True, text=True, timeout=300)
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    lines = [json.loads(line) for line in open(os.path.join(out, "predictions.jsonl"))]
+    assert [line["source"] for line in lines] == [f"{tmp_path / 'held.jsonl'}:{n}"
+                                                  for n in range(1, len(held) + 1)]
+    scores = dict(zip(*[iter(scored.stdout.splitlines()[-1].split())] * 2))
+    assert float(scores["exact_match"]) > 50, scored.stdout  # the yes/no questions
+    print(scored.stdout)
 
 
 def test_generate_refuses_a_missing_checkpoint_with_one_line(tmp_path):

@@ -11,7 +11,6 @@ training.mixed_precision_param; with ``--chat`` and no prompt, an interactive ch
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 import sys
@@ -19,7 +18,7 @@ import sys
 import torch
 
 from titan_lite.checkpoint import CheckpointError, complete_steps, is_checkpoint
-from titan_lite.config import ConfigError, Generation, JobConfig, help_text, load_config
+from titan_lite.config import ConfigError, JobConfig, expand_bare_keys, help_text, load_config
 from titan_lite.data import ChatTemplate, build_chat_template
 from titan_lite.data.chat import Message
 from titan_lite.distributed import DTYPES
@@ -30,18 +29,6 @@ from titan_lite.tokenizer import Tokenizer, build_tokenizer
 from titan_lite.build import build_finetuned_model, load_pretrained
 
 _STEP = re.compile(r"step-\d+")
-
-
-def expand_generation_keys(argv: list[str]) -> list[str]:
-    """``--max_new_tokens 64`` -> ``--generation.max_new_tokens 64`` (and so on for every
-    [generation] key); everything else unchanged."""
-    keys = {f.name for f in dataclasses.fields(Generation)}
-    expanded = []
-    for arg in argv:
-        name = arg[2:].partition("=")[0]
-        expanded.append(f"--generation.{arg[2:]}" if arg.startswith("--") and name in keys
-                        else arg)
-    return expanded
 
 
 def weights_folder(cfg: JobConfig) -> str:
@@ -123,7 +110,7 @@ def run(cfg: JobConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = expand_generation_keys(sys.argv[1:] if argv is None else argv)
+    argv = expand_bare_keys(sys.argv[1:] if argv is None else argv, ("generation",))
     if "--help" in argv or "-h" in argv:
         print(help_text().replace("titan_lite.train", "titan_lite.generate"))
         sys.exit(0)

@@ -7,7 +7,7 @@ points exit with status 2 on any of them.
 """
 
 from titan_lite.config.checks import check_job, parse_or_exit
-from titan_lite.config.loader import ConfigError, help_text, load_config
+from titan_lite.config.loader import ConfigError, expand_bare_keys, help_text, load_config
 from titan_lite.config.schema import (
     DEFAULT_CONFIG,
     ActivationCheckpoint,
@@ -23,6 +23,7 @@ from titan_lite.config.schema import (
     Model,
     Optimizer,
     Parallelism,
+    Predict,
     Tokenizer,
     Training,
     Validation,
@@ -31,6 +32,6 @@ from titan_lite.config.schema import (
 __all__ = [
     "DEFAULT_CONFIG", "ActivationCheckpoint", "Checkpoint", "Comm", "ConfigError", "Data",
     "Generation", "Job", "JobConfig", "Lora", "LRScheduler", "Metrics", "Model", "Optimizer",
-    "Parallelism", "Tokenizer", "Training", "Validation", "check_job", "help_text",
-    "load_config", "parse_or_exit",
+    "Parallelism", "Predict", "Tokenizer", "Training", "Validation", "check_job",
+    "expand_bare_keys", "help_text", "load_config", "parse_or_exit",
 ]

@@ -196,6 +196,19 @@ def load_config(argv: list[str] | None = None) -> JobConfig:
     return JobConfig(**{name: cls(**values.get(name, {})) for name, cls in _sections().items()})
 
 
+def expand_bare_keys(argv: list[str], sections: tuple[str, ...]) -> list[str]:
+    """``--key value`` -> ``--section.key value`` for the keys of ``sections`` (a tool's own
+    sections, e.g. generate's [generation]); every other argument unchanged."""
+    classes = _sections()
+    owner = {name: section for section in sections for name in _keys(classes[section])}
+    expanded = []
+    for arg in argv:
+        name = arg[2:].partition("=")[0]
+        expanded.append(f"--{owner[name]}.{arg[2:]}" if arg.startswith("--") and name in owner
+                        else arg)
+    return expanded
+
+
 def help_text() -> str:
     """--help: every key with its type, default and help, generated from the dataclasses."""
     lines = ["usage: python -m titan_lite.train [--config FILE] [--section.key VALUE ...]",

@@ -351,6 +351,19 @@ class Generation:
 
 
 @dataclass
+class Predict:
+    data: str = opt("", "`python -m titan_lite.predict`: the instruction data to answer (files "
+                    "or a folder in data.format, any file type the trainer reads); each "
+                    "record's last assistant answer is the reference it is scored against. "
+                    "Weights and sampling are [generation]'s.")
+    batch_size: int = opt(8, "Prompts answered at once (one KV cache; finished rows leave the "
+                          "batch).", min=1)
+    output: str = opt("", "JSON lines file for the predictions (prompt, reference, prediction, "
+                      "token counts), in the data's order; empty: "
+                      "<job.dump_folder>/predictions.jsonl.")
+
+
+@dataclass
 class Estimate:
     num_gpus: int = opt(0, "Ranks to estimate for (`--estimate`): 0 = NGPU / WORLD_SIZE, else 1.",
                         min=0)
@@ -389,6 +402,7 @@ class JobConfig:
     metrics: Metrics = field(default_factory=Metrics)
     validation: Validation = field(default_factory=Validation)
     generation: Generation = field(default_factory=Generation)
+    predict: Predict = field(default_factory=Predict)
     estimate: Estimate = field(default_factory=Estimate)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:

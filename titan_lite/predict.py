@@ -1,0 +1,172 @@
+"""Answer every sample of an instruction data set with the job's model and score the answers.
+
+    python -m titan_lite.predict --config train_configs/debug_sft.toml \\
+        --predict.data data/held_out.jsonl --max_new_tokens 64
+
+Each record (any format and file type the trainer reads) is split into its prompt (every turn
+before the last assistant answer, rendered by the job's chat template with the generation
+prompt) and its reference (that answer). Prompts are answered in batches of
+``predict.batch_size`` with one KV cache (``generation.generate_batch``: left padding never
+attended to, finished rows leave the batch; the answers equal one prompt at a time). Weights and
+sampling are ``[generation]``'s (checkpoint, max_new_tokens, temperature, top_k, top_p, seed);
+bare ``--key value`` options name [generation] or [predict] keys. Writes one JSON line per
+sample, in the data's order, to ``predict.output`` and prints the scores (``text_scores``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from titan_lite.checkpoint import CheckpointError
+from titan_lite.config import (ConfigError, Generation, JobConfig, expand_bare_keys, help_text,
+                               load_config)
+from titan_lite.data import ChatTemplate, build_chat_template
+from titan_lite.data.chat import Message, record_messages
+from titan_lite.data.sources import RECORD_SUFFIXES, records, source_files
+from titan_lite.generate import load_model
+from titan_lite.generation import generate_batch
+from titan_lite.tokenizer import build_tokenizer
+
+_INSTALL = "pip install 'titan_lite[eval]'"
+
+
+@dataclass
+class Sample:
+    location: str  # file:line of its record
+    messages: list[Message]  # the turns before the answer
+    reference: str  # the last assistant answer
+
+
+@dataclass
+class Prediction:
+    prompt_tokens: int
+    text: str
+    new_tokens: int
+
+
+def load_samples(path: str, data_format: str) -> list[Sample]:
+    """The samples of the records in ``path`` (files or a folder): each record's last
+    assistant answer is its reference; ValueError naming the record when it has none."""
+    samples = []
+    for file in source_files([path], RECORD_SUFFIXES, "predict.data"):
+        for location, record in records(file):
+            try:
+                messages = record_messages(record, data_format)
+            except ValueError as e:
+                raise ValueError(f"{location}: {e} (predict.data needs a reference answer in "
+                                 "every record)") from None
+            last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+            samples.append(Sample(location, messages[:last], messages[last]["content"]))
+    return samples
+
+
+def predict(model: torch.nn.Module, samples: list[Sample], template: ChatTemplate,
+            sampling: Generation, batch_size: int, device: torch.device,
+            log=None) -> list[Prediction]:
+    """The answers to ``samples``, in their order; prompts of similar lengths are batched
+    together (longest first, so a batch wastes little on padding)."""
+    prompts = [template.prompt(sample.messages) for sample in samples]
+    limit = model.args.max_seq_len
+    for sample, prompt in zip(samples, prompts):
+        if len(prompt) >= limit:
+            raise ValueError(f"{sample.location}: the prompt has {len(prompt)} tokens; the "
+                             f"model takes at most {limit - 1} before its answer (raise "
+                             "training.seq_len)")
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    out: dict[int, Prediction] = {}
+    stop = set(template.stop_ids)
+    started, new_tokens = time.monotonic(), 0
+    for first in range(0, len(order), batch_size):
+        batch = order[first:first + batch_size]
+        answers = generate_batch(model, [prompts[i] for i in batch], sampling, stop, device)
+        for index, answer in zip(batch, answers):
+            out[index] = Prediction(len(prompts[index]), template.tokenizer.decode(answer.ids),
+                                    len(answer.ids))
+            new_tokens += len(answer.ids)
+        if log is not None:
+            done, elapsed = first + len(batch), time.monotonic() - started
+            eta = elapsed / done * (len(order) - done)
+            log(f"predict: {done}/{len(order)} samples, {new_tokens / elapsed:,.1f} new "
+                f"tokens/s, ETA {eta:.0f} s")
+    return [out[index] for index in range(len(prompts))]
+
+
+def text_scores(predictions: list[str], references: list[str]) -> dict[str, float]:
+    """Scores in percent, by the libraries people cite, with their standard settings:
+    exact match (after stripping white space); ROUGE-1/2/L F1 averaged over samples
+    (``rouge-score``'s RougeScorer, Porter stemming on, as in the ROUGE paper's standard
+    runs); corpus BLEU-4 (``sacrebleu``'s corpus_bleu defaults: 13a tokenizer, exponential
+    smoothing, as in WMT)."""
+    try:
+        import sacrebleu
+        from rouge_score import rouge_scorer
+    except ImportError as e:
+        raise ValueError(f"scores need rouge-score and sacrebleu ({_INSTALL}): {e}") from None
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    rouge = [scorer.score(reference, prediction)
+             for prediction, reference in zip(predictions, references)]
+    count = max(len(predictions), 1)
+    scores = {"exact_match": 100 * sum(p.strip() == r.strip() for p, r in
+                                       zip(predictions, references)) / count}
+    for name in ("rouge1", "rouge2", "rougeL"):
+        scores[name] = 100 * sum(r[name].fmeasure for r in rouge) / count
+    scores["bleu4"] = sacrebleu.corpus_bleu(predictions, [references]).score
+    return scores
+
+
+def run(cfg: JobConfig) -> dict[str, float]:
+    p = cfg.predict
+    if not p.data:
+        raise ValueError("predict.data: name the data set to answer (an instruction data file "
+                         "or folder, in data.format)")
+    if cfg.data.format == "text":
+        raise ValueError("predict: data.format is 'text'; predictions need instruction records "
+                         "(alpaca or chat) with reference answers")
+    samples = load_samples(p.data, cfg.data.format)
+    if not samples:
+        raise ValueError(f"predict.data: no records in {p.data}")
+    use_cuda = cfg.training.device != "cpu" and torch.cuda.is_available()
+    device = torch.device("cuda" if use_cuda else "cpu")
+    tokenizer = build_tokenizer(cfg.tokenizer.kind, cfg.tokenizer.path)
+    template = build_chat_template(cfg.data.chat_template, tokenizer, cfg.tokenizer.path)
+    model = load_model(cfg, tokenizer, device)
+    answers = predict(model, samples, template, cfg.generation, p.batch_size, device,
+                      log=lambda m: print(m, file=sys.stderr, flush=True))
+    scores = text_scores([a.text for a in answers], [s.reference for s in samples])
+    output = p.output or os.path.join(cfg.job.dump_folder, "predictions.jsonl")
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    with open(output, "w") as fh:
+        for sample, answer in zip(samples, answers):
+            fh.write(json.dumps({"source": sample.location, "prompt": sample.messages,
+                                 "reference": sample.reference, "prediction": answer.text,
+                                 "prompt_tokens": answer.prompt_tokens,
+                                 "new_tokens": answer.new_tokens}) + "\n")
+    print(f"{len(samples)} predictions -> {output}")
+    print("  ".join(f"{name} {value:.2f}" for name, value in scores.items()))
+    return scores
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = expand_bare_keys(sys.argv[1:] if argv is None else argv, ("predict", "generation"))
+    if "--help" in argv or "-h" in argv:
+        print(help_text().replace("titan_lite.train", "titan_lite.predict"))
+        sys.exit(0)
+    try:
+        run(load_config(argv))
+    except ConfigError as e:
+        for problem in e.problems:
+            print(f"config error: {problem}", file=sys.stderr)
+        sys.exit(2)
+    except (ValueError, CheckpointError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
