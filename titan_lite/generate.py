@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+from collections.abc import Callable
 
 import torch
 
@@ -109,13 +110,17 @@ def run(cfg: JobConfig) -> None:
     print(_answer(model, ids, cfg, tokenizer, template, device), flush=True)
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = expand_bare_keys(sys.argv[1:] if argv is None else argv, ("generation",))
+def answer_cli(run_job: Callable[[JobConfig], object], argv: list[str] | None, module: str,
+               sections: tuple[str, ...]) -> None:
+    """The command line of a tool that answers with a job's model (``module``: generate,
+    predict): bare ``--key`` options of ``sections``, --help, and one line + exit status 2 for
+    a bad config, bad input or a checkpoint that is not this model's."""
+    argv = expand_bare_keys(sys.argv[1:] if argv is None else argv, sections)
     if "--help" in argv or "-h" in argv:
-        print(help_text().replace("titan_lite.train", "titan_lite.generate"))
+        print(help_text().replace("titan_lite.train", module))
         sys.exit(0)
     try:
-        run(load_config(argv))
+        run_job(load_config(argv))
     except ConfigError as e:
         for problem in e.problems:
             print(f"config error: {problem}", file=sys.stderr)
@@ -123,6 +128,10 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, CheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def main(argv: list[str] | None = None) -> None:
+    answer_cli(run, argv, "titan_lite.generate", ("generation",))
 
 
 if __name__ == "__main__":

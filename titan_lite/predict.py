@@ -23,13 +23,11 @@ from dataclasses import dataclass
 
 import torch
 
-from titan_lite.checkpoint import CheckpointError
-from titan_lite.config import (ConfigError, Generation, JobConfig, expand_bare_keys, help_text,
-                               load_config)
+from titan_lite.config import Generation, JobConfig
 from titan_lite.data import ChatTemplate, build_chat_template
 from titan_lite.data.chat import Message, record_messages
 from titan_lite.data.sources import RECORD_SUFFIXES, records, source_files
-from titan_lite.generate import load_model
+from titan_lite.generate import answer_cli, load_model
 from titan_lite.generation import generate_batch
 from titan_lite.tokenizer import build_tokenizer
 
@@ -153,19 +151,7 @@ def run(cfg: JobConfig) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = expand_bare_keys(sys.argv[1:] if argv is None else argv, ("predict", "generation"))
-    if "--help" in argv or "-h" in argv:
-        print(help_text().replace("titan_lite.train", "titan_lite.predict"))
-        sys.exit(0)
-    try:
-        run(load_config(argv))
-    except ConfigError as e:
-        for problem in e.problems:
-            print(f"config error: {problem}", file=sys.stderr)
-        sys.exit(2)
-    except (ValueError, CheckpointError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    answer_cli(run, argv, "titan_lite.predict", ("predict", "generation"))
 
 
 if __name__ == "__main__":
