@@ -77,6 +77,10 @@ def generate(model: nn.Module, prompt: list[int], cfg: Generation, stop_ids: set
     return Generated(new, time.perf_counter() - start - prefill, prefill)
 
 
+def _last_logits(hidden: torch.Tensor, project) -> torch.Tensor:
+    return project(hidden[:, -1:])
+
+
 @torch.no_grad()
 def generate_batch(model: nn.Module, prompts: list[list[int]], cfg: Generation,
                    stop_ids: set[int], device: torch.device, pad_id: int = 0
@@ -94,12 +98,14 @@ def generate_batch(model: nn.Module, prompts: list[list[int]], cfg: Generation,
     width = max(lengths)
     pads = torch.tensor([width - n for n in lengths], device=device)
     tokens = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
-    cache = KVCache(max_len + int(pads.max()), pads)  # (each row reaches its own max_len)
+    # room for the longest row plus every new token (a row never passes its own max_len)
+    cache = KVCache(width + cfg.max_new_tokens, pads)
     generators = [torch.Generator().manual_seed(cfg.seed) for _ in prompts]
     new: list[list[int]] = [[] for _ in prompts]
     active = list(range(len(prompts)))  # the prompts still in the batch, in its row order
     start = time.perf_counter()
-    logits = full_tensor(model(tokens, cache=cache))[:, -1]
+    # (only the last position's logits: batch x prompt x vocab floats would dwarf the cache)
+    logits = full_tensor(model(tokens, cache=cache, head=_last_logits))[:, -1]
     prefill = time.perf_counter() - start
     while True:
         going, inputs = [], []
