@@ -191,14 +191,19 @@ def test_shipped_example_learns_and_answers_from_its_checkpoint(tmp_path):
     (tmp_path / "held.jsonl").write_text("".join(records[i] for i in held))
     scored = subprocess.run(
         [sys.executable, "-m", "titan_lite.predict", "--config", "train_configs/debug_sft.toml",
-         "--job.dump_folder", out, "--data", str(tmp_path / "held.jsonl"), "--batch_size", "16"],
+         "--job.dump_folder", out, "--data", str(tmp_path / "held.jsonl"), "--batch_size", "16",
+         "--compare", "step-100"],  # (the same weights: a second model, no change)
         cwd=REPO, env=python_env(), capture_output=True, text=True, timeout=300)
     assert scored.returncode == 0, scored.stderr[-3000:]
     lines = [json.loads(line) for line in open(os.path.join(out, "predictions.jsonl"))]
     assert [line["source"] for line in lines] == [f"{tmp_path / 'held.jsonl'}:{n}"
                                                   for n in range(1, len(held) + 1)]
-    scores = dict(zip(*[iter(scored.stdout.splitlines()[-1].split())] * 2))
-    assert float(scores["exact_match"]) > 50, scored.stdout  # the yes/no questions
+    assert all(line["prediction_before"] == line["prediction"] for line in lines)
+    before, after, change = (line.split()[1:] for line in scored.stdout.splitlines()[-3:])
+    assert before == after and change == [f"{value}" if i % 2 == 0 else "+0.00"
+                                          for i, value in enumerate(after)]
+    scores = dict(zip(after[::2], map(float, after[1::2])))
+    assert scores["exact_match"] > 50, scored.stdout  # the yes/no questions
     print(scored.stdout)
 
 

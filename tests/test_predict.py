@@ -69,3 +69,48 @@ def test_data_without_references_is_refused_in_one_line(tmp_path):
     assert done.stderr.strip().splitlines() == [
         f"error: {tmp_path / 'q.jsonl'}:1: no assistant message: nothing to learn from this "
         "record (predict.data needs a reference answer in every record)"]
+
+
+def test_lora_adapters_off_answer_as_the_base_model_alone():
+    """predict.compare 'base' on a LoRA job switches the adapters off instead of loading the
+    base again: its answers equal the base model's, and the adapters do change them."""
+    from titan_lite.finetune.lora import TARGETS, LoRALinear, adapters_off, apply_lora
+
+    tok = build_tokenizer("tiktoken", TIKTOKEN_PATH)
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tok.vocab_size,
+                     multiple_of=16, max_seq_len=128)
+    torch.manual_seed(0)
+    base = Transformer(args)
+    base.init_weights(seed=0)
+    base.eval()
+    with torch.device("meta"):
+        tuned = Transformer(args)
+    apply_lora(tuned, rank=4, alpha=8.0, dropout=0.0, targets=list(TARGETS),
+               base_dtype=torch.float32)
+    tuned.to_empty(device="cpu")
+    tuned.init_buffers()
+    missing, _ = tuned.load_state_dict(base.state_dict(), strict=False)
+    assert all("lora_" in name for name in missing)
+    for module in tuned.modules():
+        if isinstance(module, LoRALinear):
+            torch.nn.init.normal_(module.lora_a.weight, std=0.5)
+            torch.nn.init.normal_(module.lora_b.weight, std=0.5)
+    tuned.eval()
+    template, cpu = Llama3Template(tok), torch.device("cpu")
+    samples = load_samples_from([{"instruction": f"Question {i}?" * (1 + i), "output": "a"}
+                                 for i in range(4)])
+    sampling = Generation(max_new_tokens=5)
+
+    def texts(model):
+        return [p.text for p in predict(model, samples, template, sampling, 2, cpu)]
+
+    with adapters_off(tuned):
+        assert texts(tuned) == texts(base)
+    assert texts(tuned) != texts(base)  # (the scales are back)
+
+
+def load_samples_from(records):
+    from titan_lite.predict import Sample
+
+    return [Sample(f"r:{i}", [{"role": "user", "content": r["instruction"]}], r["output"])
+            for i, r in enumerate(records)]

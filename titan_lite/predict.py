@@ -15,6 +15,7 @@ sample, in the data's order, to ``predict.output`` and prints the scores (``text
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -27,6 +28,7 @@ from titan_lite.config import Generation, JobConfig
 from titan_lite.data import ChatTemplate, build_chat_template
 from titan_lite.data.chat import Message, record_messages
 from titan_lite.data.sources import RECORD_SUFFIXES, records, source_files
+from titan_lite.finetune.lora import adapters_off
 from titan_lite.generate import answer_cli, load_model
 from titan_lite.generation import generate_batch
 from titan_lite.tokenizer import build_tokenizer
@@ -133,21 +135,65 @@ def run(cfg: JobConfig) -> dict[str, float]:
     device = torch.device("cuda" if use_cuda else "cpu")
     tokenizer = build_tokenizer(cfg.tokenizer.kind, cfg.tokenizer.path)
     template = build_chat_template(cfg.data.chat_template, tokenizer, cfg.tokenizer.path)
+    references = [s.reference for s in samples]
+
+    def answer(model: torch.nn.Module, name: str) -> tuple[list[Prediction], dict[str, float]]:
+        answers = predict(model, samples, template, cfg.generation, p.batch_size, device,
+                          log=lambda m: print(f"{name}: {m}", file=sys.stderr, flush=True))
+        return answers, text_scores([a.text for a in answers], references)
+
     model = load_model(cfg, tokenizer, device)
-    answers = predict(model, samples, template, cfg.generation, p.batch_size, device,
-                      log=lambda m: print(m, file=sys.stderr, flush=True))
-    scores = text_scores([a.text for a in answers], [s.reference for s in samples])
+    answers, scores = answer(model, "predict")
+    before = None
+    if p.compare:
+        if cfg.lora.enable and p.compare in ("base", cfg.model.init_from):
+            with adapters_off(model):
+                before = answer(model, "predict (base: adapters off)")
+        else:
+            del model  # (one model in memory at a time)
+            before = answer(load_model(_compared(cfg), tokenizer, device), "predict (compare)")
     output = p.output or os.path.join(cfg.job.dump_folder, "predictions.jsonl")
+    _write(output, samples, answers, before[0] if before else None)
+    print(f"{len(samples)} predictions -> {output}")
+    if before is not None:
+        print(f"{'before':<7}" + _score_row(before[1]))
+    print(f"{'after':<7}" * (before is not None) + _score_row(scores))
+    if before is not None:
+        print(f"{'change':<7}" + "  ".join(f"{name} {scores[name] - value:+.2f}"
+                                          for name, value in before[1].items()))
+    return scores
+
+
+def _compared(cfg: JobConfig) -> JobConfig:
+    """The job, generating from what predict.compare names."""
+    choice = cfg.predict.compare
+    if choice == "base":
+        if not cfg.model.init_from:
+            raise ValueError("predict.compare: 'base' needs model.init_from (the weights the "
+                             "fine-tune started from) or a LoRA job")
+        choice = cfg.model.init_from
+    lora = dataclasses.replace(cfg.lora, enable=False) if choice == cfg.model.init_from else (
+        cfg.lora)
+    return dataclasses.replace(cfg, lora=lora, generation=dataclasses.replace(
+        cfg.generation, checkpoint=choice))
+
+
+def _score_row(scores: dict[str, float]) -> str:
+    return "  ".join(f"{name} {value:.2f}" for name, value in scores.items())
+
+
+def _write(output: str, samples: list[Sample], answers: list[Prediction],
+           before: list[Prediction] | None) -> None:
+    """One JSON line per sample, in the data's order."""
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     with open(output, "w") as fh:
-        for sample, answer in zip(samples, answers):
-            fh.write(json.dumps({"source": sample.location, "prompt": sample.messages,
-                                 "reference": sample.reference, "prediction": answer.text,
-                                 "prompt_tokens": answer.prompt_tokens,
-                                 "new_tokens": answer.new_tokens}) + "\n")
-    print(f"{len(samples)} predictions -> {output}")
-    print("  ".join(f"{name} {value:.2f}" for name, value in scores.items()))
-    return scores
+        for index, (sample, answer) in enumerate(zip(samples, answers)):
+            line = {"source": sample.location, "prompt": sample.messages,
+                    "reference": sample.reference, "prediction": answer.text,
+                    "prompt_tokens": answer.prompt_tokens, "new_tokens": answer.new_tokens}
+            if before is not None:
+                line["prediction_before"] = before[index].text
+            fh.write(json.dumps(line) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:

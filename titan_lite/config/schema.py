@@ -361,6 +361,10 @@ class Predict:
     output: str = opt("", "JSON lines file for the predictions (prompt, reference, prediction, "
                       "token counts), in the data's order; empty: "
                       "<job.dump_folder>/predictions.jsonl.")
+    compare: str = opt("", "Also answer with the model before fine-tuning and print both score "
+                       "rows and the change: 'base' (a LoRA job: this model with its adapters "
+                       "switched off, no second copy in memory; otherwise model.init_from), "
+                       "or a step-N / folder (Hugging Face or titan_lite checkpoint).")
 
 
 @dataclass

@@ -11,6 +11,7 @@ adapters are ``<linear>.lora_a.weight`` and ``<linear>.lora_b.weight``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from collections.abc import Iterable, Iterator
@@ -120,6 +121,22 @@ class FrozenEmbedding(nn.Embedding):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         rows = F.embedding(tokens.to(self.weight.device), self.weight)
         return rows.to(tokens.device, self.compute_dtype, non_blocking=True)
+
+
+@contextlib.contextmanager
+def adapters_off(model: nn.Module) -> Iterator[None]:
+    """Inside this block ``model`` computes as its frozen base alone: every adapter's update is
+    scaled by 0 (base + 0: the base's outputs exactly), the scales restored after. The base
+    without a second copy in memory (predict's before/after comparison)."""
+    adapted = [module for module in model.modules() if isinstance(module, LoRALinear)]
+    scales = [module.scale for module in adapted]
+    for module in adapted:
+        module.scale = 0.0
+    try:
+        yield
+    finally:
+        for module, scale in zip(adapted, scales):
+            module.scale = scale
 
 
 def host_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
