@@ -20,6 +20,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -68,7 +69,7 @@ def load_samples(path: str, data_format: str) -> list[Sample]:
 
 def predict(model: torch.nn.Module, samples: list[Sample], template: ChatTemplate,
             sampling: Generation, batch_size: int, device: torch.device,
-            log=None) -> list[Prediction]:
+            log: Callable[[str], None] | None = None) -> list[Prediction]:
     """The answers to ``samples``, in their order; prompts of similar lengths are batched
     together (longest first, so a batch wastes little on padding)."""
     prompts = [template.prompt(sample.messages) for sample in samples]
@@ -92,17 +93,16 @@ def predict(model: torch.nn.Module, samples: list[Sample], template: ChatTemplat
         if log is not None:
             done, elapsed = first + len(batch), time.monotonic() - started
             eta = elapsed / done * (len(order) - done)
-            log(f"predict: {done}/{len(order)} samples, {new_tokens / elapsed:,.1f} new "
-                f"tokens/s, ETA {eta:.0f} s")
+            log(f"{done}/{len(order)} samples, {new_tokens / elapsed:,.1f} new tokens/s, "
+                f"ETA {eta:.0f} s")
     return [out[index] for index in range(len(prompts))]
 
 
 def text_scores(predictions: list[str], references: list[str]) -> dict[str, float]:
     """Scores in percent, by the libraries people cite, with their standard settings:
     exact match (after stripping white space); ROUGE-1/2/L F1 averaged over samples
-    (``rouge-score``'s RougeScorer, Porter stemming on, as in the ROUGE paper's standard
-    runs); corpus BLEU-4 (``sacrebleu``'s corpus_bleu defaults: 13a tokenizer, exponential
-    smoothing, as in WMT)."""
+    (``rouge-score``'s RougeScorer, Porter stemming on); corpus BLEU-4 (``sacrebleu``'s
+    corpus_bleu defaults: 13a tokenizer, exponential smoothing)."""
     try:
         import sacrebleu
         from rouge_score import rouge_scorer
