@@ -5,14 +5,17 @@ from __future__ import annotations
 import os
 import sys
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
+T = TypeVar("T")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16,  # config name -> dtype
           "float16": torch.float16}
 
@@ -116,6 +119,24 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
 def local_shard(tensor: torch.Tensor) -> torch.Tensor:
     """This rank's part of a possibly sharded (DTensor) tensor; no communication."""
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def on_every_rank(fn: Callable[[], T]) -> T:
+    """``fn()``, with its bad-input outcome agreed: a ValueError or OSError on any rank is
+    raised on every rank with the first such rank's message (after all of them got there), so
+    each prints its one line before torchrun stops the others."""
+    result, error = None, None
+    try:
+        result = fn()
+    except (ValueError, OSError) as e:
+        error = str(e)
+    if dist.is_initialized():
+        errors: list[str | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+        error = next((e for e in errors if e is not None), None)
+    if error is not None:
+        raise ValueError(error)
+    return result  # type: ignore[return-value]
 
 
 def barrier() -> None:

@@ -22,6 +22,7 @@ from titan_lite.data.loader import PackedDataLoader, ValidationLoader, split_ind
 from titan_lite.data.mixture import MixedRows
 from titan_lite.data.sources import source_files
 from titan_lite.data.text import TextRows, tokenize_to_cache
+from titan_lite.distributed import on_every_rank
 from titan_lite.tokenizer import Tokenizer, usable_cores
 
 __all__ = ["Batch", "ChatTemplate", "Data", "PackedDataLoader", "PackedSamples", "Rows",
@@ -103,9 +104,14 @@ def _split(cfg: JobConfig, cache: str) -> tuple[Rows, Rows]:
 
 def build_data(cfg: JobConfig, tokenizer: Tokenizer, local_rank: int, dp_rank: int,
                dp_size: int, log: Callable[[str], None]) -> Data:
-    """Tokenize once (every rank of a host building a share, rank 0 reporting; a bad record
-    stops every rank with the same message), then open this rank's shard of the training and
-    validation rows."""
+    """Tokenize once (every rank of a host building a share, rank 0 reporting), then open
+    this rank's shard of the training and validation rows. Bad data stops every rank with the
+    same one-line message."""
+    return on_every_rank(lambda: _open_data(cfg, tokenizer, local_rank, dp_rank, dp_size, log))
+
+
+def _open_data(cfg: JobConfig, tokenizer: Tokenizer, local_rank: int, dp_rank: int,
+               dp_size: int, log: Callable[[str], None]) -> Data:
     v = cfg.validation
     builders = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     train_caches, held_cache = data_caches(cfg, tokenizer, log if local_rank == 0 else None,
