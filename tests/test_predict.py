@@ -58,6 +58,34 @@ def test_predictions_equal_one_prompt_at_a_time_in_the_data_order(tmp_path):
     assert [p.prompt_tokens for p in got] == [len(template.prompt(s.messages)) for s in samples]
 
 
+def _tiny_model_and_samples(count: int):
+    tok = build_tokenizer("tiktoken", TIKTOKEN_PATH)
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                                  vocab_size=tok.vocab_size, multiple_of=16, max_seq_len=256))
+    model.init_weights(seed=0)
+    samples = load_samples_from([{"instruction": "Say it. " * (1 + 5 * (i % 3)) + str(i),
+                                  "output": "ok"} for i in range(count)])
+    return model.eval(), samples, Llama3Template(tok)
+
+
+def _predict_on_two_ranks(rank: int, world_size: int) -> None:
+    model, samples, template = _tiny_model_and_samples(7)
+    sampling, cpu = Generation(max_new_tokens=5), torch.device("cpu")
+    lines: list[str] = []
+    shared = predict(model, samples, template, sampling, 2, cpu, log=lines.append, rank=rank,
+                     world_size=world_size)
+    share = 4 if rank == 0 else 3  # (each rank answered only its own)
+    assert f"{share}/{share} samples on rank {rank}" in lines[-1], lines
+    assert shared == predict(model, samples, template, sampling, 2, cpu)
+
+
+def test_two_ranks_share_the_samples_and_return_them_in_the_data_order():
+    from dist_helpers import run_distributed
+
+    run_distributed(_predict_on_two_ranks, 2)
+
+
 def test_data_without_references_is_refused_in_one_line(tmp_path):
     (tmp_path / "q.jsonl").write_text(json.dumps(
         {"messages": [{"role": "user", "content": "hi"}]}) + "\n")

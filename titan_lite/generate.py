@@ -17,12 +17,13 @@ import sys
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 
 from titan_lite.checkpoint import CheckpointError, complete_steps, is_checkpoint
 from titan_lite.config import ConfigError, JobConfig, expand_bare_keys, help_text, load_config
 from titan_lite.data import ChatTemplate, build_chat_template
 from titan_lite.data.chat import Message
-from titan_lite.distributed import DTYPES
+from titan_lite.distributed import DTYPES, shutdown_and_exit
 from titan_lite.generation import generate, prompt_ids, stop_ids
 from titan_lite.hf_config import has_config_json, job_model_args
 from titan_lite.models.llama3 import Transformer
@@ -113,21 +114,26 @@ def run(cfg: JobConfig) -> None:
 def answer_cli(run_job: Callable[[JobConfig], object], argv: list[str] | None, module: str,
                sections: tuple[str, ...]) -> None:
     """The command line of a tool that answers with a job's model (``module``: generate,
-    predict): bare ``--key`` options of ``sections``, --help, and one line + exit status 2 for
-    a bad config, bad input or a checkpoint that is not this model's."""
+    predict, evaluate): bare ``--key`` options of ``sections``, --help, and one line + exit
+    status 2 for a bad config, bad input or a checkpoint that is not this model's."""
     argv = expand_bare_keys(sys.argv[1:] if argv is None else argv, sections)
     if "--help" in argv or "-h" in argv:
         print(help_text().replace("titan_lite.train", module))
         sys.exit(0)
+    code = 0
     try:
         run_job(load_config(argv))
     except ConfigError as e:
         for problem in e.problems:
             print(f"config error: {problem}", file=sys.stderr)
-        sys.exit(2)
+        code = 2
     except (ValueError, CheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        code = 2
+    if dist.is_initialized():  # (started by torchrun: leave as a trainer's rank does)
+        shutdown_and_exit(code)
+    if code:
+        sys.exit(code)
 
 
 def main(argv: list[str] | None = None) -> None:

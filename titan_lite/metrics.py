@@ -6,6 +6,7 @@ import json
 import os
 import re
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -218,3 +219,30 @@ def _duration(seconds: float) -> str:
     minutes, secs = divmod(int(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}:{minutes:02d}:{secs:02d}"
+
+
+class Progress:
+    """Progress of a long job of ``total`` items as a bar with the rate and an ETA, sent to
+    ``log`` at most every ``every_s`` seconds and when the last item is done."""
+
+    def __init__(self, total: int, unit: str, log: Callable[[str], None] | None,
+                 every_s: float = 2.0):
+        self.total, self.unit, self.log, self.every_s = total, unit, log, every_s
+        self.done = 0
+        self.started = self.last_report = time.monotonic()
+
+    def advance(self, items: int, note: str = "") -> None:
+        """``items`` more are done; ``note`` (e.g. a throughput) is appended to the line."""
+        self.done += items
+        now = time.monotonic()
+        if self.log is None or (now - self.last_report < self.every_s and
+                                self.done < self.total):
+            return
+        self.last_report = now
+        fraction = self.done / max(self.total, 1)
+        bar = "#" * round(20 * fraction)
+        elapsed = now - self.started
+        eta = elapsed / self.done * (self.total - self.done) if self.done else 0.0
+        self.log(f"[{bar:<20}] {100 * fraction:3.0f}% {self.done}/{self.total} {self.unit}"
+                 f"{', ' + note if note else ''}, elapsed {_duration(elapsed)}, "
+                 f"ETA {_duration(eta)}")

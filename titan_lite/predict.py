@@ -11,6 +11,8 @@ attended to, finished rows leave the batch; the answers equal one prompt at a ti
 sampling are ``[generation]``'s (checkpoint, max_new_tokens, temperature, top_k, top_p, seed);
 bare ``--key value`` options name [generation] or [predict] keys. Writes one JSON line per
 sample, in the data's order, to ``predict.output`` and prints the scores (``text_scores``).
+Under torchrun (``torchrun --nproc_per_node N -m titan_lite.predict ...``) every rank holds the
+whole model and answers a share of the samples; rank 0 writes them all and scores them.
 """
 
 from __future__ import annotations
@@ -24,14 +26,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from titan_lite.config import Generation, JobConfig
 from titan_lite.data import ChatTemplate, build_chat_template
 from titan_lite.data.chat import Message, record_messages
 from titan_lite.data.sources import RECORD_SUFFIXES, records, source_files
+from titan_lite.distributed import init_distributed, on_every_rank
 from titan_lite.finetune.lora import adapters_off
 from titan_lite.generate import answer_cli, load_model
 from titan_lite.generation import generate_batch
+from titan_lite.metrics import Progress
 from titan_lite.tokenizer import build_tokenizer
 
 _INSTALL = "pip install 'titan_lite[eval]'"
@@ -69,9 +74,12 @@ def load_samples(path: str, data_format: str) -> list[Sample]:
 
 def predict(model: torch.nn.Module, samples: list[Sample], template: ChatTemplate,
             sampling: Generation, batch_size: int, device: torch.device,
-            log: Callable[[str], None] | None = None) -> list[Prediction]:
+            log: Callable[[str], None] | None = None, rank: int = 0, world_size: int = 1
+            ) -> list[Prediction]:
     """The answers to ``samples``, in their order; prompts of similar lengths are batched
-    together (longest first, so a batch wastes little on padding)."""
+    together (longest first, so a batch wastes little on padding). With ``world_size`` ranks
+    (a process group, each rank holding the whole model) each answers every world_size-th
+    prompt of that order and every rank returns all the answers."""
     prompts = [template.prompt(sample.messages) for sample in samples]
     limit = model.args.max_seq_len
     for sample, prompt in zip(samples, prompts):
@@ -79,23 +87,35 @@ def predict(model: torch.nn.Module, samples: list[Sample], template: ChatTemplat
             raise ValueError(f"{sample.location}: the prompt has {len(prompt)} tokens; the "
                              f"model takes at most {limit - 1} before its answer (raise "
                              "training.seq_len)")
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    # (dealt out by length, so each rank gets as much work of each size)
+    mine = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))[rank::world_size]
     out: dict[int, Prediction] = {}
     stop = set(template.stop_ids)
+    progress = Progress(len(mine), "samples" + (f" on rank {rank}" if world_size > 1 else ""),
+                        log)
     started, new_tokens = time.monotonic(), 0
-    for first in range(0, len(order), batch_size):
-        batch = order[first:first + batch_size]
+    for first in range(0, len(mine), batch_size):
+        batch = mine[first:first + batch_size]
         answers = generate_batch(model, [prompts[i] for i in batch], sampling, stop, device)
         for index, answer in zip(batch, answers):
             out[index] = Prediction(len(prompts[index]), template.tokenizer.decode(answer.ids),
                                     len(answer.ids))
             new_tokens += len(answer.ids)
-        if log is not None:
-            done, elapsed = first + len(batch), time.monotonic() - started
-            eta = elapsed / done * (len(order) - done)
-            log(f"{done}/{len(order)} samples, {new_tokens / elapsed:,.1f} new tokens/s, "
-                f"ETA {eta:.0f} s")
+        rate = new_tokens / max(time.monotonic() - started, 1e-9)
+        progress.advance(len(batch), f"{rate:,.1f} new tokens/s")
+    if world_size > 1:
+        shares: list[dict[int, Prediction]] = [{} for _ in range(world_size)]
+        dist.all_gather_object(shares, out)
+        out = {index: answer for share in shares for index, answer in share.items()}
     return [out[index] for index in range(len(prompts))]
+
+
+SCORE_SETTINGS = {  # what text_scores computes, written beside the scores
+    "exact_match": "after stripping white space",
+    "rouge": "rouge-score RougeScorer(rouge1, rouge2, rougeL, use_stemmer=True), F1 averaged "
+             "over samples",
+    "bleu4": "sacrebleu corpus_bleu defaults (13a tokenizer, exp smoothing)",
+}
 
 
 def text_scores(predictions: list[str], references: list[str]) -> dict[str, float]:
@@ -128,23 +148,21 @@ def run(cfg: JobConfig) -> dict[str, float]:
     if cfg.data.format == "text":
         raise ValueError("predict: data.format is 'text'; predictions need instruction records "
                          "(alpaca or chat) with reference answers")
-    samples = load_samples(p.data, cfg.data.format)
+    env = init_distributed(cfg.training.device, cfg.comm.init_timeout_seconds)
+    samples = on_every_rank(lambda: load_samples(p.data, cfg.data.format))
     if not samples:
         raise ValueError(f"predict.data: no records in {p.data}")
-    use_cuda = cfg.training.device != "cpu" and torch.cuda.is_available()
-    device = torch.device("cuda" if use_cuda else "cpu")
+    device, lead = env.device, env.rank == 0
     tokenizer = build_tokenizer(cfg.tokenizer.kind, cfg.tokenizer.path)
     template = build_chat_template(cfg.data.chat_template, tokenizer, cfg.tokenizer.path)
-    references = [s.reference for s in samples]
 
-    def answer(model: torch.nn.Module, name: str) -> tuple[list[Prediction], dict[str, float]]:
-        answers = predict(model, samples, template, cfg.generation, p.batch_size, device,
-                          log=lambda m: print(f"{name}: {m}", file=sys.stderr, flush=True))
-        return answers, text_scores([a.text for a in answers], references)
+    def answer(model: torch.nn.Module, name: str) -> list[Prediction]:
+        return predict(model, samples, template, cfg.generation, p.batch_size, device,
+                       log=(lambda m: print(f"{name}: {m}", file=sys.stderr, flush=True))
+                       if lead else None, rank=env.rank, world_size=env.world_size)
 
     model = load_model(cfg, tokenizer, device)
-    answers, scores = answer(model, "predict")
-    before = None
+    answers, before = answer(model, "predict"), None
     if p.compare:
         if cfg.lora.enable and p.compare in ("base", cfg.model.init_from):
             with adapters_off(model):
@@ -152,16 +170,25 @@ def run(cfg: JobConfig) -> dict[str, float]:
         else:
             del model  # (one model in memory at a time)
             before = answer(load_model(_compared(cfg), tokenizer, device), "predict (compare)")
+    if not lead:
+        return {}
+    references = [s.reference for s in samples]
+    rows = {"after": text_scores([a.text for a in answers], references)}
+    if before is not None:
+        rows = {"before": text_scores([b.text for b in before], references), **rows}
+        rows["change"] = {name: value - rows["before"][name]
+                          for name, value in rows["after"].items()}
     output = p.output or os.path.join(cfg.job.dump_folder, "predictions.jsonl")
-    _write(output, samples, answers, before[0] if before else None)
-    print(f"{len(samples)} predictions -> {output}")
-    if before is not None:
-        print(f"{'before':<7}" + _score_row(before[1]))
-    print(f"{'after':<7}" * (before is not None) + _score_row(scores))
-    if before is not None:
-        print(f"{'change':<7}" + "  ".join(f"{name} {scores[name] - value:+.2f}"
-                                          for name, value in before[1].items()))
-    return scores
+    _write(output, samples, answers, before)
+    scores_file = os.path.splitext(output)[0] + ".scores.json"
+    with open(scores_file, "w") as fh:
+        json.dump({"samples": len(samples), "settings": SCORE_SETTINGS, **rows}, fh, indent=1)
+    print(f"{len(samples)} predictions -> {output}, scores -> {scores_file}")
+    for name, row in rows.items():
+        sign = "+" if name == "change" else ""
+        print(f"{name:<7}" * (before is not None) + "  ".join(
+            f"{metric} {value:{sign}.2f}" for metric, value in row.items()))
+    return rows["after"]
 
 
 def _compared(cfg: JobConfig) -> JobConfig:
@@ -176,10 +203,6 @@ def _compared(cfg: JobConfig) -> JobConfig:
         cfg.lora)
     return dataclasses.replace(cfg, lora=lora, generation=dataclasses.replace(
         cfg.generation, checkpoint=choice))
-
-
-def _score_row(scores: dict[str, float]) -> str:
-    return "  ".join(f"{name} {value:.2f}" for name, value in scores.items())
 
 
 def _write(output: str, samples: list[Sample], answers: list[Prediction],
