@@ -8,6 +8,7 @@ forwards, and with it FSDP's collectives, agree across ranks.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -83,13 +84,15 @@ def _last_logits(hidden: torch.Tensor, project) -> torch.Tensor:
 
 @torch.no_grad()
 def generate_batch(model: nn.Module, prompts: list[list[int]], cfg: Generation,
-                   stop_ids: set[int], device: torch.device, pad_id: int = 0
+                   stop_ids: set[int], device: torch.device, pad_id: int = 0,
+                   finished: Callable[[int, list[int]], bool] | None = None
                    ) -> list[Generated]:
     """``generate`` for several prompts at once: left-padded into one batch whose pad
     positions are never attended to (each row keeps its own positions), one KV cache; a row
     that finishes leaves the batch, so it costs no more compute. Each row's tokens are those
     ``generate`` gives its prompt alone (sampling draws from a generator per row, seeded as
-    ``generate``'s)."""
+    ``generate``'s). ``finished(prompt index, its new ids)`` true also ends a row, after that
+    token (e.g. a stop text seen)."""
     max_len = model.args.max_seq_len
     lengths = [len(prompt) for prompt in prompts]
     if max(lengths) >= max_len:
@@ -114,6 +117,8 @@ def generate_batch(model: nn.Module, prompts: list[list[int]], cfg: Generation,
             if token in stop_ids:
                 continue
             new[index].append(token)
+            if finished is not None and finished(index, new[index]):
+                continue
             if len(new[index]) < cfg.max_new_tokens and lengths[index] + len(new[index]) < max_len:
                 going.append(row)
                 inputs.append(token)

@@ -102,11 +102,20 @@ class _Safetensors:
                                         "model.safetensors.index.json")
             with safe_open(single, "pt") as f:
                 self.file_of = {name: single for name in f.keys()}
+        self.folder = folder
+
+    def _file(self, name: str) -> str:
+        if name not in self.file_of:
+            raise ValueError(f"{self.folder}: tensor {name!r} is missing: not this model's "
+                             "checkpoint")
+        return self.file_of[name]
+
+    def shape(self, name: str) -> list[int]:
+        with safe_open(self._file(name), "pt") as f:
+            return list(f.get_slice(name).get_shape())
 
     def rows(self, name: str, start: int, stop: int, columns: slice) -> torch.Tensor:
-        if name not in self.file_of:
-            raise KeyError(f"tensor {name!r} is missing from the checkpoint")
-        with safe_open(self.file_of[name], "pt") as f:
+        with safe_open(self._file(name), "pt") as f:
             tensor = f.get_slice(name)
             if len(tensor.get_shape()) == 1:
                 return tensor[start:stop]
@@ -123,6 +132,11 @@ def load_hf_weights(model_parts: Iterable[nn.Module], folder: str, args: ModelAr
     source = _Safetensors(folder)
     for part in model_parts:
         for name, param in base_parameters(part):  # LoRA adapters are not in the folder
+            stored = source.shape(hf_name(name))
+            if stored != list(param.shape):
+                raise ValueError(f"{folder}: {hf_name(name)} has shape {stored} where this "
+                                 f"job's model has {list(param.shape)}: not this model's "
+                                 "checkpoint")
             local, offset = param, [0] * param.ndim
             if isinstance(param, DTensor):
                 local, offset = param.to_local(), local_offset(param)

@@ -368,6 +368,26 @@ class Predict:
 
 
 @dataclass
+class Evaluate:
+    tasks: list[str] = opt([], "`python -m titan_lite.evaluate`: lm-evaluation-harness tasks or "
+                           "groups to score the model on (the harness's names, or the tasks "
+                           "of evaluate.include_path). Weights are [generation]'s checkpoint.")
+    include_path: str = opt("", "A folder of your own harness task YAML files (local data: "
+                            "dataset_path json with data_files), searched before the "
+                            "harness's.")
+    num_fewshot: int = opt(-1, "Examples put before each question; -1: each task's own "
+                           "setting.", min=-1)
+    limit: int = opt(0, "Score only the first N documents of each task (a quick check; the "
+                     "harness marks such results as not comparable); 0: all.", min=0)
+    batch_size: int = opt(8, "Requests scored or answered at once.", min=1)
+    chat_template: bool = opt(False, "Put each request in the job's chat template "
+                              "(data.chat_template), as lm_eval's --apply_chat_template: for "
+                              "instruction-tuned models; few-shot examples as earlier turns.")
+    output: str = opt("", "JSON file for the harness's results; empty: "
+                      "<job.dump_folder>/eval_results.json.")
+
+
+@dataclass
 class Estimate:
     num_gpus: int = opt(0, "Ranks to estimate for (`--estimate`): 0 = NGPU / WORLD_SIZE, else 1.",
                         min=0)
@@ -407,6 +427,7 @@ class JobConfig:
     validation: Validation = field(default_factory=Validation)
     generation: Generation = field(default_factory=Generation)
     predict: Predict = field(default_factory=Predict)
+    evaluate: Evaluate = field(default_factory=Evaluate)
     estimate: Estimate = field(default_factory=Estimate)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
