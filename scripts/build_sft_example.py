@@ -1,12 +1,15 @@
 """Rebuild the shipped instruction-tuning example from the sample corpus.
 
-    python scripts/build_sft_example.py [OUT_FILE]
+    python scripts/build_sft_example.py [ASSETS_FOLDER]
 
 Writes titan_lite/assets/data/kjv_sft.jsonl: Alpaca records ({"instruction", "input",
 "output"}) about verses of the KJV sample, whose answers are checkable and learnable by the
 debug model in minutes: does the verse speak of the LORD, does it speak of God (half of each
-yes, half no), and what is its first word.
-Deterministic: the same corpus gives a byte-identical file (a test checks it).
+yes, half no), and what is its first word. Beside it, kjv_sft_held_out.jsonl: the records
+train_configs/debug_sft.toml holds out (validation.split 0.05, seed 0), for `predict`; and
+eval_tasks/kjv_yes_no.jsonl: their yes/no questions, the data of the lm-evaluation-harness
+task eval_tasks/kjv_yes_no.yaml.
+Deterministic: the same corpus gives byte-identical files (a test checks it).
 """
 
 from __future__ import annotations
@@ -16,9 +19,10 @@ import os
 import random
 import sys
 
-ASSETS = os.path.join(os.path.dirname(__file__), "..", "titan_lite", "assets", "data")
-CORPUS = os.path.join(ASSETS, "kjv_sample.jsonl")
-OUT = os.path.join(ASSETS, "kjv_sft.jsonl")
+ASSETS = os.path.join(os.path.dirname(__file__), "..", "titan_lite", "assets")
+CORPUS = os.path.join(ASSETS, "data", "kjv_sample.jsonl")
+OUTPUTS = ("data/kjv_sft.jsonl", "data/kjv_sft_held_out.jsonl", "eval_tasks/kjv_yes_no.jsonl")
+HELD_OUT, SEED = 0.05, 0  # debug_sft.toml's validation.split and job.seed
 NUM_RECORDS = 3000
 WORDS = (6, 30)  # verses of this many words: short enough to pack several into a row
 PUNCTUATION = ".,;:!?'()"
@@ -69,11 +73,20 @@ def records(corpus: str) -> list[dict[str, str]]:
     return [record for group in zip(*by_task) for record in group]  # tasks interleaved
 
 
-def main(out: str = OUT) -> None:
-    with open(out, "w", encoding="utf-8") as fh:
-        for record in records(CORPUS):
-            fh.write(json.dumps(record) + "\n")
-    print(f"wrote {NUM_RECORDS} records to {os.path.normpath(out)}")
+def main(folder: str = ASSETS) -> None:
+    from titan_lite.data.loader import split_indices
+
+    every = records(CORPUS)
+    _, held = split_indices(len(every), HELD_OUT, SEED)
+    held_out = [every[i] for i in held]
+    yes_no = [{"question": r["instruction"], "verse": r["input"], "answer": r["output"]}
+              for r in held_out if r["output"] in ("Yes.", "No.")]
+    for name, lines in zip(OUTPUTS, (every, held_out, yes_no)):
+        path = os.path.join(folder, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.writelines(json.dumps(line) + "\n" for line in lines)
+        print(f"wrote {len(lines)} records to {os.path.normpath(path)}")
 
 
 if __name__ == "__main__":

@@ -177,10 +177,12 @@ def test_shipped_example_is_rebuilt_byte_for_byte(tmp_path):
     import runpy
 
     script = runpy.run_path(os.path.join(REPO, "scripts", "build_sft_example.py"))
-    script["main"](str(tmp_path / "kjv_sft.jsonl"))
-    shipped = os.path.join(REPO, "titan_lite", "assets", "data", "kjv_sft.jsonl")
-    with open(shipped, "rb") as a, open(tmp_path / "kjv_sft.jsonl", "rb") as b:
-        assert a.read() == b.read()
+    script["main"](str(tmp_path))
+    for name in script["OUTPUTS"]:  # the records, the held-out ones, the harness task's
+        shipped = os.path.join(REPO, "titan_lite", "assets", name)
+        with open(shipped, "rb") as a, open(tmp_path / name, "rb") as b:
+            assert a.read() == b.read(), name
+    assert sum(1 for _ in open(tmp_path / script["OUTPUTS"][1])) == 150
 
 
 def test_padding_rows_hold_no_targets(tok, tmp_path):

@@ -17,7 +17,6 @@ from layouts import assert_matches, run_layout
 from titan_lite.checkpoint import complete_steps
 from titan_lite.config import load_config
 from titan_lite.data import build_data
-from titan_lite.data.loader import split_indices
 from titan_lite.loss import IGNORE_INDEX, cross_entropy_sum
 from titan_lite.models.llama3 import ModelArgs, Transformer
 from titan_lite.tokenizer import build_tokenizer
@@ -186,25 +185,45 @@ def test_shipped_example_learns_and_answers_from_its_checkpoint(tmp_path):
     assert asked.returncode == 0, asked.stderr[-3000:]
     assert asked.stdout.strip() == "Yes." and "tokens/s" in asked.stderr
     # predict: the 150 held-out records (validation.split's), answered in batches, scored
-    records = open(os.path.join(REPO, "titan_lite/assets/data/kjv_sft.jsonl")).readlines()
-    _, held = split_indices(len(records), 0.05, seed=0)
-    (tmp_path / "held.jsonl").write_text("".join(records[i] for i in held))
+    held = os.path.join(REPO, "titan_lite/assets/data/kjv_sft_held_out.jsonl")  # (tested)
     scored = subprocess.run(
         [sys.executable, "-m", "titan_lite.predict", "--config", "train_configs/debug_sft.toml",
-         "--job.dump_folder", out, "--data", str(tmp_path / "held.jsonl"), "--batch_size", "16",
+         "--job.dump_folder", out, "--data", held, "--batch_size", "16",
          "--compare", "step-100"],  # (the same weights: a second model, no change)
         cwd=REPO, env=python_env(), capture_output=True, text=True, timeout=300)
     assert scored.returncode == 0, scored.stderr[-3000:]
     lines = [json.loads(line) for line in open(os.path.join(out, "predictions.jsonl"))]
-    assert [line["source"] for line in lines] == [f"{tmp_path / 'held.jsonl'}:{n}"
-                                                  for n in range(1, len(held) + 1)]
+    assert [line["source"] for line in lines] == [f"{held}:{n}" for n in range(1, 151)]
     assert all(line["prediction_before"] == line["prediction"] for line in lines)
     before, after, change = (line.split()[1:] for line in scored.stdout.splitlines()[-3:])
     assert before == after and change == [f"{value}" if i % 2 == 0 else "+0.00"
                                           for i, value in enumerate(after)]
     scores = dict(zip(after[::2], map(float, after[1::2])))
     assert scores["exact_match"] > 50, scored.stdout  # the yes/no questions
+    written = json.load(open(os.path.join(out, "predictions.scores.json")))["after"]
+    assert {name: round(value, 2) for name, value in written.items()} == scores
     print(scored.stdout)
+    # the same on two ranks (each answers half): the same file, in the data's order
+    shared = subprocess.run(
+        ["torchrun", "--nproc_per_node", "2", "-m", "titan_lite.predict", "--config",
+         "train_configs/debug_sft.toml", "--job.dump_folder", out, "--data", held,
+         "--batch_size", "16", "--output", str(tmp_path / "2.jsonl")],
+        cwd=REPO, env=python_env(), capture_output=True, text=True, timeout=300)
+    assert shared.returncode == 0, shared.stderr[-3000:]
+    two = [json.loads(line) for line in open(tmp_path / "2.jsonl")]
+    assert two == [{k: v for k, v in line.items() if k != "prediction_before"} for line in lines]
+    # lm-evaluation-harness: the held-out yes/no questions as a local multiple-choice task,
+    # asked in the job's chat template
+    harness = subprocess.run(
+        [sys.executable, "-m", "titan_lite.evaluate", "--config", "train_configs/debug_sft.toml",
+         "--job.dump_folder", out, "--include_path", "titan_lite/assets/eval_tasks", "--tasks",
+         "kjv_yes_no", "--chat_template", "true"], cwd=REPO,
+        env=python_env(HF_DATASETS_OFFLINE="1"), capture_output=True, text=True, timeout=300)
+    assert harness.returncode == 0, harness.stderr[-3000:]
+    accuracy = json.load(open(os.path.join(out, "eval_results.json")))["results"]["kjv_yes_no"]
+    assert accuracy["acc,none"] > 0.9, harness.stdout
+    print(harness.stdout)
+
 
 
 def test_generate_refuses_a_missing_checkpoint_with_one_line(tmp_path):
