@@ -89,8 +89,12 @@ def speed_table(flavor: str, count: int, new: int, device: torch.device) -> None
         source.init_weights(seed=0)
         save_hf(source.state_dict(), args, folder)
         del source
-        model = Transformer(args).to(device=device, dtype=dtype).eval()
+        with torch.device("meta"):  # (as generate builds it: the rope table stays complex)
+            model = Transformer(args).to(dtype)
+        model.to_empty(device=device)
+        model.init_buffers()
         load_pretrained([model], folder, args)
+        model.eval()
         hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
         hf.eval()
     all_prompts = prompts(count)
