@@ -123,11 +123,7 @@ def text_scores(predictions: list[str], references: list[str]) -> dict[str, floa
     exact match (after stripping white space); ROUGE-1/2/L F1 averaged over samples
     (``rouge-score``'s RougeScorer, Porter stemming on); corpus BLEU-4 (``sacrebleu``'s
     corpus_bleu defaults: 13a tokenizer, exponential smoothing)."""
-    try:
-        import sacrebleu
-        from rouge_score import rouge_scorer
-    except ImportError as e:
-        raise ValueError(f"scores need rouge-score and sacrebleu ({_INSTALL}): {e}") from None
+    sacrebleu, rouge_scorer = _scoring_libraries()
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
     rouge = [scorer.score(reference, prediction)
              for prediction, reference in zip(predictions, references)]
@@ -140,6 +136,15 @@ def text_scores(predictions: list[str], references: list[str]) -> dict[str, floa
     return scores
 
 
+def _scoring_libraries() -> tuple:
+    try:
+        import sacrebleu
+        from rouge_score import rouge_scorer
+    except ImportError as e:
+        raise ValueError(f"scores need rouge-score and sacrebleu ({_INSTALL}): {e}") from None
+    return sacrebleu, rouge_scorer
+
+
 def run(cfg: JobConfig) -> dict[str, float]:
     p = cfg.predict
     if not p.data:
@@ -148,6 +153,7 @@ def run(cfg: JobConfig) -> dict[str, float]:
     if cfg.data.format == "text":
         raise ValueError("predict: data.format is 'text'; predictions need instruction records "
                          "(alpaca or chat) with reference answers")
+    _scoring_libraries()  # (missing: said before any answer is generated)
     env = init_distributed(cfg.training.device, cfg.comm.init_timeout_seconds)
     samples = on_every_rank(lambda: load_samples(p.data, cfg.data.format))
     if not samples:
