@@ -26,9 +26,9 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from titan_lite.build import load_pretrained  # noqa: E402
 from titan_lite.config import Generation, load_config  # noqa: E402
 from titan_lite.estimate.planner import model_stats  # noqa: E402
+from titan_lite.generate import load_model  # noqa: E402
 from titan_lite.generation import generate_batch  # noqa: E402
 from titan_lite.hf import save_hf  # noqa: E402
 from titan_lite.models.llama3 import FLAVORS, Transformer  # noqa: E402
@@ -89,12 +89,10 @@ def speed_table(flavor: str, count: int, new: int, device: torch.device) -> None
         source.init_weights(seed=0)
         save_hf(source.state_dict(), args, folder)
         del source
-        with torch.device("meta"):  # (as generate builds it: the rope table stays complex)
-            model = Transformer(args).to(dtype)
-        model.to_empty(device=device)
-        model.init_buffers()
-        load_pretrained([model], folder, args)
-        model.eval()
+        job = load_config(["--model.flavor", flavor, "--model.init_from", folder,
+                           "--tokenizer.path", TOKENIZER, "--training.mixed_precision_param",
+                           str(dtype).removeprefix("torch.")])
+        model = load_model(job, build_tokenizer("tiktoken", TOKENIZER), device)  # (generate's)
         hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
         hf.eval()
     all_prompts = prompts(count)

@@ -53,6 +53,12 @@ def weights_folder(cfg: JobConfig) -> str:
     return path
 
 
+def answer_device(cfg: JobConfig) -> torch.device:
+    """Where a tool answering in one process runs: CUDA when present (training.device)."""
+    use_cuda = cfg.training.device != "cpu" and torch.cuda.is_available()
+    return torch.device("cuda" if use_cuda else "cpu")
+
+
 def load_model(cfg: JobConfig, tokenizer: Tokenizer, device: torch.device) -> Transformer:
     """The job's model, unsharded on ``device`` in the training compute dtype, with the weights
     of ``weights_folder(cfg)`` (a LoRA job: its base, with that checkpoint's adapters)."""
@@ -96,8 +102,7 @@ def run(cfg: JobConfig) -> None:
     g = cfg.generation
     if not g.prompt and not g.chat:
         raise ValueError("generation.prompt: give --prompt TEXT, or --chat for a conversation")
-    use_cuda = cfg.training.device != "cpu" and torch.cuda.is_available()
-    device = torch.device("cuda" if use_cuda else "cpu")
+    device = answer_device(cfg)
     tokenizer = build_tokenizer(cfg.tokenizer.kind, cfg.tokenizer.path)
     template = None
     if g.chat:

@@ -12,6 +12,7 @@ until a stop text, the tokenizer's eos or ``max_gen_toks``. Needs the ``eval`` e
 from __future__ import annotations
 
 import bisect
+import itertools
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -24,7 +25,7 @@ from lm_eval.api.registry import register_model
 
 from titan_lite.config import Generation, JobConfig, expand_bare_keys, load_config
 from titan_lite.data import ChatTemplate, build_chat_template
-from titan_lite.generate import load_model
+from titan_lite.generate import answer_device, load_model
 from titan_lite.generation import generate_batch
 from titan_lite.models.llama3 import Transformer
 from titan_lite.tokenizer import Tokenizer, build_tokenizer
@@ -52,8 +53,7 @@ class TitanLiteLM(TemplateLM):
     @classmethod
     def from_job(cls, cfg: JobConfig, batch_size: int = 8) -> TitanLiteLM:
         """The job's model with the weights ``[generation] checkpoint`` names (as generate)."""
-        use_cuda = cfg.training.device != "cpu" and torch.cuda.is_available()
-        device = torch.device("cuda" if use_cuda else "cpu")
+        device = answer_device(cfg)
         tokenizer = build_tokenizer(cfg.tokenizer.kind, cfg.tokenizer.path)
         try:  # (only used with apply_chat_template; a base model may have none)
             template = build_chat_template(cfg.data.chat_template, tokenizer,
@@ -107,15 +107,15 @@ class TitanLiteLM(TemplateLM):
             self._shortest = min(map(len, self._sorted))
         # A prompt the string extends sorts before it, and every prompt in between extends
         # that prompt: once the text shared with the string is shorter than any prompt, stop.
-        shared = len(string)
-        for text in reversed(self._sorted[:bisect.bisect_left(self._sorted, string)]):
+        shared, at = len(string), bisect.bisect_left(self._sorted, string)
+        for text in map(self._sorted.__getitem__, range(at - 1, -1, -1)):
             if string.startswith(text):
                 return self._rendered[text] + self.tok.encode(string[len(text):], bos=False)
             shared = min(shared, len(os.path.commonprefix([text, string])))
             if shared < self._shortest:
                 break
         # a prompt the string is cut from sorts right after it
-        for text in self._sorted[bisect.bisect_left(self._sorted, string):]:
+        for text in itertools.islice(self._sorted, at, None):
             if not text.startswith(string):
                 break
             if text[len(string):].isspace():
