@@ -118,6 +118,16 @@ def test_missing_and_malformed_files(tmp_path):
      "training.loss_chunks: 20 slices for 16 tokens per micro-batch"),
     (["--parallelism.pipeline_parallel_degree", "2", "--model.flavor", "1B"], 2,
      "tied input/output embeddings (1B, 3B) cannot be split across pipeline stages"),
+    (["--optimizer.in_backward", "true", "--training.max_norm", "0"], 1,
+     "optimizer.in_backward: steps on the host as gradients reach it; set "
+     "training.enable_cpu_offload = true"),
+    (["--optimizer.in_backward", "true", "--training.enable_cpu_offload", "true"], 1,
+     "optimizer.in_backward: each unit steps before the global gradient norm exists"),
+    (["--optimizer.in_backward", "true", "--training.enable_cpu_offload", "true",
+      "--training.max_norm", "0", "--parallelism.pipeline_parallel_degree", "2"], 2,
+     "optimizer.in_backward: not with pipeline or tensor parallel"),
+    (["--optimizer.state_dtype", "int8", "--parallelism.tensor_parallel_degree", "2"], 2,
+     "optimizer.state_dtype: 'int8' not with tensor parallel"),
 ])
 def test_tp_and_pp_layouts_are_checked(repo_cwd, overrides, world, message):
     problems = check_job(load_config(["--config", DEBUG, *overrides]), world_size=world)

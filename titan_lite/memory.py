@@ -9,6 +9,7 @@ an op creates, counts each storage once, and subtracts it when the storage is fr
 from __future__ import annotations
 
 import functools
+import threading
 import weakref
 from collections.abc import Iterable
 from typing import Any
@@ -57,6 +58,8 @@ class TensorMemoryTracker(TorchDispatchMode):
         self._refs: dict[int, weakref.ref] = {}
         self._original_resize = torch.UntypedStorage.resize_
         self._fake_mode: FakeTensorMode | None = None
+        # storages may be freed on another thread (the optimizer step in backward's worker)
+        self._lock = threading.RLock()
 
     def track(self, tensors: Iterable[Any]) -> None:
         """Count tensors created outside the tracker (DTensors count their local shard)."""
@@ -72,15 +75,16 @@ class TensorMemoryTracker(TorchDispatchMode):
         """Count a new storage, or a size change; ``origin`` is the op that produced it (or
         "resize_"), for subclasses that label storages."""
         key = storage._cdata
-        previous = self._sizes.get(key)
-        size = storage.nbytes()
-        if previous == size:
-            return
-        if previous is None:
-            self._refs[key] = weakref.ref(storage, functools.partial(self._forget, key))
-            self._on_new(key, origin)
-        self._sizes[key] = size
-        self._change(key, size - (previous or 0))
+        with self._lock:
+            previous = self._sizes.get(key)
+            size = storage.nbytes()
+            if previous == size:
+                return
+            if previous is None:
+                self._refs[key] = weakref.ref(storage, functools.partial(self._forget, key))
+                self._on_new(key, origin)
+            self._sizes[key] = size
+            self._change(key, size - (previous or 0))
 
     def _on_new(self, key: int, origin: Any) -> None:
         """Hook: a storage is counted for the first time."""
@@ -90,9 +94,10 @@ class TensorMemoryTracker(TorchDispatchMode):
         self.peak_bytes = max(self.peak_bytes, self.live_bytes)
 
     def _forget(self, key: int, _ref: weakref.ref) -> None:
-        self._refs.pop(key, None)
-        if key in self._sizes:
-            self._change(key, -self._sizes.pop(key))
+        with self._lock:
+            self._refs.pop(key, None)
+            if key in self._sizes:
+                self._change(key, -self._sizes.pop(key))
 
     def __enter__(self) -> TensorMemoryTracker:
         tracker, original = self, self._original_resize

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -10,18 +12,36 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from titan_lite.config import LRScheduler, Optimizer
+from titan_lite.optim_compact import STATE_DTYPES, SlicedAdamW
+from titan_lite.optim_in_backward import StepInBackward, fsdp_units
 
 
-def build_optimizer(model: nn.Module, cfg: Optimizer) -> torch.optim.Optimizer:
-    """AdamW; matrices decay, vectors (norm weights) do not."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
+def build_optimizer(model: nn.Module, cfg: Optimizer,
+                    loss_scale: Callable[[], float] = lambda: 1.0) -> torch.optim.Optimizer:
+    """AdamW; matrices decay, vectors (norm weights) do not. Moments in
+    ``cfg.state_dtype``; with ``cfg.in_backward`` one AdamW per FSDP unit, stepped in backward
+    (``loss_scale``: float16's current scale, which those steps divide the gradients by)."""
+    if cfg.in_backward:
+        return StepInBackward(fsdp_units(model),
+                              lambda groups: _adamw(groups, cfg), lambda p: _groups(p, cfg),
+                              loss_scale)
+    return _adamw(_groups([p for p in model.parameters() if p.requires_grad], cfg), cfg)
+
+
+def _groups(params: list[nn.Parameter], cfg: Optimizer) -> list[dict[str, Any]]:
+    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+
+
+def _adamw(groups: list[dict[str, Any]], cfg: Optimizer) -> torch.optim.Optimizer:
+    if cfg.state_dtype != "float32" or cfg.in_backward:  # (states made now, see SlicedAdamW)
+        return SlicedAdamW(groups, STATE_DTYPES[cfg.state_dtype], lr=cfg.lr,
+                           betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                           fused=cfg.implementation == "fused")
     impl = {"foreach": {"foreach": True}, "fused": {"fused": True},
             "for-loop": {"foreach": False}}[cfg.implementation]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **impl)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                             **impl)
 
 
 def clip_gradients(parameters: list[torch.Tensor], max_norm: float,

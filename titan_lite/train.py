@@ -59,6 +59,7 @@ from titan_lite.optim import (
     build_optimizer,
     clip_gradients,
 )
+from titan_lite.optim_in_backward import StepInBackward
 from titan_lite.parallel.accumulation import gradient_sync
 from titan_lite.parallel.activation_offload import OffloadSavedActivations
 from titan_lite.parallel.dims import (
@@ -141,10 +142,12 @@ def step_recipe(cfg: JobConfig, dims: ParallelDims, device: torch.device) -> Ste
 
 def forward_backward(runner: torch.nn.Module | Pipeline, next_batch: Callable[[], Batch],
                      device: torch.device, recipe: StepRecipe,
-                     scaler: LossScaler | None = None) -> torch.Tensor:
+                     scaler: LossScaler | None = None,
+                     in_backward: StepInBackward | None = None) -> torch.Tensor:
     """Forward and backward over one step's micro-batches, leaving in ``.grad`` the gradients
     of the mean loss over every target token of the global batch (titan_lite.loss), times
-    float16's loss scale when ``scaler`` is enabled. Returns this rank's share of that mean,
+    float16's loss scale when ``scaler`` is enabled (or, ``in_backward``, stepping each unit
+    with them during the last backward). Returns this rank's share of that mean,
     unscaled: summed over the ranks and divided by the tensor-parallel degree it is the step's
     loss (0 on pipeline ranks without the last stage)."""
     batches = [next_batch().to(device) for _ in range(recipe.accumulation)]
@@ -167,6 +170,8 @@ def forward_backward(runner: torch.nn.Module | Pipeline, next_batch: Callable[[]
                     loss = runner(batch.inputs, **batch.model_kwargs(),
                                   head=loss_head(batch.labels, recipe.loss_chunks,
                                                  recipe.compiled_loss)) * loss_scale
+                if in_backward is not None:
+                    in_backward.arm(last)
                 loss.backward()
         step_loss += full_tensor(loss.detach())
     return step_loss / unscale
@@ -176,7 +181,13 @@ def optimizer_step(parameters: list[torch.Tensor], optimizer: torch.optim.Optimi
                    max_norm: float, pipeline_group: dist.ProcessGroup | None,
                    scaler: LossScaler) -> tuple[torch.Tensor, bool]:
     """Unscale (float16), clip, step and free the gradients; returns the gradient norm before
-    clipping and whether the step was skipped for inf/NaN gradients (the scale then halves)."""
+    clipping and whether the step was skipped for inf/NaN gradients (the scale then halves).
+    A step in backward has already happened: its norm is reported, and whether a unit
+    skipped."""
+    if isinstance(optimizer, StepInBackward):
+        grad_norm, skipped = optimizer.finish()
+        scaler.update(found_inf=skipped)
+        return grad_norm, skipped
     scaler.unscale_(parameters)  # clipping sees the true gradients
     grad_norm = clip_gradients(parameters, max_norm, pipeline_group)
     # The norm covers every rank's shards and stages, so all ranks skip alike.
@@ -246,7 +257,9 @@ def train(cfg: JobConfig, env: DistEnv) -> TrainResult:
     if cfg.model.init_from:
         load_pretrained(parts, cfg.model.init_from, args)
     modules = torch.nn.ModuleList(parts)  # one handle on this rank's parameters
-    optimizer = build_optimizer(modules, cfg.optimizer)
+    scaler = LossScaler(enabled=DTYPES[cfg.training.mixed_precision_param] == torch.float16)
+    optimizer = build_optimizer(modules, cfg.optimizer, scaler.get_scale)
+    in_backward = optimizer if isinstance(optimizer, StepInBackward) else None
     scheduler = build_lr_scheduler(optimizer, cfg.lr_scheduler, cfg.training.steps)
     loader = data.train
 
@@ -258,7 +271,6 @@ def train(cfg: JobConfig, env: DistEnv) -> TrainResult:
     peak, peak_source = peak_flops(env.device, compute_dtype, cfg.metrics,
                                    cfg.training.float32_matmul_precision)
     checkpointer, preemption, start_step = None, None, 0
-    scaler = LossScaler(enabled=compute_dtype == torch.float16)
     if cfg.checkpoint.enable:
         # a LoRA run's checkpoints identify the frozen base they were trained on
         frozen_base = base_fingerprint(parts) if cfg.lora.enable else None
@@ -301,7 +313,8 @@ def train(cfg: JobConfig, env: DistEnv) -> TrainResult:
     interval_start, last_logged_step, optimizer_seconds = time.perf_counter(), start_step, 0.0
     for step in range(start_step + 1, cfg.training.steps + 1):
         with tracker or contextlib.nullcontext():
-            step_loss = forward_backward(runner, loader.next_batch, env.device, recipe, scaler)
+            step_loss = forward_backward(runner, loader.next_batch, env.device, recipe, scaler,
+                                         in_backward)
             optimizer_start = _synchronized_time(env.device)
             lr = optimizer.param_groups[0]["lr"]
             grad_norm, skipped = optimizer_step(list(modules.parameters()), optimizer,
@@ -344,6 +357,8 @@ def train(cfg: JobConfig, env: DistEnv) -> TrainResult:
         if stop:
             log0(env, f"stopping after step {step} on a signal; checkpoint saved")
     metrics.close()
+    if in_backward is not None:
+        in_backward.close()
     return TrainResult(losses, parts, optimizer, evaluation.losses if evaluation else {},
                        skipped_steps, scaler.get_scale())
 

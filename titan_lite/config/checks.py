@@ -12,6 +12,7 @@ from titan_lite.config.schema import CHAT_TEMPLATES, JobConfig
 from titan_lite.finetune.nf4 import INSTALL_HINT, nf4_available, nf4_problems
 from titan_lite.hf_config import has_config_json, job_model_args
 from titan_lite.models.llama3 import ModelArgs
+from titan_lite.optim_compact import INT8_HINT, int8_available
 from titan_lite.parallel.activation_checkpoint import checkpoint_every
 from titan_lite.parallel.dims import ParallelDims, resolve_degrees
 from titan_lite.parallel.pp import pp_problems
@@ -67,6 +68,7 @@ def check_job(cfg: JobConfig, world_size: int, training_here: bool = True) -> li
         problems.append("checkpoint.load_step: 0 is not a step (use -1 for the newest "
                         "checkpoint, or a saved step >= 1)")
     problems += _data_problems(cfg, dims)
+    problems += _optimizer_problems(cfg, dims)
     if args is not None:
         problems += _lora_problems(cfg, dims, args)
     if training_here:
@@ -85,6 +87,29 @@ def _architecture(cfg: JobConfig) -> tuple[ModelArgs | None, list[str]]:
         message = str(e)
         return None, [message if message.startswith("model.") else
                       f"model.init_from: {message}"]
+
+
+def _optimizer_problems(cfg: JobConfig, dims: ParallelDims | None) -> list[str]:
+    """The host optimizer's knobs: what the step in backward needs, int8's package."""
+    problems = []
+    if cfg.optimizer.state_dtype == "int8" and not int8_available():
+        problems.append(f"optimizer.state_dtype: {INT8_HINT}")
+    if cfg.optimizer.state_dtype == "int8" and dims is not None and dims.tp > 1:
+        problems.append("optimizer.state_dtype: 'int8' not with tensor parallel (a row-wise "
+                        "shard would split its blocks of 256); use 'bfloat16'")
+    if not cfg.optimizer.in_backward:
+        return problems
+    if not cfg.training.enable_cpu_offload:
+        problems.append("optimizer.in_backward: steps on the host as gradients reach it; set "
+                        "training.enable_cpu_offload = true")
+    if cfg.training.max_norm > 0:
+        problems.append("optimizer.in_backward: each unit steps before the global gradient norm"
+                        " exists, so it cannot be clipped: set training.max_norm = 0 (the "
+                        "norm is still logged)")
+    if dims is not None and (dims.pp > 1 or dims.tp > 1):
+        problems.append("optimizer.in_backward: not with pipeline or tensor parallel (FSDP "
+                        "data parallel only)")
+    return problems
 
 
 def _data_problems(cfg: JobConfig, dims: ParallelDims | None) -> list[str]:

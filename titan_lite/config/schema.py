@@ -128,6 +128,18 @@ class Optimizer:
                               "CPU included: ~6x foreach for a CPU-offloaded step); foreach: "
                               "multi-tensor kernels; for-loop: per-parameter reference.",
                               choices=["fused", "foreach", "for-loop"])
+    state_dtype: str = opt("float32", "dtype of AdamW's two moments (the weights stay float32):"
+                           " float32 (8 bytes per parameter), bfloat16 (4) or int8 (~2.03: "
+                           "8-bit Adam's block-wise dynamic quantisation, blocks of 256; "
+                           "tensors under 4,096 values or with rows not a multiple of 256 "
+                           "keep float32). Stepped by torch's kernel slice by slice.",
+                           choices=["float32", "bfloat16", "int8"])
+    in_backward: bool = opt(False, "Step each FSDP unit's AdamW on the host as soon as backward "
+                            "has delivered its gradients (a worker thread, overlapping the "
+                            "backward of earlier blocks), then free them: the host never holds "
+                            "the whole gradient. Needs training.enable_cpu_offload and "
+                            "training.max_norm = 0 (the global norm is known only after the "
+                            "last unit stepped; it is still logged).")
 
 
 @dataclass

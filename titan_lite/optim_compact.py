@@ -1,0 +1,155 @@
+"""AdamW with compact moments: bfloat16, or 8-bit block-wise quantised as in 8-bit Adam
+(float32 too, for the step in backward, whose states must exist before the first step).
+
+The parameters (the master weights) stay in their own dtype, float32 in training; only the two
+moments shrink, from 8 bytes per parameter to 4 (bfloat16) or ~2.03 (int8 codes + one float32
+scale per block of 256). The arithmetic is torch's own fused AdamW kernel, run in float32 on
+slices of a parameter: each slice's moments are decoded into float32, stepped, and encoded
+back, so no more than one slice's float32 moments exist at a time.
+
+Why not a library's optimizer: torchao's ``AdamW8bit`` and bitsandbytes' CPU ``AdamW8bit``
+both work on CPU tensors but step at ~25-28 s per billion parameters on this 2-core CPU, ~50x
+slower than torch's fused AdamW (``bench/bench_optimizer.py``); their 8-bit format is reused
+here (torchao's dynamic quantisation map and its quantise/dequantise functions).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch.distributed.tensor import DTensor
+from torch.optim.adamw import adamw
+
+from titan_lite.distributed import local_shard
+
+BLOCK = 256  # values per int8 scale (8-bit Adam's and torchao's block size)
+MIN_QUANTISED = 4096  # smaller tensors keep float32 moments (as bitsandbytes and torchao do)
+SLICE = 1 << 22  # values decoded to float32 at a time
+STATE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.uint8}
+INT8_HINT = ("optimizer.state_dtype = 'int8' uses torchao's 8-bit quantisation map: "
+             "pip install 'torchao>=0.18,<0.19' (or the qlora extra)")
+
+
+def int8_available() -> bool:
+    try:
+        import torchao.optim.quant_utils  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class SlicedAdamW(torch.optim.Optimizer):
+    """AdamW (decoupled weight decay, torch's update rule and kernel) keeping ``exp_avg`` and
+    ``exp_avg_sq`` in ``state_dtype`` (torch.float32, torch.bfloat16, or torch.uint8 for 8-bit
+    codes); with float32 moments it steps exactly as torch's AdamW with the same kernel.
+
+    The state of each parameter is created at once (not at the first step) with the
+    parameter's sharding, so that it can be counted, checkpointed and loaded like AdamW's."""
+
+    def __init__(self, params: Iterable[Any], state_dtype: torch.dtype, lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, fused: bool = True):
+        if state_dtype not in STATE_DTYPES.values():
+            raise ValueError(f"state dtype {state_dtype}: one of {list(STATE_DTYPES.values())}")
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self.state_dtype, self.fused = state_dtype, fused
+        self._qmaps: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        for group in self.param_groups:
+            for param in group["params"]:
+                self.state[param] = self._new_state(param)
+
+    def _new_state(self, param: torch.Tensor) -> dict[str, torch.Tensor]:
+        # where torch's AdamW keeps the step count: on the device for its fused kernel
+        step_device = local_shard(param).device if self.fused else torch.device("cpu")
+        state = {"step": torch.zeros((), dtype=torch.float32, device=step_device)}
+        if not self._quantised(param):
+            dtype = torch.float32 if self.state_dtype == torch.uint8 else self.state_dtype
+            for key in ("exp_avg", "exp_avg_sq"):
+                state[key] = torch.zeros_like(param, dtype=dtype)
+            return state
+        for key in ("exp_avg", "exp_avg_sq"):
+            state[key] = torch.zeros_like(param, dtype=torch.uint8)
+            state[f"{key}_scale"] = _block_scales(param)
+        return state
+
+    def _quantised(self, param: torch.Tensor) -> bool:
+        """int8 moments for a tensor whose rows split into whole blocks (so a block never
+        spans two ranks' shards of dim 0); the others keep float32 moments."""
+        return (self.state_dtype == torch.uint8 and param.ndim >= 2
+                and param.shape[-1] % BLOCK == 0 and param.numel() >= MIN_QUANTISED)
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        if closure is not None:
+            raise ValueError("SlicedAdamW.step takes no closure")
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is not None:
+                    self._step_parameter(param, group)
+
+    def _step_parameter(self, param: torch.Tensor, group: dict[str, Any]) -> None:
+        state = self.state[param]
+        values, grads = local_shard(param).view(-1), local_shard(param.grad).view(-1)
+        beta1, beta2 = group["betas"]
+        step_before = state["step"].clone()
+        state["step"] += 1
+        for start in range(0, values.numel(), SLICE):
+            end = min(start + SLICE, values.numel())
+            exp_avg = self._decode(state, "exp_avg", start, end, signed=True)
+            exp_avg_sq = self._decode(state, "exp_avg_sq", start, end, signed=False)
+            adamw(
+                [values[start:end]], [grads[start:end]], [exp_avg], [exp_avg_sq], [],
+                [step_before.clone()], fused=self.fused, foreach=None if self.fused else True,
+                amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
+                weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
+            self._encode(state, "exp_avg", start, end, exp_avg, signed=True)
+            self._encode(state, "exp_avg_sq", start, end, exp_avg_sq, signed=False)
+
+    def _decode(self, state: dict[str, torch.Tensor], key: str, start: int, end: int,
+                signed: bool) -> torch.Tensor:
+        stored = local_shard(state[key]).view(-1)[start:end]
+        if stored.dtype != torch.uint8:
+            return stored.float()
+        from torchao.optim.quant_utils import dequant_with_qmap
+        scale = local_shard(state[f"{key}_scale"]).view(-1)[start // BLOCK:end // BLOCK]
+        return dequant_with_qmap(stored, self._qmap(stored.device, signed), scale)
+
+    def _encode(self, state: dict[str, torch.Tensor], key: str, start: int, end: int,
+                values: torch.Tensor, signed: bool) -> None:
+        stored = local_shard(state[key]).view(-1)[start:end]
+        if stored.dtype == torch.float32:
+            return  # stepped in place
+        if stored.dtype != torch.uint8:
+            stored.copy_(values)
+            return
+        from torchao.optim.quant_utils import quantize_8bit_with_qmap, scale_tensor
+        normalised, scale = scale_tensor(values, BLOCK)
+        stored.copy_(quantize_8bit_with_qmap(normalised, self._qmap(stored.device, signed)))
+        local_shard(state[f"{key}_scale"]).view(-1)[start // BLOCK:end // BLOCK].copy_(scale)
+
+    def _qmap(self, device: torch.device, signed: bool) -> torch.Tensor:
+        if device not in self._qmaps:
+            from torchao.optim.quant_utils import create_dynamic_map
+            self._qmaps[device] = tuple(  # type: ignore[assignment]
+                torch.tensor(create_dynamic_map(signed=s), device=device) for s in (False, True))
+        return self._qmaps[device][int(signed)]
+
+
+def _block_scales(param: torch.Tensor) -> torch.Tensor:
+    """One float32 scale per block of ``BLOCK`` values along the last dim, sharded as the
+    parameter (rows split across ranks keep their scales)."""
+    local = local_shard(param)
+    scales = torch.zeros(*local.shape[:-1], local.shape[-1] // BLOCK, device=local.device)
+    if not isinstance(param, DTensor):
+        return scales
+    shape = (*param.shape[:-1], param.shape[-1] // BLOCK)
+    stride = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(scales, param.device_mesh, param.placements, run_check=False,
+                              shape=shape, stride=stride).to(local.device)
+
+
+def state_bytes_per_parameter(state_dtype: str) -> float:
+    """Bytes of AdamW's two moments per (large) parameter in ``state_dtype``."""
+    return {"float32": 8.0, "bfloat16": 4.0, "int8": 2.0 + 2 * 4 / BLOCK}[state_dtype]
