@@ -10,11 +10,12 @@ back, so no more than one slice's float32 moments exist at a time.
 Why not a library's optimizer: torchao's ``AdamW8bit`` and bitsandbytes' CPU ``AdamW8bit``
 both work on CPU tensors but step at ~25-28 s per billion parameters on this 2-core CPU, ~50x
 slower than torch's fused AdamW (``bench/bench_optimizer.py``); their 8-bit format is reused
-here (torchao's dynamic quantisation map and its quantise/dequantise functions).
+here (torchao's dynamic quantisation map), with a faster search for the nearest code.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from typing import Any
 
@@ -55,7 +56,6 @@ class SlicedAdamW(torch.optim.Optimizer):
             raise ValueError(f"state dtype {state_dtype}: one of {list(STATE_DTYPES.values())}")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.state_dtype, self.fused = state_dtype, fused
-        self._qmaps: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         for group in self.param_groups:
             for param in group["params"]:
                 self.state[param] = self._new_state(param)
@@ -109,12 +109,18 @@ class SlicedAdamW(torch.optim.Optimizer):
 
     def _decode(self, state: dict[str, torch.Tensor], key: str, start: int, end: int,
                 signed: bool) -> torch.Tensor:
+        """The moment's values [start, end) in float32: the stored tensor itself (float32), or
+        decoded into a reused buffer (a fresh one per slice costs page faults)."""
         stored = local_shard(state[key]).view(-1)[start:end]
+        if stored.dtype == torch.float32:
+            return stored
+        out = _workspace(stored.device, end - start)[int(signed)]
         if stored.dtype != torch.uint8:
-            return stored.float()
-        from torchao.optim.quant_utils import dequant_with_qmap
+            return out.copy_(stored)
+        tables = _tables(stored.device, signed)
+        torch.index_select(tables.values, 0, stored.int(), out=out)
         scale = local_shard(state[f"{key}_scale"]).view(-1)[start // BLOCK:end // BLOCK]
-        return dequant_with_qmap(stored, self._qmap(stored.device, signed), scale)
+        return out.view(-1, BLOCK).mul_(scale.view(-1, 1)).view(-1)
 
     def _encode(self, state: dict[str, torch.Tensor], key: str, start: int, end: int,
                 values: torch.Tensor, signed: bool) -> None:
@@ -124,17 +130,53 @@ class SlicedAdamW(torch.optim.Optimizer):
         if stored.dtype != torch.uint8:
             stored.copy_(values)
             return
-        from torchao.optim.quant_utils import quantize_8bit_with_qmap, scale_tensor
+        from torchao.optim.quant_utils import scale_tensor
         normalised, scale = scale_tensor(values, BLOCK)
-        stored.copy_(quantize_8bit_with_qmap(normalised, self._qmap(stored.device, signed)))
+        stored.copy_(_tables(stored.device, signed).quantise(normalised))
         local_shard(state[f"{key}_scale"]).view(-1)[start // BLOCK:end // BLOCK].copy_(scale)
 
-    def _qmap(self, device: torch.device, signed: bool) -> torch.Tensor:
-        if device not in self._qmaps:
-            from torchao.optim.quant_utils import create_dynamic_map
-            self._qmaps[device] = tuple(  # type: ignore[assignment]
-                torch.tensor(create_dynamic_map(signed=s), device=device) for s in (False, True))
-        return self._qmaps[device][int(signed)]
+
+
+_WORKSPACES: dict[torch.device, torch.Tensor] = {}
+
+
+def _workspace(device: torch.device, size: int) -> torch.Tensor:
+    """Two slices of float32 moments, shared by every SlicedAdamW of the process (their steps
+    run one at a time: the training thread's, or the step-in-backward worker's)."""
+    if device not in _WORKSPACES or _WORKSPACES[device].shape[1] < size:
+        _WORKSPACES[device] = torch.empty(2, size, device=device)
+    return _WORKSPACES[device][:, :size]
+
+
+@functools.cache
+def _tables(device: torch.device, signed: bool) -> _CodeTables:
+    return _CodeTables(signed, device)
+
+
+class _CodeTables:
+    """8-bit Adam's dynamic quantisation map (torchao's), with a lookup table that finds each
+    value's nearest code in two gathers instead of torchao's eight-step search (~4x faster on
+    a CPU): the table is keyed by a float32's upper 16 bits, whose range holds at most one
+    midpoint between two codes (its relative width, 2^-7, is below the map's finest relative
+    spacing), so the key's lowest code plus one comparison with that midpoint is the nearest
+    code (checked equal to torchao's ``quantize_8bit_with_qmap``)."""
+
+    def __init__(self, signed: bool, device: torch.device):
+        from torchao.optim.quant_utils import create_dynamic_map, quantize_8bit_with_qmap
+        self.values = torch.tensor(create_dynamic_map(signed=signed), device=device)
+        bits = (torch.arange(1 << 16, dtype=torch.int32, device=device) - (1 << 15)) << 16
+        ends = torch.stack([bits.view(torch.float32), (bits | 0xFFFF).view(torch.float32)])
+        lowest = torch.nan_to_num(ends.amin(0), nan=0.0).clamp(-1, 1)
+        self.codes = quantize_8bit_with_qmap(lowest, self.values)
+        down, up = self.codes.long(), (self.codes.long() + 1).clamp(max=255)
+        self.midpoints = self.values[down] + (self.values[up] - self.values[down]) * 0.5
+        self.midpoints[self.codes == 255] = float("inf")
+
+    def quantise(self, normalised: torch.Tensor) -> torch.Tensor:
+        """uint8 codes of float32 values in [-1, 1]."""
+        key = (normalised.view(torch.int32) >> 16) + (1 << 15)
+        return self.codes.index_select(0, key) + (normalised >= self.midpoints.index_select(
+            0, key))
 
 
 def _block_scales(param: torch.Tensor) -> torch.Tensor:

@@ -127,11 +127,12 @@ class StepInBackward(torch.optim.Optimizer):
             (), dtype=torch.float64)
         self._squares = []
         squares = _sum_over_shards(squares, self.units)
-        overflow = torch.tensor(float(self._overflow))
-        self._overflow = False
-        if dist.is_initialized():
-            dist.all_reduce(overflow, op=dist.ReduceOp.MAX)
-        return squares.sqrt().float(), bool(overflow.item())
+        overflow, self._overflow = self._overflow, False
+        if self._loss_scale() != 1.0 and dist.is_initialized():  # float16: agree on a skip
+            flag = torch.tensor(float(overflow))
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            overflow = bool(flag.item())
+        return squares.sqrt().float(), overflow
 
     def step(self, closure: Any = None) -> None:  # noqa: D102 - every unit, now
         for optimizer in self.optimizers:

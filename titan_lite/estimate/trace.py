@@ -36,6 +36,7 @@ from titan_lite.loss import cross_entropy_sum
 from titan_lite.hf_config import job_model_args
 from titan_lite.models.llama3 import ModelArgs, Transformer
 from titan_lite.optim import LossScaler, build_optimizer
+from titan_lite.optim_in_backward import StepInBackward
 from titan_lite.parallel.dims import ParallelDims, build_mesh, resolve_degrees
 from titan_lite.parallel.pp import Pipeline
 from titan_lite.build import build_meta_model, build_model
@@ -161,7 +162,9 @@ def _trace_steps(cfg: JobConfig, args: ModelArgs, dims: ParallelDims, mesh: Devi
             outputs = _pipeline_step(runner, next_batch, recipe,
                                      env.rank // (env.world_size // dims.pp), hidden, received)
         else:
-            outputs = forward_backward(runner, next_batch, env.device, traced)
+            outputs = forward_backward(runner, next_batch, env.device, traced, None,
+                                       optimizer if isinstance(optimizer, StepInBackward)
+                                       else None)
         if tracker is not None:
             tracker.phase = OPTIM_STEP
         optimizer_step(params, optimizer, t.max_norm, group, no_scaling)
@@ -183,8 +186,9 @@ def _trace_steps(cfg: JobConfig, args: ModelArgs, dims: ParallelDims, mesh: Devi
     grad_bytes: dict[int, int] = {}
 
     def on_grad(param: torch.Tensor) -> None:  # the gradient is assigned (or accumulated)
-        tracker.label([param.grad], GRADS)
-        grad_bytes[id(param)] = local_shard(param.grad).numel() * param.grad.element_size()
+        if param.grad is not None:  # (a step in backward may have stepped and freed it)
+            tracker.label([param.grad], GRADS)
+        grad_bytes[id(param)] = local_shard(param).numel() * param.element_size()
 
     hooks = [p.register_post_accumulate_grad_hook(on_grad) for p in params if p.requires_grad]
     tracker.reset_peak()
