@@ -95,7 +95,8 @@ def speed(billion: float, steps: int) -> None:
         per_param = sum(_bytes(v) for v in states) / numel
         print(f"| {name} | {seconds:.3f} | {seconds * 1e9 / numel:.2f} | {per_param:.2f} |")
         del optimizer, params, states
-    print(f"\n(expected moments: {', '.join(f'{k} {state_bytes_per_parameter(k):.2f}' for k in STATE_DTYPES)})")
+    expected = ', '.join(f'{k} {state_bytes_per_parameter(k):.2f}' for k in STATE_DTYPES)
+    print(f"\n(expected moments, bytes per parameter: {expected})")
 
 
 def _bytes(tensor: torch.Tensor) -> int:
