@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+from dataclasses import replace
+
 import pytest
 from conftest import CPU_ENV, REPO, python_env
 
@@ -59,7 +61,9 @@ def test_one_process_estimate_matches_the_measured_peak(repo_cwd, tmp_path, over
          "--parallelism.pipeline_parallel_schedule", "1F1B"],
     ["--parallelism.tensor_parallel_degree", "2"],
     ["--training.enable_cpu_offload", "true", "--training.global_batch_size", "16"],
-], ids=["fsdp", "pp-1f1b", "tp", "fsdp-offload-accumulation"])
+    ["--training.enable_cpu_offload", "true", "--optimizer.in_backward", "true",
+     "--optimizer.state_dtype", "int8", "--training.max_norm", "0"],
+], ids=["fsdp", "pp-1f1b", "tp", "fsdp-offload-accumulation", "offload-in-backward-int8"])
 def test_two_rank_estimate_matches_the_measured_peak(repo_cwd, tmp_path, overrides):
     job = [*SHAPE, "--training.steps", "2", "--job.dump_folder", str(tmp_path), *overrides]
     result = subprocess.run(["./run_train.sh", *job], cwd=REPO, env=python_env(NGPU="2"),
@@ -91,6 +95,43 @@ def test_8b_breakdown_is_the_published_arithmetic(repo_cwd):
     assert PARAMS not in device and OPTIM not in device and GRADS not in device
     assert host[PARAMS] + host[OPTIM] == state[PARAMS] + state[OPTIM]
     assert offloaded.worst.device_peak < estimate.worst.device_peak - 40e9
+
+
+@pytest.mark.slow
+def test_8b_host_memory_with_the_step_in_backward_and_int8_moments(repo_cwd):
+    """One GPU, CPU offload: float32 weights (29.9 GiB) + int8 moments (2 B + two float32
+    scales per 256 for every matrix; float32 for the 65 norm vectors) + the gradients of two
+    units at most (the root's embeddings and output, and a block), exact to the byte."""
+    cfg = load_config(["--config", "train_configs/llama3_8b.toml", "--training.seq_len", "64",
+                       "--training.enable_cpu_offload", "true", "--optimizer.in_backward",
+                       "true", "--optimizer.state_dtype", "int8", "--training.max_norm", "0"])
+    estimate = estimate_memory(cfg, 1)
+    n, norms, step_counters = 8_030_261_248, 65 * 4096, 4 * 291
+    assert estimate.worst.state[OPTIM] == (n - norms) * (2 + 8 / 256) + norms * 8 + step_counters
+    root, block = 2 * 128_256 * 4096 + 4096, 218_112_000  # (a block with its two norms)
+    assert estimate.worst.host[GRADS] <= 4 * (root + block)
+    assert estimate.worst.host_peak / GIB < 56  # fits a 64 GB desktop (was 119.7 GiB)
+
+
+def test_planner_fits_host_memory_with_the_host_optimizer_knobs(repo_cwd):
+    """The debug model offloaded needs 0.093 GiB of host memory with AdamW as configured and
+    0.051 stepping in backward with int8 moments: with 0.07 GiB the planner finds the knobs."""
+    cfg = load_config(["--training.local_batch_size", "2", "--training.seq_len", "256",
+                       "--estimate.plan_top", "2", "--estimate.host_memory_gb", "0.07"])
+    full_ac = replace(cfg, activation_checkpoint=replace(cfg.activation_checkpoint,
+                                                         mode="full"))
+    offloaded = estimate_memory(replace(full_ac, training=replace(
+        cfg.training, enable_cpu_offload=True)), 1).required_gib()  # seen: 1.031 GiB
+    int8_on_device = replace(full_ac, optimizer=replace(cfg.optimizer, state_dtype="int8"))
+    assert estimate_memory(int8_on_device, 1).required_gib() > offloaded + 0.01  # 1.074
+    found = plan(cfg, 1, offloaded + 0.01, "RTX 4090")  # the device needs offload
+    assert found and all(c.estimate.worst.host_peak / GIB <= 0.07 for c in found)
+    assert all(c.cfg.training.enable_cpu_offload for c in found)
+    assert "--optimizer.in_backward true" in found[0].overrides
+    assert "--training.max_norm 0.0" in found[0].overrides  # clipping off, said
+    unlimited = plan(replace(cfg, estimate=replace(cfg.estimate, host_memory_gb=0.0)), 1,
+                     offloaded + 0.01, "RTX 4090")
+    assert unlimited[0].cfg.optimizer.state_dtype == "float32"  # equal times: as configured
 
 
 def test_planner_finds_what_fits_and_prints_pasteable_toml(repo_cwd, tmp_path):

@@ -23,6 +23,7 @@ from titan_lite.finetune import (
 )
 from titan_lite.hf import load_hf_weights
 from titan_lite.models.llama3 import ModelArgs, Transformer
+from titan_lite.optim import trained_bytes_per_param
 from titan_lite.parallel.activation_checkpoint import apply_activation_checkpointing
 from titan_lite.parallel.compile import apply_compile
 from titan_lite.parallel.ddp import apply_ddp
@@ -31,10 +32,6 @@ from titan_lite.parallel.fsdp import apply_fsdp
 from titan_lite.parallel.init import materialize
 from titan_lite.parallel.pp import Pipeline
 from titan_lite.parallel.tp import apply_tp
-
-# float32 weights + gradients + two AdamW moments, per parameter, before sharding.
-BYTES_PER_PARAM = 16
-
 
 class FitError(RuntimeError):
     """The configured model cannot fit on this device with the available parallelism."""
@@ -55,14 +52,15 @@ def check_model_fits(model: Transformer, cfg: JobConfig, dims: ParallelDims,
     offload = cfg.training.enable_cpu_offload
     shards = dims.state_shards(offload)
     on_host = set(host_parameters(model).values())
-    need = sum(p.numel() * (BYTES_PER_PARAM if p.requires_grad else p.element_size())
-               for p in model.parameters() if offload or p not in on_host) // shards
+    trained = trained_bytes_per_param(cfg.optimizer)
+    need = int(sum(p.numel() * (trained if p.requires_grad else p.element_size())
+                   for p in model.parameters() if offload or p not in on_host) // shards)
     where = torch.device("cpu") if offload else env.device
     have = available_memory_per_rank(where, env.local_world_size)
     if need > have:
         raise FitError(f"model.flavor: {model.num_params() / 1e9:.2f}B parameters need "
                        f"{need / 2**30:.1f} GiB per rank for their weights (and the trained "
-                       f"ones' float32 gradients and AdamW states) split {shards} way(s) "
+                       f"ones' gradients and AdamW states) split {shards} way(s) "
                        f"(before activations), but "
                        f"{'host memory' if offload else f'this {where.type} device'} has "
                        f"{have / 2**30:.1f} GiB per rank; shard over more ranks "

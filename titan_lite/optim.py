@@ -12,20 +12,29 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from titan_lite.config import LRScheduler, Optimizer
-from titan_lite.optim_compact import STATE_DTYPES, SlicedAdamW
+from titan_lite.optim_compact import STATE_DTYPES, SlicedAdamW, state_bytes_per_parameter
 from titan_lite.optim_in_backward import StepInBackward, fsdp_units
 
 
 def build_optimizer(model: nn.Module, cfg: Optimizer,
-                    loss_scale: Callable[[], float] = lambda: 1.0) -> torch.optim.Optimizer:
+                    loss_scale: Callable[[], float] = lambda: 1.0,
+                    synchronous: bool = False) -> torch.optim.Optimizer:
     """AdamW; matrices decay, vectors (norm weights) do not. Moments in
     ``cfg.state_dtype``; with ``cfg.in_backward`` one AdamW per FSDP unit, stepped in backward
-    (``loss_scale``: float16's current scale, which those steps divide the gradients by)."""
+    (``loss_scale``: float16's current scale, which those steps divide the gradients by;
+    ``synchronous``: on the training thread, see StepInBackward)."""
     if cfg.in_backward:
         return StepInBackward(fsdp_units(model),
                               lambda groups: _adamw(groups, cfg), lambda p: _groups(p, cfg),
-                              loss_scale)
+                              loss_scale, synchronous)
     return _adamw(_groups([p for p in model.parameters() if p.requires_grad], cfg), cfg)
+
+
+def trained_bytes_per_param(cfg: Optimizer) -> float:
+    """Bytes a trained parameter costs beside its activations: its float32 weight, its float32
+    gradient (none with the step in backward: a unit's gradients live only until it steps)
+    and AdamW's two moments in ``cfg.state_dtype``."""
+    return 4 + (0 if cfg.in_backward else 4) + state_bytes_per_parameter(cfg.state_dtype)
 
 
 def _groups(params: list[nn.Parameter], cfg: Optimizer) -> list[dict[str, Any]]:

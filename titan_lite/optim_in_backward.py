@@ -59,10 +59,12 @@ class StepInBackward(torch.optim.Optimizer):
     def __init__(self, units: list[list[nn.Parameter]],
                  make_optimizer: Callable[[list[dict[str, Any]]], torch.optim.Optimizer],
                  group_options: Callable[[list[nn.Parameter]], list[dict[str, Any]]],
-                 loss_scale: Callable[[], float] = lambda: 1.0):
+                 loss_scale: Callable[[], float] = lambda: 1.0, synchronous: bool = False):
         """``group_options(params)``: the parameter groups (dicts) of one unit;
         ``make_optimizer(groups)``: its optimizer; ``loss_scale()``: float16's current scale
-        (1: none), by which the unit's gradients are divided before its step."""
+        (1: none), by which the unit's gradients are divided before its step.
+        ``synchronous``: no worker thread; a unit steps on the training thread when the next
+        one's gradients arrive (the same memory; what the estimator's fake tensors need)."""
         self.units = units
         self.optimizers = [make_optimizer(group_options(params)) for params in units]
         all_params = [p for params in units for p in params]
@@ -74,8 +76,9 @@ class StepInBackward(torch.optim.Optimizer):
         self._loss_scale = loss_scale
         self._waiting = [len(params) for params in units]  # hooks still to come per unit
         self._armed = False
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="step-in-backward")
-        self._running: Future | None = None
+        self._worker = None if synchronous else ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="step-in-backward")
+        self._running: Future | int | None = None  # a unit's step under way, or deferred
         self._squares: list[torch.Tensor] = []  # per unit stepped: sum of squared grads
         self._overflow = False
         self._hooks = [p.register_post_accumulate_grad_hook(self._gradient_ready)
@@ -92,11 +95,14 @@ class StepInBackward(torch.optim.Optimizer):
         self._waiting[unit] -= 1
         if self._waiting[unit] == 0:
             self._wait_running()  # one unit steps at a time: the host holds two at most
-            self._running = self._worker.submit(self._step_unit, unit)
+            self._running = (unit if self._worker is None
+                             else self._worker.submit(self._step_unit, unit))
 
     def _wait_running(self) -> None:
-        if self._running is not None:
-            running, self._running = self._running, None
+        running, self._running = self._running, None
+        if isinstance(running, int):
+            self._step_unit(running)
+        elif running is not None:
             running.result()  # a step's exception surfaces here
 
     @torch.no_grad()
@@ -105,8 +111,9 @@ class StepInBackward(torch.optim.Optimizer):
         scale = self._loss_scale()
         if scale != 1.0:
             torch._foreach_mul_([local_shard(g) for g in grads], 1.0 / scale)
-        squares = sum(local_shard(g).double().square().sum() for g in grads)
-        self._squares.append(torch.as_tensor(squares, dtype=torch.float64).cpu())
+        local = [local_shard(g) for g in grads]
+        norm = torch.nn.utils.get_total_norm(local, foreach=True) if local else torch.zeros(())
+        self._squares.append(norm.double().cpu() ** 2)
         if scale != 1.0 and not torch.isfinite(self._squares[-1]):
             self._overflow = True
         else:
@@ -123,6 +130,7 @@ class StepInBackward(torch.optim.Optimizer):
                 self._step_unit(unit)
         self._waiting = [len(params) for params in self.units]
         self._armed = False
+        self._opt_called = True  # what torch's LR schedulers look for: this step happened
         squares = torch.stack(self._squares).sum() if self._squares else torch.zeros(
             (), dtype=torch.float64)
         self._squares = []
@@ -146,7 +154,8 @@ class StepInBackward(torch.optim.Optimizer):
         """Remove the hooks and stop the worker."""
         for hook in self._hooks:
             hook.remove()
-        self._worker.shutdown(wait=True)
+        if self._worker is not None:
+            self._worker.shutdown(wait=True)
 
 
 class _UnitStates(Mapping):

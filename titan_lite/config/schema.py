@@ -407,8 +407,12 @@ class Estimate:
                    "H100, A100-40GB, RTX 4090 (see titan_lite/estimate/gpus.py).")
     device_memory_gb: float = opt(0.0, "Memory per GPU in GiB for the fit verdict; 0 = the "
                                   "GPU's (estimate.gpu), or no verdict.", min=0)
-    plan: bool = opt(False, "Search CPU offload, AC mode, local batch (same global batch) and "
-                     "FSDP degree for the fastest configs that fit.")
+    host_memory_gb: float = opt(0.0, "Host memory per rank in GiB that a plan may fill (CPU "
+                                "offload's weights, gradients and AdamW states); 0 = not "
+                                "checked. E.g. 56 on a 64 GB desktop.", min=0)
+    plan: bool = opt(False, "Search CPU offload, AC mode, local batch (same global batch), "
+                     "FSDP degree, AdamW's state dtype and (offloaded, without accumulation) "
+                     "the step in backward for the fastest configs that fit.")
     plan_top: int = opt(5, "How many fitting configs the planner prints (per method).", min=1)
     plan_methods: list[str] = opt(["full"], "Fine-tuning methods the planner tries: full "
                                   "(every weight trained), lora (adapters on a frozen bf16 "

@@ -3,12 +3,15 @@
 Candidates: CPU offload off/on x activation checkpointing none / selective op / full x local
 batch (with gradient accumulation keeping the configured global batch) x FSDP degree (the rest
 of the data-parallel ranks become HSDP replicas), and with ``estimate.plan_shorter_seq_len``
-the sequence length / 2 and / 4 (same tokens per step: more samples), for each fine-tuning
+the sequence length / 2 and / 4 (same tokens per step: more samples), x AdamW's state dtype
+(float32, bfloat16, int8) and, offloaded without accumulation, the step in backward
+(clipping off), for each fine-tuning
 method of ``estimate.plan_methods`` (full, lora, qlora), listed in that order. Tensor and pipeline
 degrees and dtypes stay as configured. Each candidate gets a predicted step time from the cost
 model below; they are traced (``titan_lite.estimate``) fastest first until ``plan_top`` fit,
 skipping those that cannot: weights + gradients + AdamW states alone over the memory, or more
 memory-hungry than one already traced too big (less AC, a larger local batch, same sharding).
+With ``estimate.host_memory_gb`` a candidate must also fit that much host memory per rank.
 
 Cost model, per step and GPU (an explained ranking, not a promise of speed):
 - compute: FLOPs of the step's tokens x (1 + recompute) / (GPU peak x ``ASSUMED_MFU``), where
@@ -22,7 +25,12 @@ Cost model, per step and GPU (an explained ranking, not a promise of speed):
   overlapped with compute (the step takes the longer of the two); equal times put the layout
   with the smaller per-rank state first (more margin);
 - CPU offload: weights copied to the GPU per micro-batch and gradients back, over PCIe
-  (``PCIE_GB_S``), and the AdamW step on the host (``HOST_ADAM_PARAMS_PER_S``), not overlapped.
+  (``PCIE_GB_S``), and the AdamW step on the host (``HOST_ADAM_PARAMS_PER_S``, slower with
+  compact moments by ``HOST_STATE_SLOWDOWN``), after backward; with optimizer.in_backward
+  the step overlaps the backward (2/3 of the compute) except the last unit's (the root:
+  embeddings and output), which is stepped after it.
+- AdamW's state dtype (without offload, on the GPU): no time; equal times put float32
+  moments first, then bfloat16, then int8 (the numerics as configured, where they fit).
 """
 
 from __future__ import annotations
@@ -44,13 +52,18 @@ from titan_lite.metrics import gpu_peak_flops
 from titan_lite.finetune.nf4 import BYTES_PER_WEIGHT as NF4_BYTES_PER_WEIGHT
 from titan_lite.finetune.lora import block_linears
 from titan_lite.parallel.activation_checkpoint import checkpoint_every
-from titan_lite.build import BYTES_PER_PARAM, build_meta_model
+from titan_lite.build import build_meta_model
+from titan_lite.optim import trained_bytes_per_param
 
 ASSUMED_MFU = 0.4
 LAUNCH_SECONDS_PER_LAYER = 3e-4  # ~30 kernels per block forward + backward, ~10 us each
 SELECTIVE_OP_RECOMPUTE = 0.05
 PCIE_GB_S = 25.0
 HOST_ADAM_PARAMS_PER_S = 1e9
+# host step time per parameter relative to float32 moments (bench/bench_optimizer.py speed,
+# this 2-core CPU, 2026-12-06: float32 0.68, bfloat16 1.52, int8 13.0 s per billion)
+HOST_STATE_SLOWDOWN = {"float32": 1.0, "bfloat16": 2.2, "int8": 19.0}
+STATE_DTYPE_ORDER = ("float32", "bfloat16", "int8")  # among equal times: the first that fits
 DEFAULT_GPU = "H100"  # speeds assumed when only estimate.device_memory_gb is given
 AC_CHOICES = (("none", "op"), ("selective", "op"), ("full", "op"))
 
@@ -75,6 +88,7 @@ class ModelStats:
     weight_bytes: float  # all weights at their storage size (a frozen base: bf16 or NF4)
     flops_per_token: int
     n_layers: int
+    root_trainable: int  # trained outside the blocks (embeddings, final norm, output)
 
 
 def method_of(cfg: JobConfig) -> str:
@@ -104,8 +118,9 @@ def _plan_method(cfg: JobConfig, num_gpus: int, capacity_gib: float,
                  gpu_name: str) -> list[Candidate]:
     gpu = gpu_name if gpu_name in GPUS else DEFAULT_GPU
     # Equal predicted times (compute-bound layouts): the smaller per-rank state first, for margin.
-    candidates = sorted(_candidates(cfg, num_gpus, gpu),
-                        key=lambda c: (c.step_seconds, c.state_bytes))
+    candidates = sorted(_candidates(cfg, num_gpus, gpu), key=lambda c: (
+        c.step_seconds, STATE_DTYPE_ORDER.index(c.cfg.optimizer.state_dtype), c.state_bytes))
+    host_gib = cfg.estimate.host_memory_gb
     fitting: list[Candidate] = []
     too_big: list[Candidate] = []
     for candidate in candidates:
@@ -115,7 +130,8 @@ def _plan_method(cfg: JobConfig, num_gpus: int, capacity_gib: float,
                 _needs_at_least(candidate, big) for big in too_big):
             continue
         candidate.estimate = estimate_memory(candidate.cfg, num_gpus)
-        if candidate.estimate.required_gib() <= capacity_gib:
+        if candidate.estimate.required_gib() <= capacity_gib and (
+                not host_gib or candidate.estimate.worst.host_peak / GIB <= host_gib):
             fitting.append(candidate)
         else:
             too_big.append(candidate)
@@ -142,9 +158,29 @@ def _candidates(cfg: JobConfig, num_gpus: int, gpu: str) -> list[Candidate]:
                             cfg, sequences, num_gpus, gpu, shard, dims.dp // shard,
                             (dims.dp_shard, dims.dp_replicate), offload, mode, option, local,
                             samples_per_rank * factor)
-                        if not check_job(candidate.cfg, num_gpus, training_here=False):
-                            found.append(candidate)
+                        found += [c for c in _optimizer_variants(cfg, candidate, num_gpus, gpu)
+                                  if not check_job(c.cfg, num_gpus, training_here=False)]
     return found
+
+
+def _optimizer_variants(cfg: JobConfig, candidate: Candidate, num_gpus: int,
+                        gpu: str) -> list[Candidate]:
+    """``candidate`` with each AdamW state dtype, and offloaded without accumulation also
+    stepping in backward (which turns clipping off: training.max_norm 0)."""
+    t = candidate.cfg.training
+    accumulates = t.global_batch_size not in (-1, t.local_batch_size * job_dims(
+        candidate.cfg, num_gpus).dp)
+    in_backward = [False, True] if t.enable_cpu_offload and not accumulates else [False]
+    variants = []
+    for step_in_backward in in_backward:
+        for state_dtype in STATE_DTYPE_ORDER:
+            optimizer = replace(candidate.cfg.optimizer, state_dtype=state_dtype,
+                                in_backward=step_in_backward)
+            training = replace(t, max_norm=0.0) if step_in_backward else t
+            new = replace(candidate.cfg, optimizer=optimizer, training=training)
+            variants.append(Candidate(new, _overrides(cfg, new), step_seconds(new, num_gpus, gpu),
+                                      _state_bytes(new, num_gpus)))
+    return variants
 
 
 def _candidate(cfg: JobConfig, base: JobConfig, num_gpus: int, gpu: str, shard: int,
@@ -196,7 +232,12 @@ def step_seconds(cfg: JobConfig, num_gpus: int, gpu: str) -> float:
     if t.enable_cpu_offload:
         shards = max(dims.dp_shard, 1)
         copies = (2 * micro_batches * (4 * trainable + frozen_bytes) + 4 * trainable) / shards
-        offload = copies / (PCIE_GB_S * 1e9) + trainable / shards / HOST_ADAM_PARAMS_PER_S
+        host_step = (trainable / shards / HOST_ADAM_PARAMS_PER_S
+                     * HOST_STATE_SLOWDOWN[cfg.optimizer.state_dtype])
+        if cfg.optimizer.in_backward:  # hidden behind backward, but for the root unit's
+            root_share = stats.root_trainable / max(stats.trainable, 1)
+            host_step = max(host_step * root_share, host_step - compute * 2 / 3)
+        offload = copies / (PCIE_GB_S * 1e9) + host_step
     return max(compute, communication) + offload
 
 
@@ -217,16 +258,18 @@ def _state_bytes(cfg: JobConfig, num_gpus: int) -> float:
         return 0.0
     dims = job_dims(cfg, num_gpus)
     stats = model_stats(cfg)
-    state = stats.weight_bytes + (BYTES_PER_PARAM - 4) * stats.trainable
+    state = stats.weight_bytes + (trained_bytes_per_param(cfg.optimizer) - 4) * stats.trainable
     return state / dims.state_shards(cfg.training.enable_cpu_offload)
 
 
 def _needs_at_least(candidate: Candidate, too_big: Candidate) -> bool:
     """Whether ``candidate`` needs at least the memory of ``too_big`` (same sharding and
-    offload, no more activation checkpointing, no smaller local batch)."""
+    offload, no more activation checkpointing, no smaller local batch, no fewer bytes per
+    trained parameter)."""
     a, b = candidate.cfg, too_big.cfg
     order = [mode for mode, _ in AC_CHOICES][::-1]  # full, selective, none: more memory
     return (a.parallelism == b.parallelism and a.lora == b.lora
+            and trained_bytes_per_param(a.optimizer) >= trained_bytes_per_param(b.optimizer)
             and a.training.enable_cpu_offload == b.training.enable_cpu_offload
             and order.index(a.activation_checkpoint.mode)
             >= order.index(b.activation_checkpoint.mode)
@@ -235,7 +278,7 @@ def _needs_at_least(candidate: Candidate, too_big: Candidate) -> bool:
 
 def _overrides(base: JobConfig, new: JobConfig) -> list[str]:
     flags = []
-    for section in ("training", "parallelism", "activation_checkpoint", "lora"):
+    for section in ("training", "parallelism", "activation_checkpoint", "lora", "optimizer"):
         for key, value in vars(getattr(new, section)).items():
             if getattr(getattr(base, section), key) != value:
                 text = str(value).lower() if isinstance(value, bool) else str(value)
@@ -276,7 +319,10 @@ def _toml(cfg: JobConfig) -> list[str]:
             f"global_batch_size = {t.global_batch_size}",
             f"enable_cpu_offload = {str(t.enable_cpu_offload).lower()}",
             f'mixed_precision_reduce = "{t.mixed_precision_reduce}"',
+            f"max_norm = {t.max_norm}",
             "[parallelism]", f"dp_replicate = {p.dp_replicate}", f"dp_shard = {p.dp_shard}",
+            "[optimizer]", f'state_dtype = "{cfg.optimizer.state_dtype}"',
+            f"in_backward = {str(cfg.optimizer.in_backward).lower()}",
             "[activation_checkpoint]", f'mode = "{ac.mode}"',
             f'selective_ac_option = "{ac.selective_ac_option}"']
 
@@ -324,5 +370,7 @@ def _stats(flavor: str, init_from: str, kind: str, path: str, seq_len: int, lora
     weight_bytes = sum(p.numel() * (NF4_BYTES_PER_WEIGHT if id(p) in quantized
                                     else p.element_size()) for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    root = sum(p.numel() for name, p in model.named_parameters()
+               if p.requires_grad and not name.startswith("layers."))
     return ModelStats(model.num_params(), trainable, weight_bytes,
-                      model.flops_per_token(seq_len), model.args.n_layers)
+                      model.flops_per_token(seq_len), model.args.n_layers, root)

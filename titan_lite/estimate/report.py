@@ -11,7 +11,8 @@ from titan_lite.estimate.gpus import ALLOCATOR_SLACK, CUDA_CONTEXT_GIB, GPUS
 from titan_lite.estimate.planner import format_plan, plan
 from titan_lite.estimate.trace import GIB, MemoryEstimate, estimate_memory, job_dims
 from titan_lite.estimate.tracker import GRADS, LABELS, OPTIM, PARAMS
-from titan_lite.build import BYTES_PER_PARAM
+from titan_lite.optim import trained_bytes_per_param
+from titan_lite.optim_compact import state_bytes_per_parameter
 
 
 def describe_job(cfg: JobConfig, num_gpus: int) -> str:
@@ -81,8 +82,13 @@ def closed_form_line(estimate: MemoryEstimate) -> str:
                        f" B each (adapters included) + {trainable:,} trained x 4 B x (1 + 2) "
                        f"/ {shards} = {trainable * 12 / shards / GIB:.3f} GiB of gradients and "
                        "AdamW states")
-    formula = estimate.num_params * BYTES_PER_PARAM / shards
-    return line + (f"closed form {estimate.num_params:,} x 4 B x (1 + 1 + 2) / {shards} = "
+    optimizer = estimate.cfg.optimizer
+    formula = estimate.num_params * trained_bytes_per_param(optimizer) / shards
+    grads = ("0 (optimizer.in_backward: each unit's gradients live until it steps)"
+             if optimizer.in_backward else "4")
+    return line + (f"closed form {estimate.num_params:,} x (4 + {grads} + "
+                   f"{state_bytes_per_parameter(optimizer.state_dtype):g} "
+                   f"[{optimizer.state_dtype} moments]) B / {shards} = "
                    f"{formula / GIB:.3f} GiB ({formula / 1e9:.2f} GB)")
 
 

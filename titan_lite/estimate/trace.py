@@ -141,7 +141,8 @@ def _trace_steps(cfg: JobConfig, args: ModelArgs, dims: ParallelDims, mesh: Devi
     parts, runner = build_model(cfg, model, dims, mesh, env, draw_weights=False)
     modules = torch.nn.ModuleList(parts)
     params = list(modules.parameters())
-    optimizer = build_optimizer(modules, cfg.optimizer)
+    # fake tensors cannot be used by two threads: a step in backward runs on this one
+    optimizer = build_optimizer(modules, cfg.optimizer, synchronous=True)
     recipe = step_recipe(cfg, dims, env.device)
     group = mesh["pp"].get_group() if dims.pp > 1 else None
     t = cfg.training
