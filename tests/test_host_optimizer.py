@@ -13,7 +13,7 @@ from layouts import BASE, run_layout
 from titan_lite import optim_compact
 from titan_lite.checkpoint import complete_steps
 from titan_lite.config import load_config
-from titan_lite.distributed import DistEnv
+from titan_lite.distributed import DistEnv, local_shard
 from titan_lite.memory import storages, tensor_bytes
 from titan_lite.optim_compact import SlicedAdamW
 from titan_lite.optim_in_backward import StepInBackward
@@ -140,3 +140,41 @@ def test_step_in_backward_holds_two_units_of_gradients_at_most(tmp_path):
                     tmp_path / "b" / "checkpoint" / "step-2")
     resumed = run_layout(tmp_path, "b", 2, *argv[len(BASE):])
     assert resumed["losses"] == seen["losses"][2:]
+
+
+def _float16_overflow_worker(rank: int, world_size: int, argv: list[str], out: str) -> None:
+    """Train in float16, stepping in backward; at step 2 rank 0 finds an inf in the first
+    gradient of the first block's unit before that unit steps."""
+    os.chdir(REPO)
+    arrive, seen = StepInBackward._gradient_ready, []
+
+    def inject(self, param):
+        arrive(self, param)  # (not the unit's last parameter: its step has not started)
+        if self._armed and param is self.units[1][0]:
+            seen.append(None)
+            if len(seen) == 2 and rank == 0:
+                local_shard(param.grad).view(-1)[0] = float("inf")
+
+    StepInBackward._gradient_ready = inject
+    result = train(load_config(argv), DistEnv(rank, rank, world_size, world_size,
+                                              torch.device("cpu")))
+    steps = [int(result.optimizer.state[unit[0]]["step"]) for unit in result.optimizer.units]
+    torch.save({"steps": steps, "skipped": result.skipped_steps, "scale": result.loss_scale,
+                "losses": result.losses}, f"{out}.{rank}")
+
+
+@pytest.mark.slow
+def test_float16_overflow_skips_that_units_step_and_halves_the_scale_on_every_rank(tmp_path):
+    argv = [*BASE, *OFFLOAD, "--optimizer.in_backward", "true", "--training.local_batch_size",
+            "2", "--training.mixed_precision_param", "float16", "--job.dump_folder",
+            str(tmp_path / "run")]
+    out = str(tmp_path / "result")
+    run_distributed(_float16_overflow_worker, 2, argv, out)
+    for rank in range(2):
+        seen = torch.load(f"{out}.{rank}", weights_only=True)
+        assert seen["skipped"] == [2] and seen["scale"] == 2.0**15  # agreed by both ranks
+        expected = [3] * len(seen["steps"])
+        if rank == 0:
+            expected[1] = 2  # the block's unit skipped step 2 on the rank that overflowed
+        assert seen["steps"] == expected
+        assert all(torch.isfinite(torch.tensor(seen["losses"])))

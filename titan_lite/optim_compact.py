@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+from torch._guards import active_fake_mode
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.distributed.tensor import DTensor
 from torch.optim.adamw import adamw
@@ -144,9 +145,10 @@ _WORKSPACES: dict[torch.device, torch.Tensor] = {}
 def _workspace(device: torch.device, size: int) -> torch.Tensor:
     """Two slices of float32 moments, shared by every SlicedAdamW of the process (their steps
     run one at a time: the training thread's, or the step-in-backward worker's)."""
+    if active_fake_mode() is not None:  # the estimator: a buffer of this step's own, counted
+        return torch.empty(2, size, device=device)
     if device not in _WORKSPACES or _WORKSPACES[device].shape[1] < size:
-        with unset_fake_temporarily():  # real, also when the estimator traces the step
-            _WORKSPACES[device] = torch.empty(2, size, device=device)
+        _WORKSPACES[device] = torch.empty(2, size, device=device)
     return _WORKSPACES[device][:, :size]
 
 

@@ -14,8 +14,9 @@ a single optimizer's does (what checkpoints read and write).
 The global gradient norm is known only after every unit has stepped: it is computed (each
 unit's share, summed over ranks at the end) and logged, but gradients cannot be clipped by it,
 so ``training.max_norm`` must be 0 with this knob. float16's loss scale still works: each
-unit unscales its own gradients and skips its step when they are not finite; the scale halves
-when any unit on any rank skipped.
+unit unscales its own gradients and skips its step when they are not finite (on the rank
+whose shard holds them: the other shards of the unit, and the other units, step, unlike the
+ordinary step, which skips everything); the scale halves when any unit on any rank skipped.
 """
 
 from __future__ import annotations
@@ -107,11 +108,10 @@ class StepInBackward(torch.optim.Optimizer):
 
     @torch.no_grad()
     def _step_unit(self, unit: int) -> None:
-        grads = [p.grad for p in self.units[unit] if p.grad is not None]
+        local = [local_shard(p.grad) for p in self.units[unit] if p.grad is not None]
         scale = self._loss_scale()
-        if scale != 1.0:
-            torch._foreach_mul_([local_shard(g) for g in grads], 1.0 / scale)
-        local = [local_shard(g) for g in grads]
+        if scale != 1.0 and local:
+            torch._foreach_mul_(local, 1.0 / scale)
         norm = torch.nn.utils.get_total_norm(local, foreach=True) if local else torch.zeros(())
         self._squares.append(norm.double().cpu() ** 2)
         if scale != 1.0 and not torch.isfinite(self._squares[-1]):

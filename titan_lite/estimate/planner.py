@@ -38,7 +38,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, replace
 
-from titan_lite.config import ActivationCheckpoint, JobConfig, check_job
+from titan_lite.config import JobConfig, check_job
 from titan_lite.distributed import DTYPES
 from titan_lite.estimate.gpus import GPUS
 from titan_lite.estimate.trace import (
@@ -89,6 +89,8 @@ class ModelStats:
     flops_per_token: int
     n_layers: int
     root_trainable: int  # trained outside the blocks (embeddings, final norm, output)
+    dim: int
+    vocab: int
 
 
 def method_of(cfg: JobConfig) -> str:
@@ -119,22 +121,24 @@ def _plan_method(cfg: JobConfig, num_gpus: int, capacity_gib: float,
     gpu = gpu_name if gpu_name in GPUS else DEFAULT_GPU
     # Equal predicted times (compute-bound layouts): the smaller per-rank state first, for margin.
     candidates = sorted(_candidates(cfg, num_gpus, gpu), key=lambda c: (
-        c.step_seconds, STATE_DTYPE_ORDER.index(c.cfg.optimizer.state_dtype), c.state_bytes))
+        c.step_seconds, STATE_DTYPE_ORDER.index(c.cfg.optimizer.state_dtype),
+        len(_memory_knobs(c.cfg) - _memory_knobs(cfg)), c.state_bytes))
     host_gib = cfg.estimate.host_memory_gb
     fitting: list[Candidate] = []
-    too_big: list[Candidate] = []
+    too_big: list[tuple[Candidate, str]] = []  # and where: "device" or "host"
     for candidate in candidates:
         if len(fitting) == cfg.estimate.plan_top:
             break
         if candidate.state_bytes / GIB > capacity_gib or any(
-                _needs_at_least(candidate, big) for big in too_big):
+                _needs_at_least(candidate, big, where) for big, where in too_big):
             continue
         candidate.estimate = estimate_memory(candidate.cfg, num_gpus)
-        if candidate.estimate.required_gib() <= capacity_gib and (
-                not host_gib or candidate.estimate.worst.host_peak / GIB <= host_gib):
-            fitting.append(candidate)
+        if candidate.estimate.required_gib() > capacity_gib:
+            too_big.append((candidate, "device"))
+        elif host_gib and candidate.estimate.worst.host_peak / GIB > host_gib:
+            too_big.append((candidate, "host"))
         else:
-            too_big.append(candidate)
+            fitting.append(candidate)
     return fitting
 
 
@@ -158,26 +162,51 @@ def _candidates(cfg: JobConfig, num_gpus: int, gpu: str) -> list[Candidate]:
                             cfg, sequences, num_gpus, gpu, shard, dims.dp // shard,
                             (dims.dp_shard, dims.dp_replicate), offload, mode, option, local,
                             samples_per_rank * factor)
-                        found += [c for c in _optimizer_variants(cfg, candidate, num_gpus, gpu)
+                        found += [c for knobbed in _memory_knob_variants(cfg, candidate.cfg)
+                                  for c in _optimizer_variants(cfg, knobbed, num_gpus, gpu)
                                   if not check_job(c.cfg, num_gpus, training_here=False)]
     return found
 
 
-def _optimizer_variants(cfg: JobConfig, candidate: Candidate, num_gpus: int,
+def _memory_knob_variants(cfg: JobConfig, candidate: JobConfig) -> list[JobConfig]:
+    """``candidate`` as configured and with each memory knob that saves device memory at little
+    time: the loss in slices (training.loss_chunks 0, auto), a frozen embedding table in host
+    memory (LoRA and QLoRA), full AC's saved block inputs in host memory."""
+    t, lora, ac = candidate.training, candidate.lora, candidate.activation_checkpoint
+    variants = [candidate]
+    if t.loss_chunks != 0:
+        variants += [replace(v, training=replace(v.training, loss_chunks=0)) for v in variants]
+    if lora.enable and not lora.embedding_on_host:
+        variants += [replace(v, lora=replace(v.lora, embedding_on_host=True)) for v in variants]
+    if ac.mode == "full" and not ac.offload:
+        variants += [replace(v, activation_checkpoint=replace(v.activation_checkpoint,
+                                                              offload=True)) for v in variants]
+    return variants
+
+
+def _memory_knobs(cfg: JobConfig) -> set[str]:
+    """The memory knobs ``cfg`` turns on (more of them: no more device memory)."""
+    return {name for name, on in (("loss slices", cfg.training.loss_chunks != 1),
+                                  ("embedding on host", cfg.lora.embedding_on_host),
+                                  ("activation offload", cfg.activation_checkpoint.offload))
+            if on}
+
+
+def _optimizer_variants(cfg: JobConfig, candidate: JobConfig, num_gpus: int,
                         gpu: str) -> list[Candidate]:
     """``candidate`` with each AdamW state dtype, and offloaded without accumulation also
     stepping in backward (which turns clipping off: training.max_norm 0)."""
-    t = candidate.cfg.training
+    t = candidate.training
     accumulates = t.global_batch_size not in (-1, t.local_batch_size * job_dims(
-        candidate.cfg, num_gpus).dp)
+        candidate, num_gpus).dp)
     in_backward = [False, True] if t.enable_cpu_offload and not accumulates else [False]
     variants = []
     for step_in_backward in in_backward:
         for state_dtype in STATE_DTYPE_ORDER:
-            optimizer = replace(candidate.cfg.optimizer, state_dtype=state_dtype,
+            optimizer = replace(candidate.optimizer, state_dtype=state_dtype,
                                 in_backward=step_in_backward)
             training = replace(t, max_norm=0.0) if step_in_backward else t
-            new = replace(candidate.cfg, optimizer=optimizer, training=training)
+            new = replace(candidate, optimizer=optimizer, training=training)
             variants.append(Candidate(new, _overrides(cfg, new), step_seconds(new, num_gpus, gpu),
                                       _state_bytes(new, num_gpus)))
     return variants
@@ -194,7 +223,7 @@ def _candidate(cfg: JobConfig, base: JobConfig, num_gpus: int, gpu: str, shard: 
                        else global_batch)
     parallelism = (cfg.parallelism if (shard, replicas) == configured
                    else replace(cfg.parallelism, dp_shard=shard, dp_replicate=replicas))
-    ac = ActivationCheckpoint(mode=mode, selective_ac_option=option)
+    ac = replace(cfg.activation_checkpoint, mode=mode, selective_ac_option=option)
     new = replace(base, training=training, parallelism=parallelism, activation_checkpoint=ac)
     if not _uses_fsdp(new, num_gpus) and new.training.mixed_precision_reduce != "float32":
         new = replace(new, training=replace(new.training, mixed_precision_reduce="float32"))
@@ -212,8 +241,10 @@ def step_seconds(cfg: JobConfig, num_gpus: int, gpu: str) -> float:
     tokens = t.local_batch_size * t.seq_len * micro_batches  # this rank's data-parallel share
     peak = gpu_peak_flops(gpu, DTYPES[t.mixed_precision_param]) or 1e14
     launches = micro_batches * stats.n_layers * LAUNCH_SECONDS_PER_LAYER
-    compute = tokens * stats.flops_per_token * (1 + _recompute(cfg)) / (dims.tp * dims.pp) / (
-        peak * ASSUMED_MFU) + launches
+    # loss slices recompute the output projection in backward: one more forward of it
+    output_flops = 2 * stats.dim * stats.vocab if t.loss_chunks != 1 else 0
+    compute = tokens * (stats.flops_per_token * (1 + _recompute(cfg)) + output_flops) / (
+        dims.tp * dims.pp) / (peak * ASSUMED_MFU) + launches
     split = dims.tp * dims.pp
     trainable = stats.trainable / split
     # what one all-gather moves: trained weights in the compute dtype, a frozen base as stored
@@ -238,6 +269,9 @@ def step_seconds(cfg: JobConfig, num_gpus: int, gpu: str) -> float:
             root_share = stats.root_trainable / max(stats.trainable, 1)
             host_step = max(host_step * root_share, host_step - compute * 2 / 3)
         offload = copies / (PCIE_GB_S * 1e9) + host_step
+    if cfg.activation_checkpoint.offload:  # full AC's block inputs (bf16) out and back
+        saved = tokens * stats.dim * 2 * stats.n_layers / (dims.tp * dims.pp)
+        offload += 2 * saved / (PCIE_GB_S * 1e9)
     return max(compute, communication) + offload
 
 
@@ -262,18 +296,27 @@ def _state_bytes(cfg: JobConfig, num_gpus: int) -> float:
     return state / dims.state_shards(cfg.training.enable_cpu_offload)
 
 
-def _needs_at_least(candidate: Candidate, too_big: Candidate) -> bool:
-    """Whether ``candidate`` needs at least the memory of ``too_big`` (same sharding and
-    offload, no more activation checkpointing, no smaller local batch, no fewer bytes per
-    trained parameter)."""
+def _needs_at_least(candidate: Candidate, too_big: Candidate, where: str) -> bool:
+    """Whether ``candidate`` needs at least the ``where`` ("device" or "host") memory of
+    ``too_big``: same sharding, method and offload, no more activation checkpointing, no
+    smaller local batch, and on the device no memory knob that ``too_big`` lacks and (unless
+    offloaded: the optimizer's memory is on the host) no fewer bytes per trained parameter; on
+    the host no fewer bytes per trained parameter and every knob that adds host memory that
+    ``too_big`` has."""
     a, b = candidate.cfg, too_big.cfg
     order = [mode for mode, _ in AC_CHOICES][::-1]  # full, selective, none: more memory
-    return (a.parallelism == b.parallelism and a.lora == b.lora
-            and trained_bytes_per_param(a.optimizer) >= trained_bytes_per_param(b.optimizer)
+    same = (a.parallelism == b.parallelism
+            and (a.lora.enable, a.lora.quantize_base) == (b.lora.enable, b.lora.quantize_base)
             and a.training.enable_cpu_offload == b.training.enable_cpu_offload
             and order.index(a.activation_checkpoint.mode)
             >= order.index(b.activation_checkpoint.mode)
             and a.training.local_batch_size >= b.training.local_batch_size)
+    more_optimizer = trained_bytes_per_param(a.optimizer) >= trained_bytes_per_param(b.optimizer)
+    if where == "host":
+        host_knobs = _memory_knobs(b) - {"loss slices"}
+        return same and more_optimizer and host_knobs <= _memory_knobs(a)
+    return same and _memory_knobs(a) <= _memory_knobs(b) and (
+        a.training.enable_cpu_offload or more_optimizer)
 
 
 def _overrides(base: JobConfig, new: JobConfig) -> list[str]:
@@ -315,16 +358,18 @@ def _toml(cfg: JobConfig) -> list[str]:
     t, p, ac, lora = cfg.training, cfg.parallelism, cfg.activation_checkpoint, cfg.lora
     return ["[lora]", f"enable = {str(lora.enable).lower()}",
             f'quantize_base = "{lora.quantize_base}"',
+            f"embedding_on_host = {str(lora.embedding_on_host).lower()}",
             "[training]", f"seq_len = {t.seq_len}", f"local_batch_size = {t.local_batch_size}",
             f"global_batch_size = {t.global_batch_size}",
             f"enable_cpu_offload = {str(t.enable_cpu_offload).lower()}",
             f'mixed_precision_reduce = "{t.mixed_precision_reduce}"',
-            f"max_norm = {t.max_norm}",
+            f"max_norm = {t.max_norm}", f"loss_chunks = {t.loss_chunks}",
             "[parallelism]", f"dp_replicate = {p.dp_replicate}", f"dp_shard = {p.dp_shard}",
             "[optimizer]", f'state_dtype = "{cfg.optimizer.state_dtype}"',
             f"in_backward = {str(cfg.optimizer.in_backward).lower()}",
             "[activation_checkpoint]", f'mode = "{ac.mode}"',
-            f'selective_ac_option = "{ac.selective_ac_option}"']
+            f'selective_ac_option = "{ac.selective_ac_option}"',
+            f"offload = {str(ac.offload).lower()}"]
 
 
 def _global_samples(cfg: JobConfig, num_gpus: int) -> int:
@@ -373,4 +418,5 @@ def _stats(flavor: str, init_from: str, kind: str, path: str, seq_len: int, lora
     root = sum(p.numel() for name, p in model.named_parameters()
                if p.requires_grad and not name.startswith("layers."))
     return ModelStats(model.num_params(), trainable, weight_bytes,
-                      model.flops_per_token(seq_len), model.args.n_layers, root)
+                      model.flops_per_token(seq_len), model.args.n_layers, root,
+                      model.args.dim, model.args.vocab_size)

@@ -197,7 +197,9 @@ def _trace_steps(cfg: JobConfig, args: ModelArgs, dims: ParallelDims, mesh: Devi
         step(tracker)
     for hook in hooks:
         hook.remove()
-    state[GRADS] = sum(grad_bytes.values())
+    # stepped in backward, a unit's gradients are freed as it steps: what is held at once
+    state[GRADS] = (tracker.host_at_peak.get(GRADS, 0) if isinstance(optimizer, StepInBackward)
+                    else sum(grad_bytes.values()))
     return RankEstimate(env.rank, tracker.peak_bytes, tracker.device_peak, tracker.device_at_peak,
                         tracker.host_peak, tracker.host_at_peak, state)
 
