@@ -61,8 +61,8 @@ SELECTIVE_OP_RECOMPUTE = 0.05
 PCIE_GB_S = 25.0
 HOST_ADAM_PARAMS_PER_S = 1e9
 # host step time per parameter relative to float32 moments (bench/bench_optimizer.py speed,
-# this 2-core CPU, 2026-12-06: float32 0.68, bfloat16 1.52, int8 13.0 s per billion)
-HOST_STATE_SLOWDOWN = {"float32": 1.0, "bfloat16": 2.2, "int8": 19.0}
+# this 2-core CPU, 2026-12-06: float32 0.63, bfloat16 1.64, int8 20.6 s per billion)
+HOST_STATE_SLOWDOWN = {"float32": 1.0, "bfloat16": 2.6, "int8": 33.0}
 STATE_DTYPE_ORDER = ("float32", "bfloat16", "int8")  # among equal times: the first that fits
 DEFAULT_GPU = "H100"  # speeds assumed when only estimate.device_memory_gb is given
 AC_CHOICES = (("none", "op"), ("selective", "op"), ("full", "op"))
