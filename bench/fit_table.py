@@ -43,8 +43,14 @@ def layout(cfg, count: int) -> str:
                                           if dims.dp_replicate > 1 else "")
     accumulation = ("" if t.global_batch_size == -1 else
                     f" x {t.global_batch_size // (t.local_batch_size * dims.dp)} accumulated")
+    knobs = [name for name, on in (
+        ("AdamW in backward (no clipping)", cfg.optimizer.in_backward),
+        (f"{cfg.optimizer.state_dtype} moments", cfg.optimizer.state_dtype != "float32"),
+        ("embedding on host", cfg.lora.embedding_on_host),
+        ("activation offload", ac.offload)) if on]
     return (f"{data}, AC {ac.mode}, offload {'on' if t.enable_cpu_offload else 'off'}, "
-            f"micro-batch {t.local_batch_size}{accumulation}")
+            f"micro-batch {t.local_batch_size}{accumulation}"
+            + "".join(f", {k}" for k in knobs))
 
 
 KNOBS = {  # what each memory knob does to llama3 8B on 2 GPUs (1 x 8192 tokens per GPU)

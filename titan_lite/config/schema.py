@@ -411,8 +411,9 @@ class Estimate:
                                 "offload's weights, gradients and AdamW states); 0 = not "
                                 "checked. E.g. 56 on a 64 GB desktop.", min=0)
     plan: bool = opt(False, "Search CPU offload, AC mode, local batch (same global batch), "
-                     "FSDP degree, AdamW's state dtype and (offloaded, without accumulation) "
-                     "the step in backward for the fastest configs that fit.")
+                     "FSDP degree, AdamW's state dtype, (offloaded, without accumulation) "
+                     "the step in backward, the loss in slices, a frozen embedding on the "
+                     "host and full AC's offload for the fastest configs that fit.")
     plan_top: int = opt(5, "How many fitting configs the planner prints (per method).", min=1)
     plan_methods: list[str] = opt(["full"], "Fine-tuning methods the planner tries: full "
                                   "(every weight trained), lora (adapters on a frozen bf16 "
