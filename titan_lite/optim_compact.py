@@ -139,7 +139,6 @@ class SlicedAdamW(torch.optim.Optimizer):
         local_shard(state[f"{key}_scale"]).view(-1)[start // BLOCK:end // BLOCK].copy_(scale)
 
 
-
 _WORKSPACES: dict[torch.device, torch.Tensor] = {}
 
 
