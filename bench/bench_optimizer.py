@@ -34,6 +34,7 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from titan_lite.memory import tensor_bytes  # noqa: E402
 from titan_lite.optim_compact import (  # noqa: E402
     STATE_DTYPES,
     SlicedAdamW,
@@ -94,19 +95,11 @@ def speed(billion: float, steps: int) -> None:
             continue
         states = [v for p in params for v in optimizer.state[p].values()
                   if isinstance(v, torch.Tensor) and v.numel() > 1]
-        per_param = sum(_bytes(v) for v in states) / numel
+        per_param = sum(tensor_bytes(v) for v in states) / numel
         print(f"| {name} | {seconds:.3f} | {seconds * 1e9 / numel:.2f} | {per_param:.2f} |")
         del optimizer, params, states
     expected = ', '.join(f'{k} {state_bytes_per_parameter(k):.2f}' for k in STATE_DTYPES)
     print(f"\n(expected moments, bytes per parameter: {expected})")
-
-
-def _bytes(tensor: torch.Tensor) -> int:
-    inner = getattr(tensor, "__tensor_flatten__", None)
-    if inner is not None and type(tensor) is not torch.Tensor:  # torchao's 8-bit subclass
-        names, _ = inner()
-        return sum(_bytes(getattr(tensor, n)) for n in names)
-    return tensor.numel() * tensor.element_size()
 
 
 def _train(args: list[str], folder: str) -> list[dict]:

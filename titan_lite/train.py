@@ -257,13 +257,13 @@ def train(cfg: JobConfig, env: DistEnv) -> TrainResult:
     if cfg.model.init_from:
         load_pretrained(parts, cfg.model.init_from, args)
     modules = torch.nn.ModuleList(parts)  # one handle on this rank's parameters
-    scaler = LossScaler(enabled=DTYPES[cfg.training.mixed_precision_param] == torch.float16)
+    compute_dtype = DTYPES[cfg.training.mixed_precision_param]
+    scaler = LossScaler(enabled=compute_dtype == torch.float16)
     optimizer = build_optimizer(modules, cfg.optimizer, scaler.get_scale)
     in_backward = optimizer if isinstance(optimizer, StepInBackward) else None
     scheduler = build_lr_scheduler(optimizer, cfg.lr_scheduler, cfg.training.steps)
     loader = data.train
 
-    compute_dtype = DTYPES[cfg.training.mixed_precision_param]
     recipe = step_recipe(cfg, dims, env.device)
     pipeline_group = mesh["pp"].get_group() if dims.pp > 1 else None
     tokens_per_step = tokens_per_rank_per_step(cfg, dims, env.world_size)

@@ -119,10 +119,12 @@ def plan(cfg: JobConfig, num_gpus: int, capacity_gib: float, gpu_name: str) -> l
 def _plan_method(cfg: JobConfig, num_gpus: int, capacity_gib: float,
                  gpu_name: str) -> list[Candidate]:
     gpu = gpu_name if gpu_name in GPUS else DEFAULT_GPU
-    # Equal predicted times (compute-bound layouts): the smaller per-rank state first, for margin.
+    # Equal predicted times (compute-bound layouts): float32 moments first, then the fewest
+    # memory knobs added, then the smaller per-rank state (more margin).
+    configured_knobs = _memory_knobs(cfg)
     candidates = sorted(_candidates(cfg, num_gpus, gpu), key=lambda c: (
         c.step_seconds, STATE_DTYPE_ORDER.index(c.cfg.optimizer.state_dtype),
-        len(_memory_knobs(c.cfg) - _memory_knobs(cfg)), c.state_bytes))
+        len(_memory_knobs(c.cfg) - configured_knobs), c.state_bytes))
     host_gib = cfg.estimate.host_memory_gb
     fitting: list[Candidate] = []
     too_big: list[tuple[Candidate, str]] = []  # and where: "device" or "host"
@@ -158,17 +160,17 @@ def _candidates(cfg: JobConfig, num_gpus: int, gpu: str) -> list[Candidate]:
             for offload in (False, True):
                 for mode, option in AC_CHOICES:
                     for local in local_batches:
-                        candidate = _candidate(
-                            cfg, sequences, num_gpus, gpu, shard, dims.dp // shard,
+                        layout = _layout(
+                            cfg, sequences, num_gpus, shard, dims.dp // shard,
                             (dims.dp_shard, dims.dp_replicate), offload, mode, option, local,
                             samples_per_rank * factor)
-                        found += [c for knobbed in _memory_knob_variants(cfg, candidate.cfg)
+                        found += [c for knobbed in _memory_knob_variants(layout)
                                   for c in _optimizer_variants(cfg, knobbed, num_gpus, gpu)
                                   if not check_job(c.cfg, num_gpus, training_here=False)]
     return found
 
 
-def _memory_knob_variants(cfg: JobConfig, candidate: JobConfig) -> list[JobConfig]:
+def _memory_knob_variants(candidate: JobConfig) -> list[JobConfig]:
     """``candidate`` as configured and with each memory knob that saves device memory at little
     time: the loss in slices (training.loss_chunks 0, auto), a frozen embedding table in host
     memory (LoRA and QLoRA), full AC's saved block inputs in host memory."""
@@ -212,10 +214,10 @@ def _optimizer_variants(cfg: JobConfig, candidate: JobConfig, num_gpus: int,
     return variants
 
 
-def _candidate(cfg: JobConfig, base: JobConfig, num_gpus: int, gpu: str, shard: int,
-               replicas: int, configured: tuple[int, int], offload: bool, mode: str,
-               option: str, local: int, samples_per_rank: int) -> Candidate:
-    """``base`` (``cfg`` or it with a shorter sequence) with these knobs; overrides vs ``cfg``."""
+def _layout(cfg: JobConfig, base: JobConfig, num_gpus: int, shard: int, replicas: int,
+            configured: tuple[int, int], offload: bool, mode: str, option: str, local: int,
+            samples_per_rank: int) -> JobConfig:
+    """``base`` (``cfg`` or it with a shorter sequence) with these knobs."""
     global_batch = samples_per_rank * shard * replicas
     keep = local == samples_per_rank and base.training.seq_len == cfg.training.seq_len
     training = replace(base.training, enable_cpu_offload=offload, local_batch_size=local,
@@ -227,8 +229,7 @@ def _candidate(cfg: JobConfig, base: JobConfig, num_gpus: int, gpu: str, shard: 
     new = replace(base, training=training, parallelism=parallelism, activation_checkpoint=ac)
     if not _uses_fsdp(new, num_gpus) and new.training.mixed_precision_reduce != "float32":
         new = replace(new, training=replace(new.training, mixed_precision_reduce="float32"))
-    return Candidate(new, _overrides(cfg, new), step_seconds(new, num_gpus, gpu),
-                     _state_bytes(new, num_gpus))
+    return new
 
 
 def step_seconds(cfg: JobConfig, num_gpus: int, gpu: str) -> float:
