@@ -239,3 +239,25 @@ def test_embedding_on_host_takes_the_table_out_of_device_memory():
     assert on_host.worst.host[HOST_WEIGHTS] == table
     # FSDP gathers the root (embedding, norm, output) for the whole step: the full table
     assert on_device.worst.device_peak - on_host.worst.device_peak >= table
+
+
+def test_qlora_on_one_gpu_under_offload_keeps_its_nf4_base_in_host_memory():
+    """One shard: the NF4 block linears stay in host memory and stream to the GPU per use, so
+    the device holds at most one of them (a copy) beside what the base on the device holds."""
+    from titan_lite.build import build_meta_model
+    from titan_lite.estimate.trace import model_args
+    from titan_lite.estimate.tracker import HOST_WEIGHTS
+    from titan_lite.finetune.lora import block_linears
+    from titan_lite.finetune.nf4 import BYTES_PER_WEIGHT
+
+    base = ["--training.local_batch_size", "2", "--training.seq_len", "128", "--lora.enable",
+            "true", "--lora.quantize_base", "nf4", "--training.mixed_precision_param",
+            "bfloat16", "--activation_checkpoint.mode", "full"]
+    on_device = estimate_memory(load_config(base), 1)
+    streamed = estimate_memory(load_config([*base, "--training.enable_cpu_offload", "true"]), 1)
+    model = build_meta_model(streamed.cfg, model_args(streamed.cfg))
+    sizes = [m.weight.numel() * BYTES_PER_WEIGHT for _, m in block_linears([model])]
+    assert streamed.worst.host[HOST_WEIGHTS] == pytest.approx(sum(sizes), rel=1e-3)
+    assert on_device.worst.device[PARAMS] >= sum(sizes)
+    saved = on_device.worst.device_peak - streamed.worst.device_peak
+    assert saved >= sum(sizes) - max(sizes)

@@ -64,14 +64,20 @@ def test_lora_layouts_match_one_process(tmp_path, lora_reference, name, world, o
     assert_matches(run_layout(tmp_path, name, world, *LORA, *overrides), lora_reference)
 
 
-@pytest.mark.parametrize("name, overrides", [
-    ("fsdp2", ["--training.local_batch_size", "2"]),
-    ("fsdp2-offload-selectiveac", ["--training.local_batch_size", "2",
-                                   "--training.enable_cpu_offload", "true",
-                                   "--activation_checkpoint.mode", "selective"]),
+@pytest.mark.parametrize("name, world, overrides", [
+    ("fsdp2", 2, ["--training.local_batch_size", "2"]),
+    ("fsdp2-offload-selectiveac", 2, ["--training.local_batch_size", "2",
+                                      "--training.enable_cpu_offload", "true",
+                                      "--activation_checkpoint.mode", "selective"]),
+    # one shard: the NF4 linears stay in host memory and stream to the device per use (in
+    # forward, the recomputation and backward)
+    ("one-offload-fullac-accum2", 1, ["--training.local_batch_size", "2",
+                                      "--training.global_batch_size", "4",
+                                      "--training.enable_cpu_offload", "true",
+                                      "--activation_checkpoint.mode", "full"]),
 ])
-def test_qlora_layouts_match_one_process(tmp_path, qlora_reference, name, overrides):
-    assert_matches(run_layout(tmp_path, name, 2, *QLORA, *overrides), qlora_reference)
+def test_qlora_layouts_match_one_process(tmp_path, qlora_reference, name, world, overrides):
+    assert_matches(run_layout(tmp_path, name, world, *QLORA, *overrides), qlora_reference)
 
 
 def base_folder(path, seed: int) -> str:

@@ -81,10 +81,12 @@ def parallelize(model: Transformer, cfg: JobConfig, dims: ParallelDims, mesh: De
         apply_compile(model)
     offload = cfg.training.enable_cpu_offload
     param_device = torch.device("cpu") if offload else env.device
-    if cfg.lora.quantize_base == "nf4":
-        quantize_block_linears(model, param_device)
-    host = place_on_host(model)
     fsdp = dims.uses_fsdp(offload)
+    if cfg.lora.quantize_base == "nf4":
+        # FSDP2 moves an NF4 shard to the GPU only through its all-gather, which it skips with
+        # one shard: then the block linears stream themselves from host memory
+        quantize_block_linears(model, param_device, on_host=offload and dims.dp_shard == 1)
+    host = place_on_host(model)
     if fsdp:
         apply_fsdp(model, mesh, cfg.training, cfg.parallelism, pipelined=dims.pp > 1,
                    ignored_params=set(host.values()))

@@ -170,11 +170,7 @@ def _lora_problems(cfg: JobConfig, dims: ParallelDims | None, args: ModelArgs) -
             problems.append("lora.save_base: an NF4 base cannot be stored in a checkpoint; "
                             "it is rebuilt from model.init_from on resume")
         fsdp = dims is not None and dims.uses_fsdp(cfg.training.enable_cpu_offload)
-        if fsdp and dims.dp_shard == 1:
-            problems.append("lora.quantize_base: 'nf4' under FSDP needs parallelism.dp_shard "
-                            ">= 2 (FSDP2 skips NF4's all-gather with one shard); on one GPU "
-                            "keep training.enable_cpu_offload = false, the NF4 base is small")
-        shards = dims.dp_shard if fsdp else 1
+        shards = dims.dp_shard if fsdp else 1  # one shard: streamed from the host, whole
         problems += [f"lora.quantize_base: {p}" for p in
                      filter(None, (nf4_problems(shape, shards) for shape in
                                    _block_linear_shapes(args)))][:1]

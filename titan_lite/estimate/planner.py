@@ -25,7 +25,8 @@ Cost model, per step and GPU (an explained ranking, not a promise of speed):
   overlapped with compute (the step takes the longer of the two); equal times put the layout
   with the smaller per-rank state first (more margin);
 - CPU offload: weights copied to the GPU per micro-batch and gradients back, over PCIe
-  (``PCIE_GB_S``), and the AdamW step on the host (``HOST_ADAM_PARAMS_PER_S``, slower with
+  (``PCIE_GB_S``; an NF4 base on one shard, streamed per use, also for the recomputation of
+  activation checkpointing), and the AdamW step on the host (``HOST_ADAM_PARAMS_PER_S``, slower with
   compact moments by ``HOST_STATE_SLOWDOWN``), after backward; with optimizer.in_backward
   the step overlaps the backward (2/3 of the compute) except the last unit's (the root:
   embeddings and output), which is stepped after it.
@@ -263,7 +264,11 @@ def step_seconds(cfg: JobConfig, num_gpus: int, gpu: str) -> float:
     offload = 0.0
     if t.enable_cpu_offload:
         shards = max(dims.dp_shard, 1)
-        copies = (2 * micro_batches * (4 * trainable + frozen_bytes) + 4 * trainable) / shards
+        # an NF4 base with one shard streams per use: also for the recomputation in backward
+        streams = cfg.lora.quantize_base == "nf4" and shards == 1
+        frozen_copies = 2 + (3 * _recompute(cfg) if streams else 0)
+        copies = (micro_batches * (2 * 4 * trainable + frozen_copies * frozen_bytes)
+                  + 4 * trainable) / shards
         host_step = (trainable / shards / HOST_ADAM_PARAMS_PER_S
                      * HOST_STATE_SLOWDOWN[cfg.optimizer.state_dtype])
         if cfg.optimizer.in_backward:  # hidden behind backward, but for the root unit's

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from titan_lite.finetune.nf4 import dequantized, is_quantized, quantize_linears
+from titan_lite.finetune.nf4 import device_copy, dequantized, is_quantized, quantize_linears
 from titan_lite.models.llama3 import Transformer
 from titan_lite.models.llama3.model import RMSNorm
 
@@ -30,36 +30,45 @@ _ADAPTER = re.compile(r"(.+)\.lora_[ab]\.weight")
 
 
 class _FrozenLinearFunction(torch.autograd.Function):
-    """x @ W^T for a frozen W stored in another dtype than x, or quantised (NF4). Saves W
-    itself for backward (not the input, W needs no gradient, nor a cast or dequantised copy of
-    W: that would keep a second, wider copy of every frozen weight alive until backward)."""
+    """x @ W^T for a frozen W stored in another dtype than x, quantised (NF4), or in host
+    memory (``on_host``: copied to x's device in forward and again in backward). Saves W itself
+    for backward (not the input, W needs no gradient, nor a cast, dequantised or device copy of
+    W: that would keep a second copy of every frozen weight alive until backward)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor,  # type: ignore[override]
+                on_host: bool) -> torch.Tensor:
         ctx.save_for_backward(weight)
-        dense = dequantized(weight)
+        ctx.on_host = on_host
+        dense = dequantized(device_copy(weight, x.device) if on_host else weight)
         if torch.is_autocast_enabled(x.device.type):  # autocast casts both operands itself
             return F.linear(x, dense)
         return F.linear(x, dense.to(x.dtype))
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+    def backward(ctx, grad: torch.Tensor  # type: ignore[override]
+                 ) -> tuple[torch.Tensor, None, None]:
         (weight,) = ctx.saved_tensors
-        return grad @ dequantized(weight).to(grad.dtype), None  # autograd casts it to x's dtype
+        if ctx.on_host:
+            weight = device_copy(weight, grad.device)
+        return grad @ dequantized(weight).to(grad.dtype), None, None  # autograd casts to x's
 
 
-def frozen_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def frozen_linear(x: torch.Tensor, weight: torch.Tensor, on_host: bool = False
+                  ) -> torch.Tensor:
     """Linear map by a frozen weight: a plain tensor of any float dtype, or a quantised tensor
-    (NF4), dequantised slice by slice in forward and again in backward."""
-    if not is_quantized(weight) and weight.dtype == x.dtype:
+    (NF4), dequantised slice by slice in forward and again in backward; ``on_host``: the weight
+    is in host memory and is copied to ``x``'s device each time (one weight there at a time)."""
+    if not on_host and not is_quantized(weight) and weight.dtype == x.dtype:
         return F.linear(x, weight)
-    return _FrozenLinearFunction.apply(x, weight)
+    return _FrozenLinearFunction.apply(x, weight, on_host)
 
 
 class FrozenLinear(nn.Module):
     """A linear layer whose weight (and bias, if any: Qwen2's q/k/v) is frozen and stored in
     ``dtype`` (the weight may be replaced by a quantised tensor; the bias is never quantised);
-    it computes in its input's dtype."""
+    it computes in its input's dtype. ``on_host``: the weight stays in host memory and is
+    copied to the input's device where it is used (see ``quantize_block_linears``)."""
 
     def __init__(self, in_features: int, out_features: int, dtype: torch.dtype,
                  bias: bool = False):
@@ -69,9 +78,10 @@ class FrozenLinear(nn.Module):
                                    requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype),
                                  requires_grad=False) if bias else None
+        self.on_host = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = frozen_linear(x, self.weight)
+        out = frozen_linear(x, self.weight, self.on_host)
         return out if self.bias is None else out + self.bias.to(out.dtype)
 
 
@@ -140,9 +150,10 @@ def adapters_off(model: nn.Module) -> Iterator[None]:
 
 
 def host_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Frozen weights that stay in host memory (an ``on_host`` embedding table), by name."""
+    """Frozen weights that stay in host memory (an ``on_host`` embedding table or linear), by
+    name."""
     return {f"{name}.weight": module.weight for name, module in model.named_modules()
-            if isinstance(module, FrozenEmbedding) and module.on_host}
+            if isinstance(module, (FrozenEmbedding, FrozenLinear)) and module.on_host}
 
 
 def place_on_host(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -202,9 +213,16 @@ def block_linears(parts: Iterable[nn.Module]) -> Iterator[tuple[str, FrozenLinea
                 yield name, module
 
 
-def quantize_block_linears(model: nn.Module, device: torch.device) -> None:
-    """QLoRA: the block linears' frozen weights in NF4 on ``device`` (``quantize_linears``)."""
-    quantize_linears((module for _, module in block_linears([model])), device)
+def quantize_block_linears(model: nn.Module, device: torch.device, on_host: bool = False
+                           ) -> None:
+    """QLoRA: the block linears' frozen weights in NF4 on ``device`` (``quantize_linears``).
+    ``on_host`` (``device`` is the host): they stay there, pinned when there is a GPU to copy
+    them to, and each linear copies its weight to the GPU where it computes (forward, then
+    backward, and an activation checkpoint's recomputation): the GPU holds one at a time."""
+    linears = [module for _, module in block_linears([model])]
+    quantize_linears(linears, device, pin_memory=on_host and torch.cuda.is_available())
+    for module in linears:
+        module.on_host = on_host
 
 
 def is_adapter(name: str) -> bool:

@@ -104,12 +104,30 @@ def nf4_problems(shape: tuple[int, int], shards: int) -> str | None:
 
 
 @torch.no_grad()
-def quantize_linears(linears: Iterable[nn.Module], device: torch.device) -> None:
-    """Give each linear an NF4 weight on ``device`` in place of its (meta-device) dense one.
+def quantize_linears(linears: Iterable[nn.Module], device: torch.device,
+                     pin_memory: bool = False) -> None:
+    """Give each linear an NF4 weight on ``device`` in place of its (meta-device) dense one
+    (``pin_memory``: in page-locked host memory, from which copies to a GPU are asynchronous).
     Call it on the built model before sharding it: FSDP then shards the NF4 tensors, and the
     weights are written later, by the initialisation or the load (``write_quantized``)."""
     to_nf4 = _to_nf4()
     for module in linears:
         dense = torch.zeros(module.weight.shape, dtype=module.weight.dtype, device=device)
-        module.weight = nn.Parameter(to_nf4(dense, BLOCK_SIZE, SCALER_BLOCK_SIZE),
+        quantized = to_nf4(dense, BLOCK_SIZE, SCALER_BLOCK_SIZE)
+        module.weight = nn.Parameter(quantized.pin_memory() if pin_memory else quantized,
                                      requires_grad=False)
+
+
+def device_copy(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A copy of ``tensor`` (plain or NF4) on ``device``, asynchronous from pinned host memory.
+    Always a copy, also to the device it is on: a CPU run then holds what a GPU run holds, and
+    the estimator counts it."""
+    moved = tensor.to(device, non_blocking=True)  # NF4: torchao moves each inner tensor
+    if moved.device != tensor.device:
+        return moved
+    copy = torch.empty_like(tensor)
+    if not is_traceable_wrapper_subclass(tensor):
+        return copy.copy_(tensor)
+    for name in tensor.__tensor_flatten__()[0]:
+        getattr(copy, name).copy_(getattr(tensor, name))
+    return copy

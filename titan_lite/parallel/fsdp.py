@@ -46,7 +46,7 @@ def apply_fsdp(model: Transformer, mesh: DeviceMesh, training: Training,
         reshard = policy == "always" or (policy == "default" and not pipelined
                                          and index < len(blocks) - 1)
         fully_shard(block, mesh=dp_mesh, mp_policy=mp_policy, offload_policy=offload_policy,
-                    reshard_after_forward=reshard)
+                    reshard_after_forward=reshard, ignored_params=ignored_params)
     # None lets FSDP keep the root's parameters gathered after forward (needed first in backward).
     root_reshard = {"default": None, "always": True, "never": False}[policy]
     fully_shard(model, mesh=dp_mesh, mp_policy=mp_policy, offload_policy=offload_policy,
