@@ -5,6 +5,8 @@ configs on common GPUs, 1, 2 and 8 of them. Runs on CPU (fake tensors), ~20 minu
     python bench/fit_table.py --knobs     # what offload, bf16 and AC do to the 8B on 2 GPUs
     python bench/fit_table.py --methods   # 8B full / LoRA / QLoRA on one 8-80 GB card, and
                                           # what each memory knob adds (~15 minutes)
+    python bench/fit_table.py --cards     # the planner's best full / LoRA / QLoRA layout for
+                                          # the 8B and 70B on 1 x 8 GB, 1 x 24 GB, 2 x 24 GB
 """
 
 from __future__ import annotations
@@ -150,6 +152,43 @@ def method_knobs_table(config: str) -> None:
         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
 
 
+CARDS = (("RTX 3070", 1), ("RTX 4090", 1), ("RTX 4090", 2))  # 8 GB, 24 GB, 2 x 24 GB
+DESKTOP_HOST_GIB = 56  # a 64 GB desktop's memory, room for the OS, shared by its ranks
+CARD_JOBS = {  # batch 2 x 2048 (8B) and 1 x 2048 (70B) per GPU, no accumulation
+    "llama3 8B": ["--config", "train_configs/llama3_8b_sft.toml",
+                  "--training.local_batch_size", "2", "--training.global_batch_size", "-1"],
+    "llama3 70B": ["--config", "train_configs/llama3_70b.toml", "--training.seq_len", "2048",
+                   "--training.local_batch_size", "1", "--training.global_batch_size", "-1"],
+}
+
+
+def cards_table() -> None:
+    """Each method's fastest fitting layout (the planner, every memory knob searched) for the
+    8B and 70B on an 8 GB card, a 24 GB card and two, in a 64 GB desktop."""
+    print(f"| model | GPUs | method | best layout that fits (planner; host <= "
+          f"{DESKTOP_HOST_GIB} GiB in all) | needs GiB/GPU | host GiB/rank | "
+          "tokens/s/GPU (cost model) |")
+    print("|---|---|---|---|---|---|---|")
+    for name, flags in CARD_JOBS.items():
+        for gpu, count in CARDS:
+            for method in ("full", "lora", "qlora"):
+                cfg = load_config([*flags, "--estimate.plan_top", "1", "--estimate.plan_methods",
+                                   method, "--estimate.host_memory_gb",
+                                   str(DESKTOP_HOST_GIB / count)])
+                best = plan(cfg, count, GPUS[gpu].memory_gib, gpu)
+                row = f"| {name} | {count} x {gpu} | {method} |"
+                if not best:
+                    print(f"{row} does not fit | | | |", flush=True)
+                    continue
+                c, t = best[0], best[0].cfg.training
+                samples = t.local_batch_size if t.global_batch_size == -1 else (
+                    t.global_batch_size // count)  # per rank and step
+                tokens = t.seq_len * samples
+                print(f"{row} {layout(c.cfg, count)} | {c.estimate.required_gib():.1f} | "
+                      f"{c.estimate.worst.host_peak / GIB:.1f} | "
+                      f"{tokens / c.step_seconds:,.0f} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--knobs", action="store_true",
@@ -161,8 +200,14 @@ def main() -> None:
                                               "train_configs/llama3_70b.toml")
     parser.add_argument("--gpus", default="RTX 4090,A100-40GB,H100")
     parser.add_argument("--counts", default="1,2,8")
+    parser.add_argument("--cards", action="store_true",
+                        help="instead: the best full / LoRA / QLoRA layout for the 8B and 70B "
+                             "on 1 x 8 GB, 1 x 24 GB and 2 x 24 GB cards")
     args = parser.parse_args()
     os.chdir(REPO)
+    if args.cards:
+        cards_table()
+        return
     if args.knobs:
         knobs_table("train_configs/llama3_8b.toml")
         return

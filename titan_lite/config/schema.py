@@ -184,7 +184,9 @@ class Training:
                         "Not with tensor parallel or activation_checkpoint.offload.")
     enable_cpu_offload: bool = opt(False, "Keep sharded parameters, gradients and AdamW states "
                                    "in host memory and run the optimizer step on CPU (FSDP2 "
-                                   "CPUOffloadPolicy; turns FSDP on even for one rank).")
+                                   "CPUOffloadPolicy; turns FSDP on even for one rank). "
+                                   "QLoRA on one shard: the NF4 base stays on the host too, "
+                                   "each linear copied to the GPU where it computes.")
     device: str = opt("auto", "auto: CUDA + nccl when present, else CPU + gloo.",
                       choices=["auto", "cuda", "cpu"])
     float32_matmul_precision: str = opt(

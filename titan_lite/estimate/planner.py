@@ -11,7 +11,8 @@ degrees and dtypes stay as configured. Each candidate gets a predicted step time
 model below; they are traced (``titan_lite.estimate``) fastest first until ``plan_top`` fit,
 skipping those that cannot: weights + gradients + AdamW states alone over the memory, or more
 memory-hungry than one already traced too big (less AC, a larger local batch, same sharding).
-With ``estimate.host_memory_gb`` a candidate must also fit that much host memory per rank.
+With ``estimate.host_memory_gb`` a candidate must also fit that much host memory per rank (and
+is skipped untraced when its offloaded weights and states alone do not).
 
 Cost model, per step and GPU (an explained ranking, not a promise of speed):
 - compute: FLOPs of the step's tokens x (1 + recompute) / (GPU peak x ``ASSUMED_MFU``), where
@@ -132,8 +133,9 @@ def _plan_method(cfg: JobConfig, num_gpus: int, capacity_gib: float,
     for candidate in candidates:
         if len(fitting) == cfg.estimate.plan_top:
             break
-        if candidate.state_bytes / GIB > capacity_gib or any(
-                _needs_at_least(candidate, big, where) for big, where in too_big):
+        host_bound = _host_state_bytes(candidate.cfg, num_gpus) / GIB
+        if candidate.state_bytes / GIB > capacity_gib or (host_gib and host_bound > host_gib) \
+                or any(_needs_at_least(candidate, big, where) for big, where in too_big):
             continue
         candidate.estimate = estimate_memory(candidate.cfg, num_gpus)
         if candidate.estimate.required_gib() > capacity_gib:
@@ -292,10 +294,18 @@ def _recompute(cfg: JobConfig) -> float:
 
 
 def _state_bytes(cfg: JobConfig, num_gpus: int) -> float:
-    """Weights + gradients + AdamW states per rank on the device (0 under offload): float32
-    ones for trained weights, the storage alone for a frozen base."""
-    if cfg.training.enable_cpu_offload:
-        return 0.0
+    """Weights + gradients + AdamW states per rank on the device (0 under offload)."""
+    return 0.0 if cfg.training.enable_cpu_offload else _weights_and_states(cfg, num_gpus)
+
+
+def _host_state_bytes(cfg: JobConfig, num_gpus: int) -> float:
+    """At least what CPU offload keeps per rank in host memory (0 without offload)."""
+    return _weights_and_states(cfg, num_gpus) if cfg.training.enable_cpu_offload else 0.0
+
+
+def _weights_and_states(cfg: JobConfig, num_gpus: int) -> float:
+    """Weights + gradients + AdamW states per rank: float32 ones for trained weights (no
+    gradients stepped in backward), the storage alone for a frozen base."""
     dims = job_dims(cfg, num_gpus)
     stats = model_stats(cfg)
     state = stats.weight_bytes + (trained_bytes_per_param(cfg.optimizer) - 4) * stats.trainable
