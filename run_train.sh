@@ -54,6 +54,6 @@ exec > >(tee -a "$LOG_FILE") 2> >(tee -a "$LOG_FILE" >&2)
 # rank of a multi-GPU job to one thread).
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NGPU > 0 ? $(nproc) / NGPU : 1 ))}
 
-# titan_lite.launch is torchrun that exits 2, without a traceback, when the trainer refuses the job.
-exec python -m titan_lite.launch --standalone --nproc_per_node="$NGPU" --local-ranks-filter "0,$LOG_RANK" --role rank \
+# titan_lite.runtime.launch is torchrun that exits 2, without a traceback, when the trainer refuses the job.
+exec python -m titan_lite.runtime.launch --standalone --nproc_per_node="$NGPU" --local-ranks-filter "0,$LOG_RANK" --role rank \
   --tee 3 -m titan_lite.train --config "$CONFIG_FILE" "${overrides[@]}"

@@ -1,6 +1,6 @@
 """Preparing a pretraining corpus: MB/s, tokens/s and peak memory on one core and on all cores.
 
-    python bench/bench_data.py [--gb 2] [--folder /tmp/titan_lite_bench_data] [--readme]
+    python bench/bench_data.py [--gb 2] [--folder /tmp/titan_lite_bench_data] [--docs]
 
 Writes the shipped KJV sample, repeated to ``--gb`` GB, as one ``.txt`` file, as JSON lines and
 as Parquet (once; reused), then times ``python -m titan_lite.data prepare`` on each, end to end
@@ -12,7 +12,7 @@ tokenizer's own batch threads. Memory is sampled every 0.2 s over the builder an
 the largest process's resident set, and the sum of their proportional set sizes (PSS: pages the
 forked workers share with the builder counted once). Last, the time from launching the trainer
 to its first step with the Parquet corpus's prepared cache. Prints a Markdown table; with
-``--readme`` also writes it into README.md between the bench_data markers. Not a test.
+``--docs`` also writes it into docs/data.md between the bench_data markers. Not a test.
 """
 
 from __future__ import annotations
@@ -148,7 +148,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gb", type=float, default=2.0)
     parser.add_argument("--folder", default="/tmp/titan_lite_bench_data")
-    parser.add_argument("--readme", action="store_true")
+    parser.add_argument("--docs", action="store_true", help="write the table into docs/data.md")
     args = parser.parse_args()
     cores = len(os.sched_getaffinity(0))
     inputs = write_inputs(args.folder, args.gb)
@@ -181,13 +181,13 @@ def main() -> None:
         table += (f"\n\nLaunch to step 1 of the debug model on the prepared {args.gb:g} GB "
                   f"Parquet corpus: {seconds:.1f} s.")
     print("\n" + table)
-    if args.readme:
-        readme = os.path.join(REPO, "README.md")
-        text = open(readme).read()
+    if args.docs:
+        page = os.path.join(REPO, "docs", "data.md")
+        text = open(page).read()
         start, end = (text.index(marker) for marker in MARKERS)
         text = text[:start + len(MARKERS[0])] + "\n" + table + "\n" + text[end:]
-        open(readme, "w").write(text)
-        print("README.md table updated")
+        open(page, "w").write(text)
+        print("docs/data.md table updated")
 
 
 if __name__ == "__main__":

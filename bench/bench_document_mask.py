@@ -6,7 +6,8 @@ The same packed rows of the shipped instruction example (debug model, 8 x 2048, 
 through forward + backward twice per round, with their positions (attention kept inside each
 sample: a boolean mask into SDPA's fused CPU kernel here, a FlexAttention block mask on CUDA)
 and without (one causal sequence per row), in alternation. Prints the median seconds per step,
-tokens/s and the peak bytes of live tensors of each. Not a test: the figures go to the README.
+tokens/s and the peak bytes of live tensors of each. Not a test: the figures go to
+docs/fine-tuning.md.
 """
 
 from __future__ import annotations
@@ -25,10 +26,10 @@ sys.path.insert(0, REPO)
 
 from titan_lite.config import load_config  # noqa: E402
 from titan_lite.data import build_data  # noqa: E402
-from titan_lite.loss import cross_entropy_sum  # noqa: E402
-from titan_lite.memory import TensorMemoryTracker  # noqa: E402
+from titan_lite.models.loss import cross_entropy_sum  # noqa: E402
+from titan_lite.runtime.memory import TensorMemoryTracker  # noqa: E402
 from titan_lite.models.llama3 import FLAVORS, Transformer  # noqa: E402
-from titan_lite.tokenizer import build_tokenizer  # noqa: E402
+from titan_lite.data.tokenizer import build_tokenizer  # noqa: E402
 
 
 def step(model: Transformer, batch, masked: bool) -> tuple[float, int]:

@@ -28,11 +28,11 @@ sys.path.insert(0, REPO)
 
 from titan_lite.config import Generation, load_config  # noqa: E402
 from titan_lite.estimate.planner import model_stats  # noqa: E402
-from titan_lite.generate import load_model  # noqa: E402
-from titan_lite.generation import generate_batch  # noqa: E402
+from titan_lite.inference.model import load_model  # noqa: E402
+from titan_lite.inference.generation import generate_batch  # noqa: E402
 from titan_lite.hf import save_hf  # noqa: E402
 from titan_lite.models.llama3 import FLAVORS, Transformer  # noqa: E402
-from titan_lite.tokenizer import build_tokenizer  # noqa: E402
+from titan_lite.data.tokenizer import build_tokenizer  # noqa: E402
 
 CORPUS = os.path.join(REPO, "titan_lite/assets/data/kjv_sample.jsonl")
 TOKENIZER = os.path.join(REPO, "titan_lite/assets/tokenizers/test_tiktoken.model")

@@ -34,8 +34,8 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from titan_lite.memory import tensor_bytes  # noqa: E402
-from titan_lite.optim_compact import (  # noqa: E402
+from titan_lite.runtime.memory import tensor_bytes  # noqa: E402
+from titan_lite.optim.compact import (  # noqa: E402
     STATE_DTYPES,
     SlicedAdamW,
     state_bytes_per_parameter,

@@ -9,7 +9,7 @@ side by side in one run; the ids must be equal. Engines: tiktoken with Meta's 12
 ``tokenizer.model`` (from the ``llama-models`` package, when installed), the shipped test
 tiktoken and sentencepiece models, and a 32k byte-level BPE ``tokenizer.json`` (Digits +
 ByteLevel, as Qwen's) trained here with the ``tokenizers`` library. Prints MB/s and tokens/s.
-Not a test: the figures go to the README.
+Not a test: the figures go to docs/data.md.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from titan_lite.tokenizer import build_tokenizer  # noqa: E402
-from titan_lite.tokenizer import _threads  # noqa: E402
+from titan_lite.data.tokenizer import build_tokenizer  # noqa: E402
+from titan_lite.data.tokenizer import _threads  # noqa: E402
 
 CORPUS = os.path.join(REPO, "titan_lite/assets/data/kjv_sample.jsonl")
 

@@ -6,7 +6,7 @@
 Each row trains for --steps optimizer steps and reports the mean over all but the first step
 (start-up and warm-up excluded) of tokens/s per rank, MFU and the optimizer step's time, and
 the peak memory, as the trainer's own JSONL metrics record them (on CPU: the peak bytes of live
-tensors; on CUDA: max allocated). Not a test: the figures go to the README by hand.
+tensors; on CUDA: max allocated). Not a test: the figures go to docs/performance.md by hand.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ prints the estimator's peak next to the measured one.
 Measured: the trainer's own peak over its steps (JSONL ``peak_memory_gib``, all ranks, the
 highest): on CPU the peak bytes of live tensors, the same dispatch-mode count the estimator
 runs on fake tensors. On CPU host and device are one memory, so the comparison is of the
-estimator's combined peak. Not a test: the table goes to the README by hand.
+estimator's combined peak. Not a test: the table goes to docs/will-it-fit.md by hand.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""The README's "Will it fit?" tables: the planner's fastest fitting layout for the 8B and 70B
-configs on common GPUs, 1, 2 and 8 of them. Runs on CPU (fake tensors), ~20 minutes here.
+"""The tables of docs/will-it-fit.md and docs/lora.md: the planner's fastest fitting layout for
+the 8B and 70B configs on common GPUs, 1, 2 and 8 of them. Runs on CPU (fake tensors), ~20
+minutes here.
 
     python bench/fit_table.py [--configs train_configs/llama3_8b.toml] [--gpus "RTX 4090,H100"]
     python bench/fit_table.py --knobs     # what offload, bf16 and AC do to the 8B on 2 GPUs
@@ -106,7 +107,7 @@ def methods_table(config: str) -> None:
     """One GPU, batch 2 x seq, bf16, full AC and every memory knob: each method with and
     without CPU offload; the traced device peak, what it needs with the allowances, host
     memory, and the verdict per card."""
-    from titan_lite.config import check_job
+    from titan_lite.build import check_job
 
     print("| method | seq | CPU offload | traced peak GiB | needs GiB | host GiB | "
           + " | ".join(f"{gb} GB" for gb in CARDS_GB) + " |")

@@ -11,7 +11,7 @@ table gives, per case, tokens/s per GPU and MFU (mean over the steps after the f
 compiles and warms up), the peak of `torch.cuda.max_memory_allocated` since training began,
 the estimator's traced peak for the same job (`python -m titan_lite.estimate`, computed on the
 CPU cores while the GPU runs the cases) and the wall time. Cases needing two GPUs run when two
-are visible. Not a test: its table goes to the README with the card's name.
+are visible. Not a test: its table goes to docs/gpu.md with the card's name.
 """
 
 from __future__ import annotations
@@ -189,7 +189,8 @@ def dry_run(cases: list[Case], out: str) -> None:
     """Print each case's command, after checking its job as the trainer would for that many
     ranks (all but what only a GPU can have): a renamed key or a refused combination fails
     here, in CI, instead of on the first GPU."""
-    from titan_lite.config import ConfigError, check_job, load_config
+    from titan_lite.build import check_job
+    from titan_lite.config import ConfigError, load_config
 
     os.chdir(REPO)
     failed = False

@@ -16,8 +16,8 @@ two things are patched in memory for CPU: the MoE kernels' triton import, and it
 reduction (PREMUL_SUM, which gloo lacks) becomes FSDP's default average.
 
 A third column runs torchtitan again with glibc's malloc set through the environment as
-titan_lite sets it for itself on CPU (titan_lite/host_allocator.py): how much of the ratio is
-that setting, which any PyTorch program could be given.
+titan_lite sets it for itself on CPU (titan_lite/runtime/host_allocator.py): how much of the
+ratio is that setting, which any PyTorch program could be given.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def titan_lite_tokens_per_s(ranks: int, steps: int, folder: str) -> float:
                            and "tokens_per_s" in r)
 
 
-# titan_lite.host_allocator's mallopt settings, as glibc's environment variables
+# titan_lite.runtime.host_allocator's mallopt settings, as glibc's environment variables
 KEEP_FREED_MEMORY = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**62)}
 
 

@@ -20,7 +20,7 @@ from collections import Counter, defaultdict
 
 import regex
 
-from titan_lite.tokenizer import LLAMA3_PATTERN
+from titan_lite.data.tokenizer import LLAMA3_PATTERN
 
 ASSETS = os.path.join(os.path.dirname(__file__), "..", "titan_lite", "assets")
 CORPUS = os.path.join(ASSETS, "data", "kjv_sample.jsonl")

@@ -29,7 +29,7 @@ WORLD_SIZE=$(( NODES * GPUS_PER_NODE )) python -m titan_lite.config --get job.du
   --config "$CONFIG_FILE" "${args[@]}" > /dev/null
 echo "multinode_slurm.sh: $NODES nodes x $GPUS_PER_NODE GPUs, rendezvous at $HEAD:$PORT"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / GPUS_PER_NODE > 0 ? $(nproc) / GPUS_PER_NODE : 1 ))}
-srun --kill-on-bad-exit=1 python -m titan_lite.launch --nnodes "$NODES" \
+srun --kill-on-bad-exit=1 python -m titan_lite.runtime.launch --nnodes "$NODES" \
   --nproc-per-node "$GPUS_PER_NODE" --rdzv-id "${SLURM_JOB_ID}" --rdzv-backend c10d \
   --rdzv-endpoint "$HEAD:$PORT" --local-ranks-filter 0 --role rank --tee 3 \
   -m titan_lite.train --config "$CONFIG_FILE" "${args[@]}"

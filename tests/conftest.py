@@ -4,7 +4,7 @@ import sys
 import pytest
 import torch
 
-from titan_lite.distributed import DistEnv
+from titan_lite.runtime.distributed import DistEnv
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIKTOKEN_PATH = os.path.join(REPO, "titan_lite/assets/tokenizers/test_tiktoken.model")

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from titan_lite.distributed import shutdown_and_exit
+from titan_lite.runtime.distributed import shutdown_and_exit
 
 GLOO_TIMEOUT = timedelta(seconds=60)
 

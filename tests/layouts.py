@@ -7,7 +7,7 @@ from conftest import REPO
 from dist_helpers import run_distributed
 
 from titan_lite.config import load_config
-from titan_lite.distributed import DistEnv, full_tensor
+from titan_lite.runtime.distributed import DistEnv, full_tensor
 from titan_lite.train import train
 
 # 4 sequences of 64 tokens per step over all ranks; the MFU reference is not measured.

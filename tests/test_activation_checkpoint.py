@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from titan_lite.config import ActivationCheckpoint
 from titan_lite.finetune.lora import apply_lora
-from titan_lite.memory import TensorMemoryTracker
+from titan_lite.runtime.memory import TensorMemoryTracker
 from titan_lite.models.llama3 import ModelArgs, Transformer
 from titan_lite.parallel.activation_checkpoint import apply_activation_checkpointing
 from titan_lite.parallel.init import materialize

@@ -10,14 +10,15 @@ import torch
 from conftest import CPU_ENV, SPM_PATH, TIKTOKEN_PATH
 
 from titan_lite.build import load_pretrained
-from titan_lite.config import check_job, load_config, parse_or_exit
+from titan_lite.build import check_job, parse_or_exit
+from titan_lite.config import load_config
 from titan_lite.estimate.report import main as estimate_main
-from titan_lite.generate import weights_folder
+from titan_lite.inference.model import weights_folder
 from titan_lite.estimate.trace import estimate_memory
 from titan_lite.hf import save_hf
-from titan_lite.hf_config import job_model_args
+from titan_lite.hf.config import job_model_args
 from titan_lite.models.llama3 import Transformer
-from titan_lite.tokenizer import build_tokenizer
+from titan_lite.data.tokenizer import build_tokenizer
 from titan_lite.train import train
 
 transformers = pytest.importorskip("transformers")

@@ -16,7 +16,7 @@ from test_families import make_hf_model
 from test_jinja_templates import TEMPLATES, _hf_tokenizer
 
 from titan_lite.config import load_config
-from titan_lite.distributed import DistEnv, full_tensor
+from titan_lite.runtime.distributed import DistEnv, full_tensor
 from titan_lite.train import train
 
 transformers = pytest.importorskip("transformers")
@@ -76,7 +76,7 @@ def _job(folder, tmp_path, data: str) -> list[str]:
 def test_lora_fine_tune_in_the_checkpoints_template_then_chat(repo_cwd, hub_folder, tmp_path,
                                                               capsys):
     from titan_lite.generate import main as generate_main
-    from titan_lite.hf import export_checkpoint
+    from titan_lite.hf.__main__ import export_checkpoint
 
     family, folder = hub_folder
     data = tmp_path / "chats.jsonl"

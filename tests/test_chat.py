@@ -9,7 +9,7 @@ from titan_lite.data.chat import (
     record_messages,
 )
 from titan_lite.data.chat_templates import build_chat_template
-from titan_lite.tokenizer import build_tokenizer
+from titan_lite.data.tokenizer import build_tokenizer
 
 CONVERSATION = [
     {"role": "system", "content": "You answer briefly."},
@@ -178,7 +178,7 @@ def test_chatml_equals_transformers_apply_chat_template(chatml_folder):
     from transformers import PreTrainedTokenizerFast
 
     from titan_lite.data.chat import ChatMLTemplate
-    from titan_lite.tokenizer import build_tokenizer
+    from titan_lite.data.tokenizer import build_tokenizer
 
     reference = PreTrainedTokenizerFast(tokenizer_file=str(chatml_folder / "tokenizer.json"),
                                         eos_token="<|im_end|>", chat_template=CHATML)

@@ -297,7 +297,7 @@ def _step(model, optimizer, scheduler) -> float:
 
 
 def _full_state(model, optimizer) -> dict:
-    from titan_lite.distributed import full_tensor
+    from titan_lite.runtime.distributed import full_tensor
 
     state = {}
     for name, param in model.named_parameters():
@@ -421,7 +421,8 @@ def test_a_hung_rank_ends_the_job_naming_the_collective_and_keeps_the_checkpoint
     """Rank 1 is stopped (SIGSTOP) after step 2; rank 0's next collective gives up after
     comm.train_timeout_seconds with one line and exits 1. (torchrun then waits its fixed 30 s
     before it SIGKILLs the stopped rank, which ignores SIGTERM; the test lets it go on once
-    rank 0 has spoken, to spare the suite those 30 s: README has the measured end to end.)"""
+    rank 0 has spoken, to spare the suite those 30 s: docs/checkpoints.md has the measured end
+    to end.)"""
     job = subprocess.Popen(
         ["./run_train.sh", *CKPT, "--training.steps", "100", "--training.local_batch_size", "2",
          "--checkpoint.interval", "1", "--comm.train_timeout_seconds", "3",

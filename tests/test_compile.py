@@ -6,7 +6,8 @@ import pytest
 import torch
 from layouts import LOSS_ATOL, run_layout
 
-from titan_lite.config import check_job, load_config
+from titan_lite.build import check_job
+from titan_lite.config import load_config
 
 # Inductor fuses and reorders float32 arithmetic: rounding-level differences, which AdamW's
 # division by the gradients' RMS makes visible in the weights after a few steps.

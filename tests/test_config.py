@@ -5,7 +5,8 @@ import sys
 import pytest
 from conftest import REPO, python_env
 
-from titan_lite.config import ConfigError, JobConfig, check_job, checks, help_text, load_config
+from titan_lite.build import check_job, checks
+from titan_lite.config import ConfigError, JobConfig, help_text, load_config
 from titan_lite.parallel.dims import resolve_degrees
 
 DEBUG = "train_configs/debug_model.toml"

@@ -7,7 +7,7 @@ from conftest import TIKTOKEN_PATH
 
 from titan_lite.data import PackedDataLoader, TextRows, tokenize_to_cache
 from titan_lite.data.shards import Stream
-from titan_lite.tokenizer import build_tokenizer
+from titan_lite.data.tokenizer import build_tokenizer
 
 
 @pytest.fixture(scope="module")

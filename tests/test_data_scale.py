@@ -19,7 +19,7 @@ from conftest import CORPUS, REPO, SPM_PATH, TIKTOKEN_PATH, python_env
 from titan_lite.data import tokenize_to_cache
 from titan_lite.data.shards import Stream
 from titan_lite.data.sources import PartReader, Piece, plan_parts
-from titan_lite.tokenizer import build_tokenizer, safe_cut
+from titan_lite.data.tokenizer import build_tokenizer, safe_cut
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
@@ -334,7 +334,7 @@ def _train_on_nodes(tmp_path, name: str, source: str, cache_dirs: list[str]) -> 
                   "--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{_free_port()}",
                   "--rdzv-id", name]
     agents = [subprocess.Popen(
-        [sys.executable, "-m", "titan_lite.launch", *rendezvous, "-m", "titan_lite.train",
+        [sys.executable, "-m", "titan_lite.runtime.launch", *rendezvous, "-m", "titan_lite.train",
          "--config", "train_configs/debug_model.toml", "--data.paths", source,
          "--data.cache_dir", cache_dir, "--tokenizer.path", TIKTOKEN_PATH,
          "--training.seq_len", "32", "--training.steps", "3", "--training.local_batch_size", "2",

@@ -99,7 +99,7 @@ def test_8b_shaped_host_memory_with_the_step_in_backward_and_int8_moments(repo_c
     """Llama 3 8B's shapes with 2 blocks (an 8B traces 16x slower), one GPU, CPU offload:
     float32 weights + int8 moments (2 B + two float32 scales per 256 for every matrix; float32
     for the norm vectors) + the gradients of two units at most (the root's embeddings and
-    output, and a block), exact to the byte; the 8B itself: README."""
+    output, and a block), exact to the byte; the 8B itself: docs/will-it-fit.md."""
     import transformers
     config = transformers.LlamaConfig(
         hidden_size=4096, intermediate_size=14336, num_attention_heads=32,

@@ -109,7 +109,7 @@ def _compare(folder, tasks, names: list[str], chat: bool):
     from lm_eval.tasks import TaskManager
 
     from titan_lite.config import load_config
-    from titan_lite.harness import TitanLiteLM
+    from titan_lite.inference.harness import TitanLiteLM
 
     def evaluate(lm) -> dict:
         return lm_eval.simple_evaluate(model=lm, tasks=names, log_samples=True,

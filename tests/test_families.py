@@ -10,7 +10,7 @@ import torch
 from test_hf import LOGITS_ATOL, load
 
 from titan_lite.hf import hf_config, save_hf
-from titan_lite.hf_config import args_from_hf_config, job_model_args
+from titan_lite.hf.config import args_from_hf_config, job_model_args
 from titan_lite.models.llama3 import FLAVORS, Transformer
 
 transformers = pytest.importorskip("transformers")

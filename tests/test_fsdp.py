@@ -19,7 +19,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy
 from torch.distributed.tensor import DTensor
 
 from titan_lite.config import Parallelism, Training, load_config
-from titan_lite.distributed import DistEnv
+from titan_lite.runtime.distributed import DistEnv
 from titan_lite.models.llama3 import ModelArgs, Transformer
 from titan_lite.parallel.dims import ParallelDims, build_mesh
 from titan_lite.parallel.fsdp import apply_fsdp

@@ -9,7 +9,7 @@ import pytest
 # In a fresh process (the setting is process-wide): page faults of 3 steps after 6 of warm-up.
 STEPS = """
 import resource, sys, torch
-from titan_lite.host_allocator import keep_freed_memory
+from titan_lite.runtime.host_allocator import keep_freed_memory
 if sys.argv[1] == "keep":
     assert keep_freed_memory()
 def step():

@@ -10,13 +10,13 @@ from conftest import CPU_ENV, REPO
 from dist_helpers import run_distributed
 from layouts import BASE, run_layout
 
-from titan_lite import optim_compact
+from titan_lite.optim import compact as optim_compact
 from titan_lite.checkpoint import complete_steps
 from titan_lite.config import load_config
-from titan_lite.distributed import DistEnv, local_shard
-from titan_lite.memory import storages, tensor_bytes
-from titan_lite.optim_compact import SlicedAdamW
-from titan_lite.optim_in_backward import StepInBackward
+from titan_lite.runtime.distributed import DistEnv, local_shard
+from titan_lite.runtime.memory import storages, tensor_bytes
+from titan_lite.optim.compact import SlicedAdamW
+from titan_lite.optim.in_backward import StepInBackward
 from titan_lite.train import train
 
 OFFLOAD = ["--training.enable_cpu_offload", "true", "--training.max_norm", "0"]

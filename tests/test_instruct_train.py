@@ -17,9 +17,9 @@ from layouts import assert_matches, run_layout
 from titan_lite.checkpoint import complete_steps
 from titan_lite.config import load_config
 from titan_lite.data import build_data
-from titan_lite.loss import IGNORE_INDEX, cross_entropy_sum
+from titan_lite.models.loss import IGNORE_INDEX, cross_entropy_sum
 from titan_lite.models.llama3 import ModelArgs, Transformer
-from titan_lite.tokenizer import build_tokenizer
+from titan_lite.data.tokenizer import build_tokenizer
 from titan_lite.train import StepRecipe, forward_backward, train
 
 pytestmark = pytest.mark.slow
@@ -161,7 +161,7 @@ def test_bad_data_through_run_train_exits_2_on_every_rank_with_one_line(tmp_path
 def test_shipped_example_learns_and_answers_from_its_checkpoint(tmp_path):
     """train_configs/debug_sft.toml, shortened to 100 steps (the full 400 take ~4 minutes):
     validation loss falls, the held-out yes/no questions get right answers (the first-word
-    question needs ~150 steps: the README's full run), and generate answers from the saved
+    question needs ~150 steps: docs/fine-tuning.md's full run), and generate answers from the saved
     checkpoint."""
     out = str(tmp_path / "run")
     steps = ["--training.steps", "100", "--validation.interval", "50", "--checkpoint.interval",

@@ -14,7 +14,7 @@ import pytest
 from conftest import CORPUS, REPO, TIKTOKEN_PATH
 
 from titan_lite.data.chat_templates import JinjaTemplate, build_chat_template
-from titan_lite.tokenizer import build_tokenizer
+from titan_lite.data.tokenizer import build_tokenizer
 
 TEMPLATES = os.path.join(REPO, "tests/data/chat_templates")
 SYSTEM = {"role": "system", "content": "You answer briefly."}

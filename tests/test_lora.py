@@ -8,7 +8,8 @@ import pytest
 import torch
 from test_hf import TOKENS, hf_folder  # noqa: F401 - the fixture is used by name
 
-from titan_lite.config import check_job, load_config
+from titan_lite.build import check_job
+from titan_lite.config import load_config
 from titan_lite.finetune import (
     FrozenLinear,
     LoRALinear,
@@ -21,8 +22,8 @@ from titan_lite.finetune import (
 from titan_lite.finetune.lora import block_linears
 from titan_lite.finetune.nf4 import BYTES_PER_WEIGHT, dequantized, device_copy
 from titan_lite.hf import args_from_hf_config, load_hf_weights, save_peft, to_hf_rows
-from titan_lite.loss import cross_entropy_sum
-from titan_lite.memory import tensor_bytes
+from titan_lite.models.loss import cross_entropy_sum
+from titan_lite.runtime.memory import tensor_bytes
 from titan_lite.models.llama3 import FLAVORS, Transformer
 from titan_lite.optim import build_optimizer
 from titan_lite.parallel.init import materialize
@@ -210,7 +211,7 @@ def test_streamed_nf4_linears_copy_their_weight_per_use_and_keep_no_copy(monkeyp
     forward keeps for backward holds no copy."""
     import titan_lite.finetune.lora as lora_module
     from titan_lite.finetune import host_parameters
-    from titan_lite.memory import TensorMemoryTracker
+    from titan_lite.runtime.memory import TensorMemoryTracker
 
     copies = []
 
@@ -269,7 +270,7 @@ def test_bad_lora_keys_are_refused_naming_the_key(repo_cwd, overrides, key):
 
 
 def test_quantize_base_without_torchao_names_the_install_command(repo_cwd, monkeypatch):
-    import titan_lite.config.checks as checks
+    import titan_lite.build.checks as checks
 
     monkeypatch.setattr(checks, "nf4_available", lambda: False)
     problems = check_job(load_config(["--lora.enable", "true", "--lora.quantize_base", "nf4"]),

@@ -12,7 +12,7 @@ from layouts import _train_and_save
 
 import titan_lite.train as train_module
 from titan_lite.config import load_config
-from titan_lite.distributed import local_shard
+from titan_lite.runtime.distributed import local_shard
 from titan_lite.train import train
 
 # 2 x 64 tokens a step; constant LR after one warmup step, so a run of N steps and the first N

@@ -2,8 +2,8 @@
 
 import torch
 
-from titan_lite.memory import TensorMemoryTracker
-from titan_lite.metrics import peak_memory_bytes
+from titan_lite.runtime.memory import TensorMemoryTracker
+from titan_lite.runtime.metrics import peak_memory_bytes
 
 MIB = 2**20
 

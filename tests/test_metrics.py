@@ -5,7 +5,7 @@ import torch
 from titan_lite.config import Metrics
 import pytest
 
-from titan_lite.metrics import MetricsLogger, gpu_peak_flops, tf32_advice
+from titan_lite.runtime.metrics import MetricsLogger, gpu_peak_flops, tf32_advice
 
 
 def test_gpu_peaks_match_the_most_specific_name():

@@ -5,7 +5,7 @@ import torch
 from torch.nn.attention.flex_attention import create_block_mask
 
 from titan_lite.config import Generation
-from titan_lite.generation import choose_next, generate
+from titan_lite.inference.generation import choose_next, generate
 from titan_lite.models.llama3 import ModelArgs, Transformer
 from titan_lite.models.llama3.attention import attend, document_mask, sample_ids
 
@@ -112,7 +112,7 @@ def test_batched_generation_equals_one_prompt_at_a_time(model):
     """Prompts of very different lengths, left-padded into one batch with one KV cache: each
     row's greedy tokens are those of its prompt alone, rows stopping (stop id, max_new_tokens,
     the model's max_seq_len) at different steps and leaving the batch."""
-    from titan_lite.generation import generate_batch
+    from titan_lite.inference.generation import generate_batch
 
     rng = torch.Generator().manual_seed(1)
     cpu = torch.device("cpu")

@@ -11,10 +11,10 @@ from conftest import REPO, TIKTOKEN_PATH, python_env
 
 from titan_lite.config import Generation
 from titan_lite.data.chat import Llama3Template
-from titan_lite.generation import generate
+from titan_lite.inference.generation import generate
 from titan_lite.models.llama3 import ModelArgs, Transformer
 from titan_lite.predict import load_samples, predict, text_scores
-from titan_lite.tokenizer import build_tokenizer
+from titan_lite.data.tokenizer import build_tokenizer
 
 
 def test_scores_are_the_libraries_own():
@@ -102,7 +102,8 @@ def test_data_without_references_is_refused_in_one_line(tmp_path):
 def test_lora_adapters_off_answer_as_the_base_model_alone():
     """predict.compare 'base' on a LoRA job switches the adapters off instead of loading the
     base again: its answers equal the base model's, and the adapters do change them."""
-    from titan_lite.finetune.lora import TARGETS, LoRALinear, adapters_off, apply_lora
+    from titan_lite.config.schema import TARGETS
+    from titan_lite.finetune.lora import LoRALinear, adapters_off, apply_lora
 
     tok = build_tokenizer("tiktoken", TIKTOKEN_PATH)
     args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tok.vocab_size,

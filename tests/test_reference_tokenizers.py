@@ -9,7 +9,7 @@ import pathlib
 import pytest
 
 from titan_lite.data.chat import Llama3Template
-from titan_lite.tokenizer import build_tokenizer
+from titan_lite.data.tokenizer import build_tokenizer
 
 llama3 = pytest.importorskip("llama_models.llama3")
 mistral_common = pytest.importorskip("mistral_common")

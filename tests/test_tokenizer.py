@@ -4,7 +4,7 @@ import pytest
 from conftest import SPM_PATH, TIKTOKEN_PATH
 
 from titan_lite.data.chat_templates import build_chat_template
-from titan_lite.tokenizer import (
+from titan_lite.data.tokenizer import (
     LLAMA3_PATTERN,
     build_tokenizer,
     llama3_special_tokens,

@@ -94,7 +94,7 @@ def test_cpu_offload_gets_a_process_group_that_carries_cpu_tensors(repo_cwd, mon
                                                                    tmp_path):
     """Under CPU offload the gradients (and their norm's all-reduce) are CPU tensors, which
     NCCL alone refuses: the CUDA group gets gloo for CPU tensors too (torchtitan's rule)."""
-    from titan_lite.distributed import process_group_backend
+    from titan_lite.runtime.distributed import process_group_backend
 
     argv = ["--job.dump_folder", str(tmp_path), "--training.enable_cpu_offload"]
     assert _start_of_main(monkeypatch, *argv)["kwargs"]["host_collectives"] is True
@@ -214,7 +214,7 @@ def test_tokens_per_rank_count_each_token_of_the_job_once(degrees, world, local_
 def _timeout_without_private_api(rank: int, world_size: int) -> None:
     import torch.distributed.distributed_c10d as c10d
 
-    from titan_lite.distributed import set_collective_timeout
+    from titan_lite.runtime.distributed import set_collective_timeout
 
     assert set_collective_timeout(5, None) is None  # this torch has the private function
     del c10d._set_pg_timeout  # as if a later torch renamed it

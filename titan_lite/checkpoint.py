@@ -34,7 +34,7 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
 from titan_lite.config import Checkpoint
 from titan_lite.data import PackedDataLoader
-from titan_lite.distributed import barrier, local_shard
+from titan_lite.runtime.distributed import barrier, local_shard
 from titan_lite.finetune.nf4 import is_quantized
 from titan_lite.optim import LossScaler
 from titan_lite.parallel.init import write_shard

@@ -5,10 +5,11 @@
 
 The weights are ``[generation] checkpoint``'s (the newest checkpoint, a step-N, a titan_lite or
 Hugging Face folder; a LoRA job: its base plus that checkpoint's adapters), run by
-``titan_lite.harness.TitanLiteLM`` in one process (CUDA when present). Bare ``--key value``
-options name [evaluate] or [generation] keys. Prints the harness's table and writes its
-results to ``evaluate.output``. Needs the ``eval`` extra; tasks on the hub need their data set
-downloadable (HF_DATASETS_OFFLINE=1 and a local ``evaluate.include_path`` task otherwise).
+``titan_lite.inference.harness.TitanLiteLM`` in one process (CUDA when present). Bare
+``--key value`` options name [evaluate] or [generation] keys. Prints the harness's table and
+writes its results to ``evaluate.output``. Needs the ``eval`` extra; tasks on the hub need their
+data set downloadable (HF_DATASETS_OFFLINE=1 and a local ``evaluate.include_path`` task
+otherwise).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import os
 import sys
 
 from titan_lite.config import JobConfig
-from titan_lite.generate import answer_cli
+from titan_lite.inference.cli import answer_cli
 
 _INSTALL = "pip install 'titan_lite[eval]'"
 
@@ -32,7 +33,7 @@ def run(cfg: JobConfig) -> dict:
         import lm_eval
         from lm_eval.tasks import TaskManager
 
-        from titan_lite.harness import TitanLiteLM
+        from titan_lite.inference.harness import TitanLiteLM
     except ImportError as err:
         raise ValueError(f"evaluate needs lm-evaluation-harness ({_INSTALL}): {err}") from None
     if e.include_path and not os.path.isdir(e.include_path):

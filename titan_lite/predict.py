@@ -32,12 +32,13 @@ from titan_lite.config import Generation, JobConfig
 from titan_lite.data import ChatTemplate, build_chat_template
 from titan_lite.data.chat import Message, record_messages
 from titan_lite.data.sources import RECORD_SUFFIXES, records, source_files
-from titan_lite.distributed import init_distributed, on_every_rank
+from titan_lite.runtime.distributed import init_distributed, on_every_rank
 from titan_lite.finetune.lora import adapters_off
-from titan_lite.generate import answer_cli, load_model
-from titan_lite.generation import generate_batch
-from titan_lite.metrics import Progress
-from titan_lite.tokenizer import build_tokenizer
+from titan_lite.inference.cli import answer_cli
+from titan_lite.inference.model import load_model
+from titan_lite.inference.generation import generate_batch
+from titan_lite.runtime.metrics import Progress
+from titan_lite.data.tokenizer import build_tokenizer
 
 _INSTALL = "pip install 'titan_lite[eval]'"
 

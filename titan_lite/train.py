@@ -27,11 +27,12 @@ from titan_lite.build import (
     build_model,
     check_model_fits,
     load_pretrained,
+    parse_or_exit,
 )
 from titan_lite.checkpoint import Checkpointer, CheckpointError, Preemption
-from titan_lite.config import JobConfig, parse_or_exit
+from titan_lite.config import JobConfig
 from titan_lite.data import Batch, Data, build_chat_template, build_data
-from titan_lite.distributed import (
+from titan_lite.runtime.distributed import (
     DTYPES,
     DistEnv,
     describe_collective_timeout,
@@ -42,16 +43,16 @@ from titan_lite.distributed import (
     use_deterministic_algorithms,
 )
 from titan_lite.finetune import base_fingerprint, describe_parameters
-from titan_lite.loss import (
+from titan_lite.models.loss import (
     global_target_count,
     loss_head,
     resolve_loss_chunks,
     sum_over_ranks,
 )
-from titan_lite.memory import TensorMemoryTracker
-from titan_lite.metrics import MetricsLogger, peak_flops, tf32_advice
-from titan_lite.hf_config import job_model_args
-from titan_lite.host_allocator import keep_freed_memory
+from titan_lite.runtime.memory import TensorMemoryTracker
+from titan_lite.runtime.metrics import MetricsLogger, peak_flops, tf32_advice
+from titan_lite.hf.config import job_model_args
+from titan_lite.runtime.host_allocator import keep_freed_memory
 from titan_lite.models.llama3 import Transformer
 from titan_lite.optim import (
     LossScaler,
@@ -59,7 +60,7 @@ from titan_lite.optim import (
     build_optimizer,
     clip_gradients,
 )
-from titan_lite.optim_in_backward import StepInBackward
+from titan_lite.optim.in_backward import StepInBackward
 from titan_lite.parallel.accumulation import gradient_sync
 from titan_lite.parallel.activation_offload import OffloadSavedActivations
 from titan_lite.parallel.dims import (
@@ -69,7 +70,7 @@ from titan_lite.parallel.dims import (
     resolve_degrees,
 )
 from titan_lite.parallel.pp import Pipeline
-from titan_lite.tokenizer import Tokenizer, build_tokenizer
+from titan_lite.data.tokenizer import Tokenizer, build_tokenizer
 from titan_lite.validate import Evaluation, Validator
 
 class TrainingError(RuntimeError):
@@ -145,7 +146,7 @@ def forward_backward(runner: torch.nn.Module | Pipeline, next_batch: Callable[[]
                      scaler: LossScaler | None = None,
                      in_backward: StepInBackward | None = None) -> torch.Tensor:
     """Forward and backward over one step's micro-batches, leaving in ``.grad`` the gradients
-    of the mean loss over every target token of the global batch (titan_lite.loss), times
+    of the mean loss over every target token of the global batch (titan_lite.models.loss), times
     float16's loss scale when ``scaler`` is enabled (or, ``in_backward``, stepping each unit
     with them during the last backward). Returns this rank's share of that mean,
     unscaled: summed over the ranks and divided by the tensor-parallel degree it is the step's

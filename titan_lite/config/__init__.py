@@ -6,7 +6,6 @@ TOML sections and keys, ``--section.key value`` command-line overrides, defaults
 points exit with status 2 on any of them.
 """
 
-from titan_lite.config.checks import check_job, parse_or_exit
 from titan_lite.config.loader import ConfigError, expand_bare_keys, help_text, load_config
 from titan_lite.config.schema import (
     DEFAULT_CONFIG,
@@ -32,6 +31,6 @@ from titan_lite.config.schema import (
 __all__ = [
     "DEFAULT_CONFIG", "ActivationCheckpoint", "Checkpoint", "Comm", "ConfigError", "Data",
     "Generation", "Job", "JobConfig", "Lora", "LRScheduler", "Metrics", "Model", "Optimizer",
-    "Parallelism", "Predict", "Tokenizer", "Training", "Validation", "check_job",
-    "expand_bare_keys", "help_text", "load_config", "parse_or_exit",
+    "Parallelism", "Predict", "Tokenizer", "Training", "Validation", "expand_bare_keys",
+    "help_text", "load_config",
 ]

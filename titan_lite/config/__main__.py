@@ -7,7 +7,7 @@ run_train.sh does this first, with WORLD_SIZE=NGPU, so mistakes never reach torc
 
 import sys
 
-from titan_lite.config.checks import parse_or_exit
+from titan_lite.build.checks import parse_or_exit
 
 argv = sys.argv[1:]
 get = None

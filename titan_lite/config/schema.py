@@ -11,12 +11,13 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from titan_lite.finetune.lora import BLOCK_TARGETS, TARGETS
-from titan_lite.hf_config import AUTO_FLAVOR
 from titan_lite.models.llama3 import FLAVORS
-from titan_lite.tokenizer import KINDS
 
 DEFAULT_CONFIG = "train_configs/debug_model.toml"
+AUTO_FLAVOR = "auto"  # model.flavor: the shape of model.init_from's config.json
+TOKENIZER_KINDS = ("auto", "tiktoken", "sentencepiece", "huggingface")
+BLOCK_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")  # the blocks' linears
+TARGETS = (*BLOCK_TARGETS, "output")  # the linears LoRA can adapt
 
 
 def opt(default: Any, help: str, *, choices: list | None = None, min: float | None = None,
@@ -61,7 +62,7 @@ class Tokenizer:
     kind: str = opt("auto", "tiktoken: Llama 3 BPE file (base64 token + rank per line); "
                     "sentencepiece: Llama 2 style .model file; huggingface: a tokenizer.json, "
                     "run by the tokenizers library; auto: told apart by the file's contents.",
-                    choices=list(KINDS))
+                    choices=list(TOKENIZER_KINDS))
     path: str = opt("titan_lite/assets/tokenizers/test_tiktoken.model",
                     "Tokenizer file, or a model folder: its original/tokenizer.model, "
                     "tokenizer.model or tokenizer.json, in that order, with bos/eos/pad from "

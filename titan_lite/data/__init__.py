@@ -22,8 +22,8 @@ from titan_lite.data.loader import PackedDataLoader, ValidationLoader, split_ind
 from titan_lite.data.mixture import MixedRows
 from titan_lite.data.sources import source_files
 from titan_lite.data.text import TextRows, tokenize_to_cache
-from titan_lite.distributed import on_every_rank
-from titan_lite.tokenizer import Tokenizer, usable_cores
+from titan_lite.runtime.distributed import on_every_rank
+from titan_lite.data.tokenizer import Tokenizer, usable_cores
 
 __all__ = ["Batch", "ChatTemplate", "Data", "PackedDataLoader", "PackedSamples", "Rows",
            "TextRows", "ValidationLoader", "build_chat_template", "build_data", "data_caches",

@@ -10,7 +10,7 @@ import sys
 
 from titan_lite.config import ConfigError, help_text, load_config
 from titan_lite.data import data_caches
-from titan_lite.tokenizer import build_tokenizer
+from titan_lite.data.tokenizer import build_tokenizer
 
 USAGE = "usage: python -m titan_lite.data prepare [--config FILE] [--section.key VALUE ...]"
 

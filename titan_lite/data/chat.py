@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from titan_lite.tokenizer import Tokenizer
+from titan_lite.data.tokenizer import Tokenizer
 
 Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": text}
 ROLES = ("system", "user", "assistant")

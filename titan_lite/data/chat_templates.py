@@ -27,7 +27,7 @@ from titan_lite.data.chat import (
     Llama3Template,
     Message,
 )
-from titan_lite.tokenizer import Tokenizer, special_pattern
+from titan_lite.data.tokenizer import Tokenizer, special_pattern
 
 NAMED = {t.name: t for t in (Llama3Template, Llama2Template, ChatMLTemplate)}
 AUTO = "auto"

@@ -40,8 +40,9 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, replace
 
-from titan_lite.config import JobConfig, check_job
-from titan_lite.distributed import DTYPES
+from titan_lite.build import check_job
+from titan_lite.config import JobConfig
+from titan_lite.runtime.distributed import DTYPES
 from titan_lite.estimate.gpus import GPUS
 from titan_lite.estimate.trace import (
     GIB,
@@ -50,7 +51,7 @@ from titan_lite.estimate.trace import (
     job_dims,
     model_args,
 )
-from titan_lite.metrics import gpu_peak_flops
+from titan_lite.runtime.metrics import gpu_peak_flops
 from titan_lite.finetune.nf4 import BYTES_PER_WEIGHT as NF4_BYTES_PER_WEIGHT
 from titan_lite.finetune.lora import block_linears
 from titan_lite.parallel.activation_checkpoint import checkpoint_every

@@ -6,13 +6,14 @@ import os
 import sys
 
 import titan_lite.estimate as estimate_package
-from titan_lite.config import ConfigError, JobConfig, check_job, help_text, load_config
+from titan_lite.build import check_job
+from titan_lite.config import ConfigError, JobConfig, help_text, load_config
 from titan_lite.estimate.gpus import ALLOCATOR_SLACK, CUDA_CONTEXT_GIB, GPUS
 from titan_lite.estimate.planner import format_plan, plan
 from titan_lite.estimate.trace import GIB, MemoryEstimate, estimate_memory, job_dims
 from titan_lite.estimate.tracker import GRADS, LABELS, OPTIM, PARAMS
 from titan_lite.optim import trained_bytes_per_param
-from titan_lite.optim_compact import state_bytes_per_parameter
+from titan_lite.optim.compact import state_bytes_per_parameter
 
 
 def describe_job(cfg: JobConfig, num_gpus: int) -> str:

@@ -17,7 +17,7 @@ from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from titan_lite.config import ConfigError, JobConfig
 from titan_lite.data import Batch
-from titan_lite.distributed import DTYPES, DistEnv, local_shard
+from titan_lite.runtime.distributed import DTYPES, DistEnv, local_shard
 from titan_lite.estimate.gpus import ALLOCATOR_SLACK, CUDA_CONTEXT_GIB
 from titan_lite.estimate.tracker import (
     BUFFERS,
@@ -32,11 +32,11 @@ from titan_lite.estimate.tracker import (
     LabelledTracker,
 )
 from titan_lite.finetune import host_parameters
-from titan_lite.loss import cross_entropy_sum
-from titan_lite.hf_config import job_model_args
+from titan_lite.models.loss import cross_entropy_sum
+from titan_lite.hf.config import job_model_args
 from titan_lite.models.llama3 import ModelArgs, Transformer
 from titan_lite.optim import LossScaler, build_optimizer
-from titan_lite.optim_in_backward import StepInBackward
+from titan_lite.optim.in_backward import StepInBackward
 from titan_lite.parallel.dims import ParallelDims, build_mesh, resolve_degrees
 from titan_lite.parallel.pp import Pipeline
 from titan_lite.build import build_meta_model, build_model
@@ -82,7 +82,7 @@ def model_args(cfg: JobConfig) -> ModelArgs:
     model.init_from's config.json's, else the flavor's own."""
     tokenizer = None
     if os.path.exists(cfg.tokenizer.path):
-        from titan_lite.tokenizer import build_tokenizer
+        from titan_lite.data.tokenizer import build_tokenizer
 
         tokenizer = build_tokenizer(cfg.tokenizer.kind, cfg.tokenizer.path)
     return job_model_args(cfg.model.flavor, cfg.model.init_from, cfg.training.seq_len,

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from titan_lite.memory import TensorMemoryTracker, storages
+from titan_lite.runtime.memory import TensorMemoryTracker, storages
 
 PARAMS, GRADS, OPTIM = "parameters", "gradients", "optimizer states"
 BUFFERS, GATHERED, COMM = "buffers", "gathered parameters", "communication buffers"

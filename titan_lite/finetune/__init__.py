@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from titan_lite.finetune.base import base_fingerprint, describe_parameters
 from titan_lite.finetune.lora import (
-    BLOCK_TARGETS,
-    TARGETS,
     FrozenLinear,
     LoRALinear,
     adapter_parameters,
@@ -21,8 +19,7 @@ from titan_lite.finetune.lora import (
 from titan_lite.finetune.nf4 import is_quantized, nf4_available
 
 __all__ = [
-    "BLOCK_TARGETS", "TARGETS", "FrozenLinear", "LoRALinear", "adapter_parameters",
-    "apply_lora", "base_fingerprint", "base_parameters", "describe_parameters",
-    "host_parameters", "is_adapter", "is_quantized", "merge_adapters", "nf4_available",
-    "place_on_host", "quantize_block_linears",
+    "FrozenLinear", "LoRALinear", "adapter_parameters", "apply_lora", "base_fingerprint",
+    "base_parameters", "describe_parameters", "host_parameters", "is_adapter", "is_quantized",
+    "merge_adapters", "nf4_available", "place_on_host", "quantize_block_linears",
 ]

@@ -8,10 +8,10 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, Partial
 
-from titan_lite.distributed import local_shard
+from titan_lite.runtime.distributed import local_shard
 from titan_lite.finetune.lora import base_parameters
 from titan_lite.finetune.nf4 import dequantized, is_quantized
-from titan_lite.memory import tensor_bytes
+from titan_lite.runtime.memory import tensor_bytes
 
 
 @torch.no_grad()

@@ -24,8 +24,6 @@ from titan_lite.finetune.nf4 import device_copy, dequantized, is_quantized, quan
 from titan_lite.models.llama3 import Transformer
 from titan_lite.models.llama3.model import RMSNorm
 
-BLOCK_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
-TARGETS = (*BLOCK_TARGETS, "output")
 _ADAPTER = re.compile(r"(.+)\.lora_[ab]\.weight")
 
 
@@ -177,8 +175,9 @@ def apply_lora(model: Transformer, rank: int, alpha: float, dropout: float,
                compute_dtype: torch.dtype = torch.float32,
                embedding_on_host: bool = False) -> None:
     """Freeze ``model`` (built on the meta device, before any parallelism) in ``base_dtype``
-    and put adapters on the linears named in ``targets`` (see ``TARGETS``); the hidden states
-    start in ``compute_dtype`` (see ``FrozenEmbedding``, also for ``embedding_on_host``)."""
+    and put adapters on the linears named in ``targets`` (see ``config.schema.TARGETS``); the
+    hidden states start in ``compute_dtype`` (see ``FrozenEmbedding``, also for
+    ``embedding_on_host``)."""
     adapter = {"rank": rank, "alpha": alpha, "dropout": dropout}
     with torch.device(model.norm.weight.device):  # new modules where the model is (meta)
         _replace_modules(model, adapter, targets, base_dtype, compute_dtype)

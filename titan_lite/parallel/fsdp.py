@@ -12,7 +12,7 @@ from torch.distributed.fsdp import (
 )
 
 from titan_lite.config import Parallelism, Training
-from titan_lite.distributed import DTYPES
+from titan_lite.runtime.distributed import DTYPES
 from titan_lite.models.llama3 import Transformer
 from titan_lite.parallel.dims import data_parallel_mesh
 

@@ -13,6 +13,8 @@ import re
 from collections.abc import Sequence
 from typing import Protocol
 
+from titan_lite.config.schema import TOKENIZER_KINDS
+
 # The regex Llama 3 uses to split text before byte-pair merging.
 LLAMA3_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -21,7 +23,6 @@ LLAMA3_PATTERN = (
 NUM_RESERVED_SPECIAL_TOKENS = 256
 # tiktoken's Rust core recurses per regex match; Meta splits inputs to stay far from its limits.
 _MAX_ENCODE_CHARS = 400_000
-KINDS = ("auto", "tiktoken", "sentencepiece", "huggingface")
 # Where a model folder keeps its tokenizer, in the order they are preferred: the engines' own
 # files first (exact by construction; Meta's Llama 3 tiktoken file sits in original/), then
 # tokenizer.json.
@@ -301,8 +302,9 @@ def build_tokenizer(kind: str, path: str) -> Tokenizer:
     """Load the tokenizer of ``kind`` ('auto', 'tiktoken', 'sentencepiece' or 'huggingface')
     at ``path`` (a file, or a model folder; see ``find_tokenizer``). A folder's
     tokenizer_config.json names its bos, eos and pad tokens (as Hugging Face uses them)."""
-    if kind not in KINDS:
-        raise ValueError(f"tokenizer.kind: unknown kind {kind!r} (one of {', '.join(KINDS)})")
+    if kind not in TOKENIZER_KINDS:
+        raise ValueError(f"tokenizer.kind: unknown kind {kind!r} (one of "
+                         f"{', '.join(TOKENIZER_KINDS)})")
     kind, file = find_tokenizer(kind, path)
     if kind == "tiktoken":
         tokenizer = TikTokenizer.from_file(file)

@@ -16,9 +16,9 @@ from torch import nn
 
 from titan_lite.config import Generation
 from titan_lite.data.chat import ChatTemplate, Message
-from titan_lite.distributed import full_tensor
+from titan_lite.runtime.distributed import full_tensor
 from titan_lite.models.llama3.attention import KVCache
-from titan_lite.tokenizer import Tokenizer
+from titan_lite.data.tokenizer import Tokenizer
 
 
 def choose_next(logits: torch.Tensor, cfg: Generation, generator: torch.Generator) -> int:

@@ -1,5 +1,5 @@
-"""Hugging Face Llama-family checkpoints (Llama, Mistral, Qwen2 / Qwen2.5, Qwen3): read their
-config, load their safetensors into any layout, write a model back in their layout.
+"""Hugging Face Llama-family weights (Llama, Mistral, Qwen2 / Qwen2.5, Qwen3): load their
+safetensors into any layout, write a model back in their layout (and a PEFT adapter folder).
 
 Meta's checkpoints (and this model) rotate consecutive pairs of each head's q/k features; Hugging
 Face's models rotate the two halves of each head, so its conversion script permutes the rows of
@@ -22,14 +22,8 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from titan_lite.finetune.lora import LoRALinear, base_parameters
-from titan_lite.finetune.nf4 import is_quantized
-from titan_lite.finetune.nf4 import dequantized, write_quantized
-from titan_lite.hf_config import (
-    ARCHITECTURES,
-    args_from_hf_config,
-    has_config_json,
-    job_model_args,
-)
+from titan_lite.finetune.nf4 import is_quantized, write_quantized
+from titan_lite.hf.config import ARCHITECTURES
 from titan_lite.models.llama3 import ModelArgs
 from titan_lite.parallel.init import local_offset
 
@@ -86,7 +80,7 @@ def from_hf_rows(rows: torch.Tensor, heads: int) -> torch.Tensor:
     return rows.view(heads, 2, head_dim // 2, -1).transpose(1, 2).reshape(rows.shape)
 
 
-class _Safetensors:
+class SafetensorsFolder:
     """Tensors by name from one or many .safetensors files (with model.safetensors.index.json)."""
 
     def __init__(self, folder: str):
@@ -129,7 +123,7 @@ def load_hf_weights(model_parts: Iterable[nn.Module], folder: str, args: ModelAr
     Each rank reads only the rows and columns of its own shards (plus, for q/k, the rest of the
     heads its rows fall in), so no rank ever holds a full copy of the model.
     """
-    source = _Safetensors(folder)
+    source = SafetensorsFolder(folder)
     for part in model_parts:
         for name, param in base_parameters(part):  # LoRA adapters are not in the folder
             stored = source.shape(hf_name(name))
@@ -143,14 +137,16 @@ def load_hf_weights(model_parts: Iterable[nn.Module], folder: str, args: ModelAr
             if local.numel() == 0:
                 continue
             if is_quantized(local):  # NF4 quantises the whole weight (see write_quantized)
-                full = _read_local(source, name, args, param.shape, [0] * param.ndim)
+                full = read_hf_tensor(source, name, args, param.shape, [0] * param.ndim)
                 write_quantized(local, full, offset[0])
             else:
-                local.copy_(_read_local(source, name, args, local.shape, offset))
+                local.copy_(read_hf_tensor(source, name, args, local.shape, offset))
 
 
-def _read_local(source: _Safetensors, name: str, args: ModelArgs, shape: torch.Size,
-                offset: list[int]) -> torch.Tensor:
+def read_hf_tensor(source: SafetensorsFolder, name: str, args: ModelArgs, shape: torch.Size,
+                   offset: list[int]) -> torch.Tensor:
+    """The block of titan_lite tensor ``name`` of ``shape`` at ``offset`` (a shard, or the
+    whole tensor at zeros), read from the Hugging Face folder with q/k rows un-permuted."""
     start, stop = offset[0], offset[0] + shape[0]
     columns = slice(offset[1], offset[1] + shape[1]) if len(shape) == 2 else slice(None)
     heads = _rotary_heads(name, args)
@@ -260,140 +256,3 @@ def save_hf(state_dict: dict[str, torch.Tensor], args: ModelArgs, folder: str,
     dtype = next(iter(state_dict.values())).dtype
     with open(os.path.join(folder, "config.json"), "w") as fh:
         json.dump(hf_config(args, dtype), fh, indent=2)
-
-
-def import_checkpoint(argv: list[str] | None = None) -> None:
-    """``python -m titan_lite.hf import --hf FOLDER --out FOLDER``: convert a Hugging Face Llama
-    folder into a titan_lite checkpoint of its weights (DCP, in their stored dtype, plus its
-    config.json) that ``--model.init_from`` loads into any layout, resharding as DCP does."""
-    import argparse
-    import shutil
-
-    import torch.distributed.checkpoint as dcp
-
-    from titan_lite.checkpoint import publish
-    from titan_lite.models.llama3 import Transformer
-
-    parser = argparse.ArgumentParser(prog="python -m titan_lite.hf import",
-                                     description=import_checkpoint.__doc__)
-    parser.add_argument("--hf", required=True, help="Hugging Face folder (config.json + "
-                        "model.safetensors or model.safetensors.index.json and its shards)")
-    parser.add_argument("--out", required=True, help="checkpoint folder to write (created)")
-    args = parser.parse_args(argv)
-    try:
-        model_args = args_from_hf_config(args.hf)
-        source = _Safetensors(args.hf)
-        with torch.device("meta"):
-            shapes = {name: p.shape for name, p in Transformer(model_args).named_parameters()}
-        state = {f"model.{name}": _read_local(source, name, model_args, shape, [0] * len(shape))
-                 for name, shape in shapes.items()}
-    except (OSError, KeyError, ValueError) as e:
-        parser.exit(2, f"error: cannot import {args.hf}: {e}\n")
-    partial = args.out.rstrip("/") + ".partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    dcp.save(state, checkpoint_id=partial, no_dist=True)
-    shutil.copy(os.path.join(args.hf, "config.json"), partial)
-    publish(partial, args.out)  # a killed conversion leaves no folder that looks complete
-    print(f"wrote {args.hf} ({len(state)} tensors) as a titan_lite checkpoint: {args.out}")
-
-
-def peft_base(base: str, init_from: str) -> str:
-    """What a PEFT export names as its base (``base_model_name_or_path``): ``base`` (--base),
-    else ``init_from`` when peft can load it (a Hugging Face folder, as an absolute path);
-    ValueError saying what to do otherwise."""
-    from titan_lite.checkpoint import is_checkpoint
-
-    if base:
-        return base
-    if has_config_json(init_from) and not is_checkpoint(init_from):
-        return os.path.abspath(init_from)
-    what = (f"the titan_lite checkpoint {init_from}" if init_from
-            else "drawn from job.seed (model.init_from is empty)")
-    raise ValueError(f"--format peft: the base is {what}, which peft cannot load: give --base "
-                     "the Hugging Face folder or hub name it came from, or export it first "
-                     "(python -m titan_lite.hf export --config <its job> --out BASE) and give "
-                     "--base BASE")
-
-
-def export_checkpoint(argv: list[str] | None = None) -> None:
-    """``python -m titan_lite.hf export --config JOB.toml [--step N] [--format merged|peft]
-    --out FOLDER [overrides]``: write a titan_lite checkpoint of that job as a Hugging Face
-    Llama folder (a LoRA job: with its adapters merged, or as a PEFT adapter folder)."""
-    import argparse
-
-    from titan_lite.checkpoint import CheckpointError, complete_steps, load_model_weights
-    from titan_lite.config import ConfigError, load_config
-    from titan_lite.finetune import merge_adapters
-    from titan_lite.models.llama3 import Transformer
-    from titan_lite.tokenizer import build_tokenizer
-    from titan_lite.build import build_finetuned_model
-
-    parser = argparse.ArgumentParser(prog="python -m titan_lite.hf export",
-                                     description=export_checkpoint.__doc__)
-    parser.add_argument("--out", required=True, help="folder to write (created)")
-    parser.add_argument("--step", type=int, default=-1, help="checkpoint step; -1: newest")
-    parser.add_argument("--max-shard-gb", type=float, default=5.0)
-    parser.add_argument("--format", choices=["merged", "peft"], default="merged",
-                        help="a LoRA job: merged = a plain Hugging Face Llama folder with the "
-                        "adapters merged into the base (in lora.base_dtype); peft = a PEFT "
-                        "adapter folder for the base of model.init_from")
-    parser.add_argument("--base", default="",
-                        help="--format peft: the Hugging Face folder or hub name of the base "
-                        "(adapter_config.json's base_model_name_or_path, which peft loads); "
-                        "default: model.init_from when it is a Hugging Face folder")
-    args, job_argv = parser.parse_known_args(argv)
-    try:
-        cfg = load_config(job_argv)
-    except ConfigError as e:
-        parser.exit(2, "".join(f"config error: {p}\n" for p in e.problems))
-    folder = os.path.join(cfg.job.dump_folder, cfg.checkpoint.folder)
-    steps = complete_steps(folder)
-    step = steps[-1] if args.step == -1 and steps else args.step
-    if step not in steps:
-        parser.exit(2, f"error: no complete checkpoint step-{step} in {folder} (found: "
-                       f"{', '.join(map(str, steps)) or 'none'})\n")
-    try:
-        model_args = job_model_args(cfg.model.flavor, cfg.model.init_from, cfg.training.seq_len,
-                                    build_tokenizer(cfg.tokenizer.kind, cfg.tokenizer.path))
-    except (OSError, ValueError) as e:
-        parser.exit(2, f"error: {e}\n")
-    checkpoint = os.path.join(folder, f"step-{step}")
-    if cfg.lora.enable:
-        try:
-            model = build_finetuned_model(cfg, model_args, torch.device("cpu"), checkpoint)
-        except (OSError, ValueError, CheckpointError) as e:
-            parser.exit(2, f"error: {e}\n")
-        if args.format == "peft":
-            try:
-                base = peft_base(args.base, cfg.model.init_from)
-            except ValueError as e:
-                parser.exit(2, f"error: {e}\n")
-            save_peft(model, model_args, args.out, base)
-            print(f"wrote the adapters of {checkpoint} as a PEFT adapter folder: {args.out}")
-            return
-        state = merge_adapters({name: dequantized(p.detach()) for name, p in
-                                model.named_parameters()}, cfg.lora.alpha / cfg.lora.rank)
-    elif args.format == "peft":
-        parser.exit(2, "error: --format peft: this job trains no adapters (lora.enable is "
-                       "false); export it as --format merged\n")
-    else:
-        with torch.device("meta"):
-            model = Transformer(model_args)
-        model.to_empty(device="cpu")
-        load_model_weights([model], checkpoint)
-        state = model.state_dict()
-    save_hf(state, model_args, args.out, int(args.max_shard_gb * 2**30))
-    print(f"wrote {checkpoint} as a Hugging Face Llama folder: {args.out}")
-
-
-_COMMANDS = {"import": import_checkpoint, "export": export_checkpoint}
-
-if __name__ == "__main__":
-    import sys
-
-    if sys.argv[1:2] and sys.argv[1] in _COMMANDS:
-        _COMMANDS[sys.argv[1]](sys.argv[2:])
-    else:
-        sys.exit("usage: python -m titan_lite.hf import --hf HF_FOLDER --out CHECKPOINT_FOLDER\n"
-                 "       python -m titan_lite.hf export --config JOB.toml [--step N] "
-                 "--out HF_FOLDER [--section.key value ...]")

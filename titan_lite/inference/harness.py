@@ -3,10 +3,10 @@
 Importing this module registers the model (lm-eval's command line does not load third-party
 models: use ``python -m titan_lite.evaluate``, or from Python
 ``lm_eval.simple_evaluate(model="titan_lite", model_args="config=JOB.toml,checkpoint=step-100")``
-after ``import titan_lite.harness``). Requests are answered as the harness's own Hugging Face
-backend answers them: the same tokenization of context and continuation (a context starts with
-bos; an empty one is bos alone), the same rolling windows for perplexities, greedy generation
-until a stop text, the tokenizer's eos or ``max_gen_toks``. Needs the ``eval`` extra.
+after ``import titan_lite.inference.harness``). Requests are answered as the harness's own
+Hugging Face backend answers them: the same tokenization of context and continuation (a context
+starts with bos; an empty one is bos alone), the same rolling windows for perplexities, greedy
+generation until a stop text, the tokenizer's eos or ``max_gen_toks``. Needs the ``eval`` extra.
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ from lm_eval.api.registry import register_model
 
 from titan_lite.config import Generation, JobConfig, expand_bare_keys, load_config
 from titan_lite.data import ChatTemplate, build_chat_template
-from titan_lite.generate import answer_device, load_model
-from titan_lite.generation import generate_batch
+from titan_lite.inference.model import answer_device, load_model
+from titan_lite.inference.generation import generate_batch
 from titan_lite.models.llama3 import Transformer
-from titan_lite.tokenizer import Tokenizer, build_tokenizer
+from titan_lite.data.tokenizer import Tokenizer, build_tokenizer
 
 Request = tuple[tuple[str, str], list[int], list[int]]  # (context, continuation), their ids
 

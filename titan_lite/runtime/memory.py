@@ -24,7 +24,7 @@ from torch.utils._python_dispatch import (
 )
 from torch.utils._pytree import tree_leaves
 
-from titan_lite.distributed import local_shard
+from titan_lite.runtime.distributed import local_shard
 
 
 def storages(tensor: torch.Tensor) -> list[torch.UntypedStorage]:

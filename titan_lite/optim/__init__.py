@@ -12,8 +12,8 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from titan_lite.config import LRScheduler, Optimizer
-from titan_lite.optim_compact import STATE_DTYPES, SlicedAdamW, state_bytes_per_parameter
-from titan_lite.optim_in_backward import StepInBackward, fsdp_units
+from titan_lite.optim.compact import STATE_DTYPES, SlicedAdamW, state_bytes_per_parameter
+from titan_lite.optim.in_backward import StepInBackward, fsdp_units
 
 
 def build_optimizer(model: nn.Module, cfg: Optimizer,

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from titan_lite.config import Metrics
-from titan_lite.memory import TensorMemoryTracker
+from titan_lite.runtime.memory import TensorMemoryTracker
 
 # Dense peak TFLOP/s of common GPUs, from vendor sheets: (16-bit tensor cores with float32
 # accumulation, float32 without TF32). bfloat16 and float16 run at the same tensor-core rate on

@@ -10,14 +10,14 @@ import sys
 from titan_lite.config.loader import ConfigError, help_text, load_config
 from titan_lite.config.schema import CHAT_TEMPLATES, JobConfig
 from titan_lite.finetune.nf4 import INSTALL_HINT, nf4_available, nf4_problems
-from titan_lite.hf_config import has_config_json, job_model_args
+from titan_lite.hf.config import has_config_json, job_model_args
 from titan_lite.models.llama3 import ModelArgs
-from titan_lite.optim_compact import INT8_HINT, int8_available
+from titan_lite.optim.compact import INT8_HINT, int8_available
 from titan_lite.parallel.activation_checkpoint import checkpoint_every
 from titan_lite.parallel.dims import ParallelDims, resolve_degrees
 from titan_lite.parallel.pp import pp_problems
 from titan_lite.parallel.tp import tp_problems
-from titan_lite.tokenizer import find_tokenizer
+from titan_lite.data.tokenizer import find_tokenizer
 
 
 def check_job(cfg: JobConfig, world_size: int, training_here: bool = True) -> list[str]:

@@ -9,10 +9,10 @@ import json
 import os
 from dataclasses import replace
 
+from titan_lite.config.schema import AUTO_FLAVOR
+from titan_lite.data.tokenizer import Tokenizer
 from titan_lite.models.llama3 import FAMILIES, FLAVORS, ModelArgs, RopeScaling
-from titan_lite.tokenizer import Tokenizer
 
-AUTO_FLAVOR = "auto"
 # model_type -> the architecture name transformers loads it as
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                  "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}

@@ -31,7 +31,7 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, Shard
 
-from titan_lite.distributed import local_shard
+from titan_lite.runtime.distributed import local_shard
 
 
 def fsdp_units(model: nn.Module) -> list[list[nn.Parameter]]:

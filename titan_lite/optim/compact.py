@@ -26,7 +26,7 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.distributed.tensor import DTensor
 from torch.optim.adamw import adamw
 
-from titan_lite.distributed import local_shard
+from titan_lite.runtime.distributed import local_shard
 
 BLOCK = 256  # values per int8 scale (8-bit Adam's and torchao's block size)
 MIN_QUANTISED = 4096  # smaller tensors keep float32 moments (as bitsandbytes and torchao do)

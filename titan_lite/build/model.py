@@ -12,7 +12,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from titan_lite.checkpoint import is_checkpoint, load_model_weights
 from titan_lite.config import JobConfig
-from titan_lite.distributed import DTYPES, DistEnv
+from titan_lite.runtime.distributed import DTYPES, DistEnv
 from titan_lite.finetune import (
     adapter_parameters,
     apply_lora,
