@@ -176,7 +176,8 @@ def cards_table() -> None:
                 cfg = load_config([*flags, "--estimate.plan_top", "1", "--estimate.plan_methods",
                                    method, "--estimate.host_memory_gb",
                                    str(DESKTOP_HOST_GIB / count)])
-                best = plan(cfg, count, GPUS[gpu].memory_gib, gpu)
+                best = plan(cfg, count, GPUS[gpu].memory_gib, gpu,
+                            log=lambda line: print(line, file=sys.stderr, flush=True))
                 row = f"| {name} | {count} x {gpu} | {method} |"
                 if not best:
                     print(f"{row} does not fit | | | |", flush=True)

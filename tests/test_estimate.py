@@ -148,9 +148,12 @@ def test_planner_finds_what_fits_and_prints_pasteable_toml(repo_cwd, tmp_path):
     cfg = load_config(["--training.local_batch_size", "8", "--training.seq_len", "2048",
                        "--estimate.plan_top", "3"])
     assert estimate_memory(cfg, 2).required_gib() > 2.5
-    found = plan(cfg, 2, 2.5, "RTX 4090")
+    traced: list[str] = []  # a line per traced candidate, the fitting ones among them
+    found = plan(cfg, 2, 2.5, "RTX 4090", log=traced.append)
     assert 1 <= len(found) <= 3
     assert all(c.estimate.required_gib() <= 2.5 for c in found)
+    assert len(traced) > len(found) and sum(line.endswith("s)") and ": fits (" in line
+                                            for line in traced) == len(found)
     assert [c.step_seconds for c in found] == sorted(c.step_seconds for c in found)
     assert found[0].overrides  # the job as configured does not fit
     text = format_plan(found, cfg, 2, 2.5, "RTX 4090")

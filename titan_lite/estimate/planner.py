@@ -38,6 +38,8 @@ Cost model, per step and GPU (an explained ranking, not a promise of speed):
 from __future__ import annotations
 
 import functools
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from titan_lite.build import check_job
@@ -108,19 +110,21 @@ def with_method(cfg: JobConfig, method: str) -> JobConfig:
                                      quantize_base="nf4" if method == "qlora" else "none"))
 
 
-def plan(cfg: JobConfig, num_gpus: int, capacity_gib: float, gpu_name: str) -> list[Candidate]:
+def plan(cfg: JobConfig, num_gpus: int, capacity_gib: float, gpu_name: str,
+         log: Callable[[str], None] | None = None) -> list[Candidate]:
     """For each method of ``estimate.plan_methods`` in order, its fastest
-    ``estimate.plan_top`` candidates that fit, fastest first."""
+    ``estimate.plan_top`` candidates that fit, fastest first. ``log`` gets a line per traced
+    candidate (a 70B trace takes minutes)."""
     found = [candidate for method in cfg.estimate.plan_methods
              for candidate in _plan_method(with_method(cfg, method), num_gpus, capacity_gib,
-                                           gpu_name)]
+                                           gpu_name, log)]
     for candidate in found:  # what to change in the job as configured, the method included
         candidate.overrides = _overrides(cfg, candidate.cfg)
     return found
 
 
-def _plan_method(cfg: JobConfig, num_gpus: int, capacity_gib: float,
-                 gpu_name: str) -> list[Candidate]:
+def _plan_method(cfg: JobConfig, num_gpus: int, capacity_gib: float, gpu_name: str,
+                 log: Callable[[str], None] | None) -> list[Candidate]:
     gpu = gpu_name if gpu_name in GPUS else DEFAULT_GPU
     # Equal predicted times (compute-bound layouts): float32 moments first, then the fewest
     # memory knobs added, then the smaller per-rank state (more margin).
@@ -138,13 +142,22 @@ def _plan_method(cfg: JobConfig, num_gpus: int, capacity_gib: float,
         if candidate.state_bytes / GIB > capacity_gib or (host_gib and host_bound > host_gib) \
                 or any(_needs_at_least(candidate, big, where) for big, where in too_big):
             continue
+        started = time.monotonic()
         candidate.estimate = estimate_memory(candidate.cfg, num_gpus)
         if candidate.estimate.required_gib() > capacity_gib:
             too_big.append((candidate, "device"))
+            verdict = "too big for the device"
         elif host_gib and candidate.estimate.worst.host_peak / GIB > host_gib:
             too_big.append((candidate, "host"))
+            verdict = "too big for the host"
         else:
             fitting.append(candidate)
+            verdict = "fits"
+        if log is not None:
+            log(f"plan: {method_of(cfg)} {' '.join(candidate.overrides) or 'as configured'}"
+                f": needs {candidate.estimate.required_gib():.2f} GiB, host "
+                f"{candidate.estimate.worst.host_peak / GIB:.1f} GiB: {verdict} "
+                f"({time.monotonic() - started:.0f} s)")
     return fitting
 
 

@@ -135,8 +135,9 @@ def main(argv: list[str] | None = None) -> None:
     capacity, source = device_capacity(cfg)
     try:
         if cfg.estimate.plan:
-            print(format_plan(plan(cfg, num_gpus, capacity or 0.0, source), cfg, num_gpus,
-                              capacity or 0.0, cfg.estimate.gpu))
+            found = plan(cfg, num_gpus, capacity or 0.0, source,
+                         log=lambda line: print(line, file=sys.stderr, flush=True))
+            print(format_plan(found, cfg, num_gpus, capacity or 0.0, cfg.estimate.gpu))
             return
         print(format_estimate(estimate_memory(cfg, num_gpus), capacity, source))
     except ValueError as e:  # e.g. a tokenizer that is not model.init_from's (as training says)
