@@ -264,3 +264,29 @@ def test_qlora_on_one_gpu_under_offload_keeps_its_nf4_base_in_host_memory():
     assert on_device.worst.device[PARAMS] >= sum(sizes)
     saved = on_device.worst.device_peak - streamed.worst.device_peak
     assert saved >= sum(sizes) - max(sizes)
+
+
+def test_planner_skips_optimizer_variants_that_cannot_save_what_is_missing():
+    """A layout traced too big by more than its optimizer variants could save (LoRA's
+    adapter states: megabytes) prunes them untraced; a full fine-tune's int8 moments can save
+    gigabytes, so a small overshoot keeps them."""
+    from titan_lite.estimate.planner import _optimizer_cannot_close
+
+    def variants(method):
+        cfg = load_config(["--training.local_batch_size", "2", "--training.seq_len", "128",
+                           "--training.global_batch_size", "-1", *(
+                               ["--lora.enable", "true"] if method == "lora" else [])])
+        on_device = [c for c in _candidates(cfg, 1, "RTX 4090")
+                     if not c.cfg.training.enable_cpu_offload
+                     and c.cfg.activation_checkpoint.mode == "none"
+                     and not c.cfg.lora.embedding_on_host
+                     and c.cfg.training.loss_chunks == cfg.training.loss_chunks]
+        by_dtype = {c.cfg.optimizer.state_dtype: c for c in on_device}
+        return by_dtype["float32"], by_dtype["int8"]
+
+    lora32, lora8 = variants("lora")
+    assert _optimizer_cannot_close(lora8, lora32, "device", 0.01, 1)
+    full32, full8 = variants("full")
+    saving = (full32.state_bytes - full8.state_bytes) / GIB
+    assert not _optimizer_cannot_close(full8, full32, "device", saving / 2, 1)
+    assert _optimizer_cannot_close(full8, full32, "device", saving * 2, 1)

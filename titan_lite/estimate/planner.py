@@ -134,21 +134,24 @@ def _plan_method(cfg: JobConfig, num_gpus: int, capacity_gib: float, gpu_name: s
         len(_memory_knobs(c.cfg) - configured_knobs), c.state_bytes))
     host_gib = cfg.estimate.host_memory_gb
     fitting: list[Candidate] = []
-    too_big: list[tuple[Candidate, str]] = []  # and where: "device" or "host"
+    too_big: list[tuple[Candidate, str, float]] = []  # where ("device", "host"), GiB over
     for candidate in candidates:
         if len(fitting) == cfg.estimate.plan_top:
             break
         host_bound = _host_state_bytes(candidate.cfg, num_gpus) / GIB
         if candidate.state_bytes / GIB > capacity_gib or (host_gib and host_bound > host_gib) \
-                or any(_needs_at_least(candidate, big, where) for big, where in too_big):
+                or any(_needs_at_least(candidate, big, where)
+                       or _optimizer_cannot_close(candidate, big, where, over, num_gpus)
+                       for big, where, over in too_big):
             continue
         started = time.monotonic()
         candidate.estimate = estimate_memory(candidate.cfg, num_gpus)
         if candidate.estimate.required_gib() > capacity_gib:
-            too_big.append((candidate, "device"))
+            too_big.append((candidate, "device",
+                            candidate.estimate.required_gib() - capacity_gib))
             verdict = "too big for the device"
         elif host_gib and candidate.estimate.worst.host_peak / GIB > host_gib:
-            too_big.append((candidate, "host"))
+            too_big.append((candidate, "host", candidate.estimate.worst.host_peak / GIB - host_gib))
             verdict = "too big for the host"
         else:
             fitting.append(candidate)
@@ -324,6 +327,20 @@ def _weights_and_states(cfg: JobConfig, num_gpus: int) -> float:
     stats = model_stats(cfg)
     state = stats.weight_bytes + (trained_bytes_per_param(cfg.optimizer) - 4) * stats.trainable
     return state / dims.state_shards(cfg.training.enable_cpu_offload)
+
+
+def _optimizer_cannot_close(candidate: Candidate, too_big: Candidate, where: str,
+                            over_gib: float, num_gpus: int) -> bool:
+    """Whether ``candidate`` differs from ``too_big`` only in its optimizer (state dtype, the
+    step in backward and the clipping it turns off), which saves at most the difference of
+    their weights + gradients + AdamW states where ``too_big`` was ``over_gib`` too big: less
+    than that (LoRA's adapters: megabytes against gigabytes)."""
+    a, b = candidate.cfg, too_big.cfg
+    if replace(a, optimizer=b.optimizer, training=replace(a.training, max_norm=b.training.max_norm)
+               ) != b:
+        return False
+    state = _state_bytes if where == "device" else _host_state_bytes
+    return (state(b, num_gpus) - state(a, num_gpus)) / GIB < over_gib
 
 
 def _needs_at_least(candidate: Candidate, too_big: Candidate, where: str) -> bool:
