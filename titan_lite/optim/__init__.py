@@ -1,4 +1,6 @@
-"""AdamW with weight-decay groups, and the warmup + decay learning-rate schedule."""
+"""AdamW with weight-decay groups, and the warmup + decay learning-rate schedule; ``compact``
+keeps AdamW's moments in bfloat16 or int8, ``in_backward`` steps each FSDP unit on the host as
+backward reaches it."""
 
 from __future__ import annotations
 
