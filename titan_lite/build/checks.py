@@ -7,6 +7,9 @@ import importlib.util
 import os
 import sys
 
+import torch
+
+from titan_lite.checkpoint import is_checkpoint
 from titan_lite.config.loader import ConfigError, help_text, load_config
 from titan_lite.config.schema import CHAT_TEMPLATES, JobConfig
 from titan_lite.finetune.nf4 import INSTALL_HINT, nf4_available, nf4_problems
@@ -205,9 +208,8 @@ def _local_problems(cfg: JobConfig) -> list[str]:
     if weights and cfg.validation.split > 0:
         problems.append("validation.split: not with data.weights (a mixture); name held-out "
                         "data in validation.paths")
-    # (DCP's .metadata tested here: importing titan_lite.checkpoint would cycle through config)
-    if cfg.model.init_from and not (has_config_json(cfg.model.init_from) or os.path.isfile(
-            os.path.join(cfg.model.init_from, ".metadata"))):
+    if cfg.model.init_from and not (has_config_json(cfg.model.init_from)
+                                    or is_checkpoint(cfg.model.init_from)):
         problems.append(f"model.init_from: {cfg.model.init_from!r} is neither a Hugging Face "
                         "folder (config.json) nor a titan_lite checkpoint (.metadata)")
     if os.path.exists(cfg.tokenizer.path):
@@ -225,14 +227,10 @@ def _local_problems(cfg: JobConfig) -> list[str]:
 
 
 def _cuda_available() -> bool:
-    import torch
-
     return torch.cuda.is_available()
 
 
 def _cuda_has_bfloat16() -> bool:
-    import torch
-
     return torch.cuda.is_bf16_supported(including_emulation=False)
 
 
