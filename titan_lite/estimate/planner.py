@@ -30,7 +30,9 @@ Cost model, per step and GPU (an explained ranking, not a promise of speed):
   activation checkpointing), and the AdamW step on the host (``HOST_ADAM_PARAMS_PER_S``, slower with
   compact moments by ``HOST_STATE_SLOWDOWN``), after backward; with optimizer.in_backward
   the step overlaps the backward (2/3 of the compute) except the last unit's (the root:
-  embeddings and output), which is stepped after it.
+  embeddings and output), which is stepped after it. Since it turns clipping off, the search
+  ranks it by the ordinary step's time unless it saves ``IN_BACKWARD_MIN_GAIN`` of the step
+  (it stays a candidate for what fits host memory).
 - AdamW's state dtype (without offload, on the GPU): no time; equal times put float32
   moments first, then bfloat16, then int8 (the numerics as configured, where they fit).
 """
@@ -69,6 +71,7 @@ HOST_ADAM_PARAMS_PER_S = 1e9
 # this 2-core CPU, 2026-12-06: float32 0.63, bfloat16 1.64, int8 20.6 s per billion)
 HOST_STATE_SLOWDOWN = {"float32": 1.0, "bfloat16": 2.6, "int8": 33.0}
 STATE_DTYPE_ORDER = ("float32", "bfloat16", "int8")  # among equal times: the first that fits
+IN_BACKWARD_MIN_GAIN = 0.05
 DEFAULT_GPU = "H100"  # speeds assumed when only estimate.device_memory_gb is given
 AC_CHOICES = (("none", "op"), ("selective", "op"), ("full", "op"))
 
@@ -80,6 +83,10 @@ class Candidate:
     step_seconds: float
     state_bytes: float  # weights + gradients + AdamW states per rank on the device
     estimate: MemoryEstimate | None = None
+    rank_seconds: float = 0.0  # what the search sorts by: step_seconds unless set otherwise
+
+    def __post_init__(self) -> None:
+        self.rank_seconds = self.rank_seconds or self.step_seconds
 
     @property
     def method(self) -> str:
@@ -130,7 +137,8 @@ def _plan_method(cfg: JobConfig, num_gpus: int, capacity_gib: float, gpu_name: s
     # memory knobs added, then the smaller per-rank state (more margin).
     configured_knobs = _memory_knobs(cfg)
     candidates = sorted(_candidates(cfg, num_gpus, gpu), key=lambda c: (
-        c.step_seconds, STATE_DTYPE_ORDER.index(c.cfg.optimizer.state_dtype),
+        c.rank_seconds, STATE_DTYPE_ORDER.index(c.cfg.optimizer.state_dtype),
+        c.cfg.optimizer.in_backward > cfg.optimizer.in_backward,
         len(_memory_knobs(c.cfg) - configured_knobs), c.state_bytes))
     host_gib = cfg.estimate.host_memory_gb
     fitting: list[Candidate] = []
@@ -231,6 +239,14 @@ def _optimizer_variants(cfg: JobConfig, candidate: JobConfig, num_gpus: int,
             new = replace(candidate, optimizer=optimizer, training=training)
             variants.append(Candidate(new, _overrides(cfg, new), step_seconds(new, num_gpus, gpu),
                                       _state_bytes(new, num_gpus)))
+    # The step in backward gives up clipping: ranked ahead for speed only when it saves at
+    # least IN_BACKWARD_MIN_GAIN of the step (it may still be what fits host memory).
+    ordinary = {c.cfg.optimizer.state_dtype: c.step_seconds for c in variants
+                if not c.cfg.optimizer.in_backward}
+    for c in variants:
+        same = ordinary[c.cfg.optimizer.state_dtype]
+        if c.cfg.optimizer.in_backward and c.step_seconds > (1 - IN_BACKWARD_MIN_GAIN) * same:
+            c.rank_seconds = same
     return variants
 
 
