@@ -26,7 +26,7 @@ sys.path.insert(0, REPO)
 
 from titan_lite.config import load_config  # noqa: E402
 from titan_lite.data import build_data  # noqa: E402
-from titan_lite.models.loss import cross_entropy_sum  # noqa: E402
+from titan_lite.loss import cross_entropy_sum  # noqa: E402
 from titan_lite.runtime.memory import TensorMemoryTracker  # noqa: E402
 from titan_lite.models.llama3 import FLAVORS, Transformer  # noqa: E402
 from titan_lite.data.tokenizer import build_tokenizer  # noqa: E402

@@ -7,7 +7,7 @@ import torch
 
 from titan_lite.build import check_job
 from titan_lite.config import ActivationCheckpoint, load_config
-from titan_lite.models.loss import loss_head
+from titan_lite.loss import loss_head
 from titan_lite.models.llama3 import FLAVORS, Transformer
 from titan_lite.parallel.activation_checkpoint import apply_activation_checkpointing
 from titan_lite.parallel.activation_offload import MIN_BYTES, OffloadSavedActivations

@@ -11,7 +11,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "titan_lite"
 LAYERS = [
     {"models"},
     {"config"},
-    {"runtime"},
+    {"runtime", "loss"},
     {"data"},
     {"finetune", "parallel", "optim"},
     {"hf", "checkpoint"},

@@ -13,7 +13,7 @@ from titan_lite.data.instruct import Rendering
 from titan_lite.data.shards import Stream
 from titan_lite.data.sources import records as iter_records
 from titan_lite.data.loader import split_indices
-from titan_lite.models.loss import IGNORE_INDEX
+from titan_lite.loss import IGNORE_INDEX
 from titan_lite.data.tokenizer import build_tokenizer
 
 

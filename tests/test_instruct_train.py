@@ -17,7 +17,7 @@ from layouts import assert_matches, run_layout
 from titan_lite.checkpoint import complete_steps
 from titan_lite.config import load_config
 from titan_lite.data import build_data
-from titan_lite.models.loss import IGNORE_INDEX, cross_entropy_sum
+from titan_lite.loss import IGNORE_INDEX, cross_entropy_sum
 from titan_lite.models.llama3 import ModelArgs, Transformer
 from titan_lite.data.tokenizer import build_tokenizer
 from titan_lite.train import StepRecipe, forward_backward, train

@@ -22,7 +22,7 @@ from titan_lite.finetune import (
 from titan_lite.finetune.lora import block_linears
 from titan_lite.finetune.nf4 import BYTES_PER_WEIGHT, dequantized, device_copy
 from titan_lite.hf import args_from_hf_config, load_hf_weights, save_peft, to_hf_rows
-from titan_lite.models.loss import cross_entropy_sum
+from titan_lite.loss import cross_entropy_sum
 from titan_lite.runtime.memory import tensor_bytes
 from titan_lite.models.llama3 import FLAVORS, Transformer
 from titan_lite.optim import build_optimizer

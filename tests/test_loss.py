@@ -3,7 +3,7 @@ with a smaller peak."""
 
 import torch
 
-from titan_lite.models.loss import IGNORE_INDEX, cross_entropy_sum, loss_head
+from titan_lite.loss import IGNORE_INDEX, cross_entropy_sum, loss_head
 from titan_lite.runtime.memory import TensorMemoryTracker
 
 
@@ -78,7 +78,7 @@ def test_training_with_chunked_loss_matches_one_piece(repo_cwd):
 
 
 def test_auto_loss_chunks_slices_large_vocabularies_only():
-    from titan_lite.models.loss import AUTO_CHUNKS, resolve_loss_chunks
+    from titan_lite.loss import AUTO_CHUNKS, resolve_loss_chunks
 
     assert resolve_loss_chunks(0, 128_256, 2 * 2048) == AUTO_CHUNKS == 8  # Llama 3
     assert resolve_loss_chunks(0, 32_000, 4096) == 8  # Llama 2

@@ -43,7 +43,7 @@ from titan_lite.runtime.distributed import (
     use_deterministic_algorithms,
 )
 from titan_lite.finetune import base_fingerprint, describe_parameters
-from titan_lite.models.loss import (
+from titan_lite.loss import (
     global_target_count,
     loss_head,
     resolve_loss_chunks,
@@ -146,7 +146,7 @@ def forward_backward(runner: torch.nn.Module | Pipeline, next_batch: Callable[[]
                      scaler: LossScaler | None = None,
                      in_backward: StepInBackward | None = None) -> torch.Tensor:
     """Forward and backward over one step's micro-batches, leaving in ``.grad`` the gradients
-    of the mean loss over every target token of the global batch (titan_lite.models.loss), times
+    of the mean loss over every target token of the global batch (titan_lite.loss), times
     float16's loss scale when ``scaler`` is enabled (or, ``in_backward``, stepping each unit
     with them during the last backward). Returns this rank's share of that mean,
     unscaled: summed over the ranks and divided by the tensor-parallel degree it is the step's

@@ -20,7 +20,7 @@ from titan_lite.config import JobConfig
 from titan_lite.data import Batch, ChatTemplate, ValidationLoader
 from titan_lite.runtime.distributed import full_tensor
 from titan_lite.inference.generation import generate, prompt_ids, stop_ids
-from titan_lite.models.loss import count_targets, loss_head, sum_over_ranks
+from titan_lite.loss import count_targets, loss_head, sum_over_ranks
 from titan_lite.parallel.pp import Pipeline
 from titan_lite.data.tokenizer import Tokenizer
 

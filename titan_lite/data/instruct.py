@@ -24,7 +24,7 @@ from titan_lite.data.shards import (CacheJob, Items, Stream, batched, build_cach
 from titan_lite.data.sources import (RECORD_SUFFIXES, PartReader, describe_files, plan_parts,
                                      require_object, source_files)
 from titan_lite.data.text import TOKEN_DTYPE, cache_path
-from titan_lite.models.loss import IGNORE_INDEX
+from titan_lite.loss import IGNORE_INDEX
 
 _CACHE_VERSION = "sft-3"  # bump when what is cached changes
 _BATCH_RECORDS = 256

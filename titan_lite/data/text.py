@@ -15,7 +15,7 @@ from titan_lite.data.batch import Batch
 from titan_lite.data.shards import CacheJob, Items, Stream, batched, build_cache
 from titan_lite.data.sources import (CutFinder, Part, PartReader, Piece, describe_files,
                                      plan_parts, source_files)
-from titan_lite.models.loss import IGNORE_INDEX
+from titan_lite.loss import IGNORE_INDEX
 from titan_lite.data.tokenizer import Tokenizer, safe_cut
 
 TOKEN_DTYPE = np.uint32

@@ -32,7 +32,7 @@ from titan_lite.estimate.tracker import (
     LabelledTracker,
 )
 from titan_lite.finetune import host_parameters
-from titan_lite.models.loss import cross_entropy_sum
+from titan_lite.loss import cross_entropy_sum
 from titan_lite.hf.config import job_model_args
 from titan_lite.models.llama3 import ModelArgs, Transformer
 from titan_lite.optim import LossScaler, build_optimizer

@@ -16,7 +16,7 @@ import torch
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.distributed.device_mesh import DeviceMesh
 
-from titan_lite.models.loss import cross_entropy_sum
+from titan_lite.loss import cross_entropy_sum
 from titan_lite.models.llama3 import ModelArgs, Transformer
 
 if TYPE_CHECKING:  # titan_lite.config's checks import this module
@@ -145,7 +145,7 @@ class Pipeline:
         self.microbatches = microbatches = local_batch_size // cfg.pipeline_parallel_microbatch_size
         schedules = pipelining.schedules
         schedule_cls = getattr(schedules, SCHEDULES[cfg.pipeline_parallel_schedule])
-        # The loss is normalised by the global batch's target count (titan_lite.models.loss), not by
+        # The loss is normalised by the global batch's target count (titan_lite.loss), not by
         # the number of micro-batches.
         self.loss_scale: torch.Tensor | float = 1.0
         self.schedule = schedule_cls(
