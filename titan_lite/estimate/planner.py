@@ -45,7 +45,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from titan_lite.build import check_job
-from titan_lite.config import JobConfig
+from titan_lite.config import JobConfig, load_config
 from titan_lite.runtime.distributed import DTYPES
 from titan_lite.estimate.gpus import GPUS
 from titan_lite.estimate.trace import (
@@ -465,8 +465,6 @@ def model_stats(cfg: JobConfig) -> ModelStats:
 @functools.cache
 def _stats(flavor: str, init_from: str, kind: str, path: str, seq_len: int, lora: tuple
            ) -> ModelStats:
-    from titan_lite.config import load_config
-
     enable, rank, targets, base_dtype, quantize = lora
     cfg = load_config(["--model.flavor", flavor, "--model.init_from", init_from,
                        "--tokenizer.kind", kind, "--tokenizer.path",

@@ -17,6 +17,7 @@ from torch.testing._internal.distributed.fake_pg import FakeStore
 
 from titan_lite.config import ConfigError, JobConfig
 from titan_lite.data import Batch
+from titan_lite.data.tokenizer import build_tokenizer
 from titan_lite.runtime.distributed import DTYPES, DistEnv, local_shard
 from titan_lite.estimate.gpus import ALLOCATOR_SLACK, CUDA_CONTEXT_GIB
 from titan_lite.estimate.tracker import (
@@ -82,8 +83,6 @@ def model_args(cfg: JobConfig) -> ModelArgs:
     model.init_from's config.json's, else the flavor's own."""
     tokenizer = None
     if os.path.exists(cfg.tokenizer.path):
-        from titan_lite.data.tokenizer import build_tokenizer
-
         tokenizer = build_tokenizer(cfg.tokenizer.kind, cfg.tokenizer.path)
     return job_model_args(cfg.model.flavor, cfg.model.init_from, cfg.training.seq_len,
                           tokenizer)

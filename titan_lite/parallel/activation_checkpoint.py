@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -19,10 +19,8 @@ from torch.utils.checkpoint import (
     create_selective_checkpoint_contexts,
 )
 
+from titan_lite.config import ActivationCheckpoint
 from titan_lite.models.llama3 import Transformer
-
-if TYPE_CHECKING:  # titan_lite.config's checks import this module
-    from titan_lite.config import ActivationCheckpoint
 
 # Outputs worth keeping: matmuls and attention cost FLOPs to recompute; norms, SiLU, RoPE and
 # the residual adds are cheap and are recomputed in backward.

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-if TYPE_CHECKING:
-    from titan_lite.config import Parallelism, Training
+from titan_lite.config import Parallelism, Training
 
 @dataclass(frozen=True)
 class ParallelDims:

@@ -10,19 +10,16 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import torch
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.distributed.device_mesh import DeviceMesh
 
+from titan_lite.config import Parallelism, Training
+from titan_lite.data import Batch
 from titan_lite.loss import cross_entropy_sum
 from titan_lite.models.llama3 import ModelArgs, Transformer
-
-if TYPE_CHECKING:  # titan_lite.config's checks import this module
-    from titan_lite.config import Parallelism, Training
-    from titan_lite.data import Batch
-    from titan_lite.parallel.dims import ParallelDims
+from titan_lite.parallel.dims import ParallelDims
 
 SCHEDULES = {"GPipe": "ScheduleGPipe", "1F1B": "Schedule1F1B",
              "Interleaved1F1B": "ScheduleInterleaved1F1B"}  # torch.distributed.pipelining's
