@@ -36,12 +36,14 @@ def _train_and_save(rank: int, world_size: int, argv: list[str], out: str) -> No
                 "loss_scale": result.loss_scale}, f"{out}.rank{rank}")
 
 
-def run_layout(tmp_path, name: str, world_size: int, *overrides: str) -> dict:
+def run_layout(tmp_path, name: str, world_size: int, *overrides: str, fresh: bool = False
+               ) -> dict:
     """Losses and validation losses (as every rank logs them) and the full final parameters,
-    merged over the ranks (pipeline stages hold different blocks; sharded ones are gathered)."""
+    merged over the ranks (pipeline stages hold different blocks; sharded ones are gathered).
+    ``fresh``: on new processes (``run_distributed``'s)."""
     out = str(tmp_path / f"{name}.pt")
     argv = [*BASE, "--job.dump_folder", str(tmp_path / name), *overrides]
-    run_distributed(_train_and_save, world_size, argv, out)
+    run_distributed(_train_and_save, world_size, argv, out, fresh=fresh)
     ranks = [torch.load(f"{out}.rank{r}", weights_only=True) for r in range(world_size)]
     for r in ranks:  # every rank logs the same
         assert r["losses"] == ranks[0]["losses"] and r["validation"] == ranks[0]["validation"]

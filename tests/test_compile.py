@@ -20,11 +20,11 @@ def test_compiled_training_matches_one_eager_process(tmp_path, reference, monkey
                                                      ac):
     """Compiled blocks (under op-level selective or full AC, in one process or on 2 FSDP
     ranks) and compiled cross entropy over 2 loss slices reproduce the eager reference."""
-    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)  # (read at import: fresh)
     result = run_layout(tmp_path, "compiled", ranks,
                         "--training.local_batch_size", str(4 // ranks),
                         "--training.compile", "true", "--activation_checkpoint.mode", ac,
-                        "--training.loss_chunks", "2")
+                        "--training.loss_chunks", "2", fresh=True)
     torch.testing.assert_close(result["losses"], reference["losses"], rtol=0, atol=LOSS_ATOL)
     for name, value in reference["params"].items():
         torch.testing.assert_close(result["params"][name], value, rtol=0,

@@ -106,15 +106,17 @@ def _compare(folder, tasks, names: list[str], chat: bool):
     """The harness's results and samples on ``names`` with titan_lite's model and with the
     harness's Hugging Face backend; asserts the requests and answers are equal."""
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
     from titan_lite.config import load_config
+    from titan_lite.evaluate import task_manager
     from titan_lite.inference.harness import TitanLiteLM
+
+    manager = task_manager(str(tasks), names)  # (the local tasks alone: no built-in index)
+    assert set(manager.all_tasks) == set(TASKS)
 
     def evaluate(lm) -> dict:
         return lm_eval.simple_evaluate(model=lm, tasks=names, log_samples=True,
-                                       apply_chat_template=chat,
-                                       task_manager=TaskManager(include_path=str(tasks)))
+                                       apply_chat_template=chat, task_manager=manager)
 
     lm = TitanLiteLM.from_job(load_config(_job(folder)), batch_size=3)
     ours = evaluate(lm)
@@ -182,3 +184,12 @@ def test_evaluate_runs_local_tasks_and_refuses_bad_input_in_one_line(checkpoint,
     assert wrong.returncode == 2, wrong.stderr[-3000:]
     assert len(wrong.stderr.strip().splitlines()) == 1 and str(other) in wrong.stderr
     assert "Traceback" not in wrong.stderr
+
+
+def test_the_task_index_is_the_local_folder_alone_only_when_it_holds_every_task(checkpoint):
+    from titan_lite.evaluate import task_manager
+
+    tasks = str(checkpoint[1])
+    assert set(task_manager(tasks, ["tiny_mc", "tiny_gen"]).all_tasks) == set(TASKS)
+    both = set(task_manager(tasks, ["tiny_mc", "hellaswag"]).all_tasks)
+    assert set(TASKS) < both and "hellaswag" in both

@@ -171,13 +171,13 @@ def test_resume_is_exact_holds_only_adapters_refuses_another_base_and_exports(
 
 
 def test_lora_example_learns_and_generate_answers_with_its_adapters(tmp_path):
-    """train_configs/debug_lora.toml, shortened to 20 steps on 8 validation batches, on a random
+    """train_configs/debug_lora.toml, shortened to 20 steps on 4 validation batches, on a random
     base: validation loss falls and generate answers with the base + the checkpoint's
     adapters."""
     base = base_folder(tmp_path / "base", seed=0)
     argv = ["--config", "train_configs/debug_lora.toml", "--model.init_from", base,
             "--job.dump_folder", str(tmp_path / "run"), "--training.steps", "20",
-            "--validation.interval", "20", "--validation.steps", "8",
+            "--validation.interval", "20", "--validation.steps", "4",
             "--validation.sample_prompts", ""]
     env = python_env()
     result = subprocess.run(["bash", "run_train.sh", *argv], cwd=REPO, env=env,
