@@ -143,23 +143,30 @@ BAD_LAYOUTS = {
 }
 
 
-@pytest.mark.parametrize("rank", [0, 1])
 @pytest.mark.parametrize("case", list(BAD_LAYOUTS))
-def test_each_rank_refuses_a_bad_layout_alone(tmp_path, case, rank):
-    """One rank of a 2-rank job, started with no peer: it must print and exit 2 by itself.
+def test_each_rank_refuses_a_bad_layout_alone(tmp_path, case):
+    """Each rank of a 2-rank job, started with no peer: it must print and exit 2 by itself.
 
     A rank that waited on a collective or the rendezvous first would hang here (no peer ever
-    comes), so finishing inside the timeout proves the refusal needs nobody else.
+    comes: the two are started as strangers, MASTER_PORT 1), so finishing inside the timeout
+    proves the refusal needs nobody else.
     """
     overrides, message = BAD_LAYOUTS[case]
-    env = python_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
-                     LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT="1")
-    result = subprocess.run(
-        [sys.executable, "-m", "titan_lite.train", "--job.dump_folder", str(tmp_path),
-         *overrides], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert f"[rank{rank}] config error: {message}" in result.stderr
-    assert "Traceback" not in result.stderr
+    ranks = [subprocess.Popen(
+        [sys.executable, "-m", "titan_lite.train", "--job.dump_folder", str(tmp_path / str(rank)),
+         *overrides], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=python_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                       LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT="1"))
+        for rank in (0, 1)]
+    try:
+        for rank, process in enumerate(ranks):
+            _, stderr = process.communicate(timeout=60)
+            assert process.returncode == 2, stderr[-3000:]
+            assert f"[rank{rank}] config error: {message}" in stderr
+            assert "Traceback" not in stderr
+    finally:
+        for process in ranks:
+            process.kill()
 
 
 def test_bad_layout_under_torchrun_exits_2_without_hanging(tmp_path):
