@@ -8,6 +8,7 @@ minutes here.
                                           # what each memory knob adds (~15 minutes)
     python bench/fit_table.py --cards     # the planner's best full / LoRA / QLoRA layout for
                                           # the 8B and 70B on 1 x 8 GB, 1 x 24 GB, 2 x 24 GB
+        [--card_models 8B --card_methods qlora]   # some rows (a plan takes minutes to hours)
 """
 
 from __future__ import annotations
@@ -163,7 +164,7 @@ CARD_JOBS = {  # batch 2 x 2048 (8B) and 1 x 2048 (70B) per GPU, no accumulation
 }
 
 
-def cards_table() -> None:
+def cards_table(models: list[str], methods: list[str]) -> None:
     """Each method's fastest fitting layout (the planner, every memory knob searched) for the
     8B and 70B on an 8 GB card, a 24 GB card and two, in a 64 GB desktop."""
     print(f"| model | GPUs | method | best layout that fits (planner; host <= "
@@ -171,8 +172,10 @@ def cards_table() -> None:
           "tokens/s/GPU (cost model) |")
     print("|---|---|---|---|---|---|---|")
     for name, flags in CARD_JOBS.items():
+        if name.split()[-1] not in models:
+            continue
         for gpu, count in CARDS:
-            for method in ("full", "lora", "qlora"):
+            for method in methods:
                 cfg = load_config([*flags, "--estimate.plan_top", "1", "--estimate.plan_methods",
                                    method, "--estimate.host_memory_gb",
                                    str(DESKTOP_HOST_GIB / count)])
@@ -205,10 +208,13 @@ def main() -> None:
     parser.add_argument("--cards", action="store_true",
                         help="instead: the best full / LoRA / QLoRA layout for the 8B and 70B "
                              "on 1 x 8 GB, 1 x 24 GB and 2 x 24 GB cards")
+    parser.add_argument("--card_models", default="8B,70B", help="--cards: these rows only")
+    parser.add_argument("--card_methods", default="full,lora,qlora",
+                        help="--cards: these methods only")
     args = parser.parse_args()
     os.chdir(REPO)
     if args.cards:
-        cards_table()
+        cards_table(args.card_models.split(","), args.card_methods.split(","))
         return
     if args.knobs:
         knobs_table("train_configs/llama3_8b.toml")
