@@ -171,14 +171,14 @@ def test_resume_is_exact_holds_only_adapters_refuses_another_base_and_exports(
 
 
 def test_lora_example_learns_and_generate_answers_with_its_adapters(tmp_path):
-    """train_configs/debug_lora.toml, shortened to 20 steps on 4 validation batches, on a random
-    base: validation loss falls and generate answers with the base + the checkpoint's
-    adapters."""
+    """train_configs/debug_lora.toml, shortened to 20 steps of 4 samples on 4 validation batches,
+    on a random base: validation loss falls and generate answers with the base + the
+    checkpoint's adapters."""
     base = base_folder(tmp_path / "base", seed=0)
     argv = ["--config", "train_configs/debug_lora.toml", "--model.init_from", base,
             "--job.dump_folder", str(tmp_path / "run"), "--training.steps", "20",
             "--validation.interval", "20", "--validation.steps", "4",
-            "--validation.sample_prompts", ""]
+            "--validation.sample_prompts", "", "--training.local_batch_size", "4"]
     env = python_env()
     result = subprocess.run(["bash", "run_train.sh", *argv], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=400)
