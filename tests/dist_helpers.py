@@ -3,9 +3,10 @@
 The ranks are processes kept for the whole session, one set per world size (as torch's own
 ``MultiProcContinuousTest`` does): starting two Python processes that import torch and
 titan_lite costs ~3-4 s on this 2-core machine, more than most of the layouts they run. Each
-call gets a fresh process group (a new port) and what a fresh process would have: the same
-seed, one thread, the environment and working directory as they were, dynamo's caches empty.
+call gets a fresh process group (a new port) and what a spawned process would have: the
+caller's environment and working directory, the same seed, one thread, dynamo's caches empty.
 A call that fails on any rank ends that set of processes; the next call starts a new one.
+``fresh=True`` runs on new processes, for what is read once at import.
 """
 
 from __future__ import annotations
