@@ -325,3 +325,27 @@ def test_the_step_in_backward_ranks_ahead_only_for_a_real_gain(repo_cwd):
     big = [c for c in in_backward_variants([]) if c.cfg.activation_checkpoint.mode == "full"
            and c.cfg.optimizer.state_dtype == "float32"]
     assert big and all(c.rank_seconds == c.step_seconds for c in big)
+
+
+@pytest.mark.parametrize("ranks, flags", [
+    (1, []),
+    (2, ["--activation_checkpoint.mode", "full", "--training.enable_cpu_offload", "true",
+         "--optimizer.in_backward", "true", "--training.max_norm", "0"]),
+    # one shard: the NF4 base streams to the device per use (the case a 2-block trace misses)
+    (1, ["--lora.enable", "true", "--lora.quantize_base", "nf4", "--activation_checkpoint.mode",
+         "full", "--training.enable_cpu_offload", "true", "--training.mixed_precision_param",
+         "bfloat16"]),
+])
+def test_the_planners_shallow_traces_extend_to_the_full_peaks(ranks, flags):
+    """The planner screens a deep model's layout with traces of 3 and 4 blocks extended to its
+    depth (a lower bound by convexity); on the 6 blocks of the debug model, it equals the full
+    trace."""
+    from titan_lite.estimate.planner import SCREEN_LAYERS, shallow_peaks
+
+    cfg = load_config(["--training.local_batch_size", "2", "--training.seq_len", "64", *flags])
+    full = estimate_memory(cfg, ranks).worst
+    device, host = shallow_peaks(cfg, ranks, SCREEN_LAYERS)
+    assert device * GIB == pytest.approx(full.device_peak, abs=2**20)
+    assert host * GIB == pytest.approx(full.host_peak, abs=2**20)
+    assert full.device_peak > 0 and (full.host_peak > 0) == ("--training.enable_cpu_offload"
+                                                             in flags)

@@ -75,7 +75,12 @@ class MemoryEstimate:
 
     def required_gib(self) -> float:
         """Device memory to ask for: the traced peak plus the allowances it does not see."""
-        return self.worst.device_peak / GIB * (1 + ALLOCATOR_SLACK) + CUDA_CONTEXT_GIB
+        return required_gib(self.worst.device_peak / GIB)
+
+
+def required_gib(device_peak_gib: float) -> float:
+    """Device memory to ask for with a traced peak of ``device_peak_gib``."""
+    return device_peak_gib * (1 + ALLOCATOR_SLACK) + CUDA_CONTEXT_GIB
 
 
 def model_args(cfg: JobConfig) -> ModelArgs:
@@ -96,11 +101,15 @@ def job_dims(cfg: JobConfig, num_gpus: int) -> ParallelDims:
     return dims
 
 
-def estimate_memory(cfg: JobConfig, num_gpus: int) -> MemoryEstimate:
+def estimate_memory(cfg: JobConfig, num_gpus: int, n_layers: int | None = None
+                    ) -> MemoryEstimate:
     """Trace the job on ``num_gpus`` fake ranks; one rank per pipeline stage (else rank 0, which
-    holds the largest shards when a dimension does not split evenly)."""
+    holds the largest shards when a dimension does not split evenly). ``n_layers``: trace the
+    model with that many blocks instead (the planner's quick lower bound)."""
     dims = job_dims(cfg, num_gpus)
     args = model_args(cfg)
+    if n_layers is not None:
+        args = replace(args, n_layers=n_layers)
     cfg = resolve_auto_keys(cfg, dims, args.vocab_size)
     # traced eager: compiled kernels cannot run on fake tensors (Inductor's fusion only saves
     # some temporaries, so the eager peak is an upper bound)
