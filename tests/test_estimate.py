@@ -349,3 +349,26 @@ def test_the_planners_shallow_traces_extend_to_the_full_peaks(ranks, flags):
     assert host * GIB == pytest.approx(full.host_peak, abs=2**20)
     assert full.device_peak > 0 and (full.host_peak > 0) == ("--training.enable_cpu_offload"
                                                              in flags)
+
+
+def test_offload_copies_overlap_where_fsdp2_makes_them_asynchronous():
+    """FSDP2 copies offloaded weights in its all-gather stream (overlapped with compute) and
+    gradients back asynchronously, except when one adds to a gradient already there or a hook
+    reads it at once (the step in backward): the cost model counts those as serial, and an
+    NF4 base streamed per use on one shard (on the compute stream) too."""
+    from titan_lite.estimate.planner import _offload_copies
+
+    def copies(*flags, micro_batches=1):
+        cfg = load_config(["--training.enable_cpu_offload", "true", *flags])
+        return _offload_copies(cfg, micro_batches, trainable=1e6, frozen_bytes=3e6, shards=1)
+
+    weights, gradients = 2 * 4e6 + 2 * 3e6, 4e6
+    assert copies() == (weights + gradients, 0.0)
+    assert copies("--optimizer.in_backward", "true") == (weights, gradients)
+    assert copies(micro_batches=2) == (2 * weights + gradients, gradients)
+    assert copies("--parallelism.fsdp_reduce_every_microbatch", "false",
+                  micro_batches=2) == (2 * weights + gradients, 0.0)
+    # full AC recomputes the forward: a third use of each streamed NF4 weight
+    streamed = copies("--lora.enable", "true", "--lora.quantize_base", "nf4",
+                      "--activation_checkpoint.mode", "full")
+    assert streamed == (2 * 4e6 + gradients, (2 + 1) * 3e6)

@@ -26,13 +26,16 @@ Cost model, per step and GPU (an explained ranking, not a promise of speed):
   overlapped with compute (the step takes the longer of the two); equal times put the layout
   with the smaller per-rank state first (more margin);
 - CPU offload: weights copied to the GPU per micro-batch and gradients back, over PCIe
-  (``PCIE_GB_S``; an NF4 base on one shard, streamed per use, also for the recomputation of
-  activation checkpointing), and the AdamW step on the host (``HOST_ADAM_PARAMS_PER_S``, slower with
+  (``PCIE_GB_S``): overlapped with compute (the step takes the longest of compute, FSDP
+  traffic and these copies) where FSDP2 makes them so, serial where it waits for them or
+  where titan_lite streams an NF4 base on one shard per use (``_offload_copies``); and the
+  AdamW step on the host (``HOST_ADAM_PARAMS_PER_S``, slower with
   compact moments by ``HOST_STATE_SLOWDOWN``), after backward; with optimizer.in_backward
   the step overlaps the backward (2/3 of the compute) except the last unit's (the root:
   embeddings and output), which is stepped after it. Since it turns clipping off, the search
   ranks it by the ordinary step's time unless it saves ``IN_BACKWARD_MIN_GAIN`` of the step
-  (it stays a candidate for what fits host memory).
+  (it stays a candidate for what fits host memory). Full AC's activation offload copies the
+  block inputs out and back on a side stream (overlapped).
 - AdamW's state dtype (without offload, on the GPU): no time; equal times put float32
   moments first, then bfloat16, then int8 (the numerics as configured, where they fit).
 """
@@ -352,24 +355,41 @@ def step_seconds(cfg: JobConfig, num_gpus: int, gpu: str) -> float:
         communication += (trainable / shards * 2 * _bytes(t.mixed_precision_reduce)
                           * (dims.dp_replicate - 1) / dims.dp_replicate)
     communication /= GPUS[gpu].link_gb_s * 1e9
-    offload = 0.0
+    overlapped, serial, host_step = 0.0, 0.0, 0.0  # bytes over PCIe, and seconds
     if t.enable_cpu_offload:
-        shards = max(dims.dp_shard, 1)
-        # an NF4 base with one shard streams per use: also for the recomputation in backward
-        streams = cfg.lora.quantize_base == "nf4" and shards == 1
-        frozen_copies = 2 + (3 * _recompute(cfg) if streams else 0)
-        copies = (micro_batches * (2 * 4 * trainable + frozen_copies * frozen_bytes)
-                  + 4 * trainable) / shards
-        host_step = (trainable / shards / HOST_ADAM_PARAMS_PER_S
+        overlapped, serial = _offload_copies(cfg, micro_batches, trainable, frozen_bytes,
+                                             max(dims.dp_shard, 1))
+        host_step = (trainable / max(dims.dp_shard, 1) / HOST_ADAM_PARAMS_PER_S
                      * HOST_STATE_SLOWDOWN[cfg.optimizer.state_dtype])
         if cfg.optimizer.in_backward:  # hidden behind backward, but for the root unit's
             root_share = stats.root_trainable / max(stats.trainable, 1)
             host_step = max(host_step * root_share, host_step - compute * 2 / 3)
-        offload = copies / (PCIE_GB_S * 1e9) + host_step
-    if cfg.activation_checkpoint.offload:  # full AC's block inputs (bf16) out and back
-        saved = tokens * stats.dim * 2 * stats.n_layers / (dims.tp * dims.pp)
-        offload += 2 * saved / (PCIE_GB_S * 1e9)
-    return max(compute, communication) + offload
+    if cfg.activation_checkpoint.offload:  # full AC's block inputs (bf16), on a side stream
+        overlapped += 2 * tokens * stats.dim * 2 * stats.n_layers / (dims.tp * dims.pp)
+    pcie = PCIE_GB_S * 1e9
+    return max(compute, communication, overlapped / pcie) + serial / pcie + host_step
+
+
+def _offload_copies(cfg: JobConfig, micro_batches: int, trainable: float, frozen_bytes: float,
+                    shards: int) -> tuple[float, float]:
+    """Bytes CPU offload copies over PCIe per step: (overlapped with compute, not).
+
+    In: the weights per micro-batch, for forward and backward. FSDP2 copies them in its
+    all-gather stream ahead of use (overlapped); an NF4 base on one shard is titan_lite's own
+    copy on the compute stream, per use (also AC's recomputation: serial). Out: the float32
+    gradients per reduction. FSDP2's copy is asynchronous unless the gradient adds to one
+    already there (accumulation) or a hook reads it at once (the step in backward): then the
+    CPU waits for it and the GPU's queue runs dry (serial; torch 2.13's
+    ``_fsdp_collectives.foreach_reduce``)."""
+    streams = cfg.lora.quantize_base == "nf4" and shards == 1
+    weights = micro_batches * (2 * 4 * trainable + (0 if streams else 2 * frozen_bytes))
+    streamed = micro_batches * (2 + 3 * _recompute(cfg)) * frozen_bytes if streams else 0.0
+    reductions = (micro_batches if cfg.parallelism.fsdp_reduce_every_microbatch
+                  or micro_batches == 1 else 1)
+    waited = reductions if cfg.optimizer.in_backward else reductions - 1
+    gradients = 4 * trainable
+    return ((weights + (reductions - waited) * gradients) / shards,
+            (streamed + waited * gradients) / shards)
 
 
 def _recompute(cfg: JobConfig) -> float:
