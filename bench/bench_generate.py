@@ -27,7 +27,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from titan_lite.config import Generation, load_config  # noqa: E402
-from titan_lite.estimate.planner import model_stats  # noqa: E402
+from titan_lite.estimate.cost import model_stats  # noqa: E402
 from titan_lite.inference.model import load_model  # noqa: E402
 from titan_lite.inference.generation import generate_batch  # noqa: E402
 from titan_lite.hf import save_hf  # noqa: E402

@@ -356,11 +356,11 @@ def test_offload_copies_overlap_where_fsdp2_makes_them_asynchronous():
     gradients back asynchronously, except when one adds to a gradient already there or a hook
     reads it at once (the step in backward): the cost model counts those as serial, and an
     NF4 base streamed per use on one shard (on the compute stream) too."""
-    from titan_lite.estimate.planner import _offload_copies
+    from titan_lite.estimate.cost import offload_copies
 
     def copies(*flags, micro_batches=1):
         cfg = load_config(["--training.enable_cpu_offload", "true", *flags])
-        return _offload_copies(cfg, micro_batches, trainable=1e6, frozen_bytes=3e6, shards=1)
+        return offload_copies(cfg, micro_batches, trainable=1e6, frozen_bytes=3e6, shards=1)
 
     weights, gradients = 2 * 4e6 + 2 * 3e6, 4e6
     assert copies() == (weights + gradients, 0.0)
