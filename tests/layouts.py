@@ -8,7 +8,7 @@ from dist_helpers import run_distributed
 
 from titan_lite.config import load_config
 from titan_lite.runtime.distributed import DistEnv, full_tensor
-from titan_lite.train import train
+from titan_lite.train import TrainResult, train
 
 # 4 sequences of 64 tokens per step over all ranks; the MFU reference is not measured.
 BASE = ["--training.seq_len", "64", "--training.steps", "3", "--metrics.log_freq", "100",
@@ -25,10 +25,16 @@ def _full(tensor: torch.Tensor) -> torch.Tensor:
     return full_tensor(tensor).detach().clone()
 
 
-def _train_and_save(rank: int, world_size: int, argv: list[str], out: str) -> None:
+def train_as_rank(rank: int, world_size: int, argv: list[str]) -> TrainResult:
+    """``train`` the job of ``argv``, from the repository's root, as one of ``world_size``
+    CPU ranks (under ``run_distributed``)."""
     os.chdir(REPO)
-    env = DistEnv(rank, rank, world_size, world_size, torch.device("cpu"))
-    result = train(load_config(argv), env)
+    return train(load_config(argv), DistEnv(rank, rank, world_size, world_size,
+                                            torch.device("cpu")))
+
+
+def _train_and_save(rank: int, world_size: int, argv: list[str], out: str) -> None:
+    result = train_as_rank(rank, world_size, argv)
     params = {name: _full(p) for part in result.model_parts  # full_tensor() is a collective
               for name, p in part.named_parameters() if p.requires_grad}  # (LoRA: adapters)
     torch.save({"losses": result.losses, "params": params,

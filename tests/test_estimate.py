@@ -3,14 +3,13 @@ and refuses bad input."""
 
 import glob
 import json
-import os
 import subprocess
 import sys
 
 import pytest
-import torch
 from conftest import CPU_ENV, REPO, python_env
 from dist_helpers import run_distributed
+from layouts import train_as_rank
 
 from titan_lite.config import load_config
 from titan_lite.estimate import (
@@ -23,7 +22,6 @@ from titan_lite.estimate import (
 )
 from titan_lite.estimate.planner import _candidates, _toml, format_plan, plan
 from titan_lite.estimate.report import main as estimate_main
-from titan_lite.runtime.distributed import DistEnv
 from titan_lite.train import train
 
 # The estimator traces the trainer's own step with the same tensor tracker the trainer reports
@@ -39,11 +37,6 @@ def measured_peak_gib(folder) -> float:
         with open(path) as fh:
             peaks += [json.loads(line)["peak_memory_gib"] for line in fh]
     return max(peaks)
-
-
-def _train_on_ranks(rank: int, world_size: int, argv: list[str]) -> None:
-    os.chdir(REPO)
-    train(load_config(argv), DistEnv(rank, rank, world_size, world_size, torch.device("cpu")))
 
 
 def estimated_peak_gib(overrides: list[str], ranks: int) -> float:
@@ -74,7 +67,7 @@ def test_one_process_estimate_matches_the_measured_peak(repo_cwd, tmp_path, over
 ], ids=["fsdp", "pp-1f1b", "tp", "fsdp-offload-accumulation", "offload-in-backward-int8"])
 def test_two_rank_estimate_matches_the_measured_peak(repo_cwd, tmp_path, overrides):
     job = [*SHAPE, "--training.steps", "2", "--job.dump_folder", str(tmp_path), *overrides]
-    run_distributed(_train_on_ranks, 2, job)
+    run_distributed(train_as_rank, 2, job)
     measured = measured_peak_gib(tmp_path)
     assert estimated_peak_gib(job, 2) == pytest.approx(measured, rel=TOLERANCE)
 
