@@ -37,6 +37,7 @@ from titan_lite.estimate.gpus import GPUS
 from titan_lite.estimate.trace import (
     GIB,
     MemoryEstimate,
+    RankEstimate,
     estimate_memory,
     job_dims,
     required_gib,
@@ -48,9 +49,9 @@ STATE_DTYPE_ORDER = ("float32", "bfloat16", "int8")  # among equal times: the fi
 IN_BACKWARD_MIN_GAIN = 0.05
 DEFAULT_GPU = "H100"  # speeds assumed when only estimate.device_memory_gb is given
 AC_CHOICES = (("none", "op"), ("selective", "op"), ("full", "op"))
-# The screen (see _screen): blocks of the two shallow traces (at 2 blocks FSDP's prefetching of
+# The screen (see _screen): blocks of the shallow traces (at 2 blocks FSDP's prefetching of
 # an NF4 base streamed per use needs less, seen 72 MiB off), and a margin against its error.
-SCREEN_LAYERS = (3, 4)
+SCREEN_LAYERS = (3, 4, 8)
 SCREEN_MARGIN_GIB = 0.25
 
 
@@ -121,12 +122,12 @@ def _plan_method(cfg: JobConfig, num_gpus: int, capacity_gib: float, gpu_name: s
         started = time.monotonic()
         screened = _screen(candidate.cfg, num_gpus, capacity_gib, host_gib)
         if screened is not None:
-            too_big.append((candidate, *screened))
+            where, over, blocks = screened
+            too_big.append((candidate, where, over))
             if log is not None:
                 log(f"plan: {method_of(cfg)} {' '.join(candidate.overrides) or 'as configured'}"
-                    f": too big for the {screened[0]} by at least {screened[1]:.2f} GiB "
-                    f"(traced with {' and '.join(map(str, SCREEN_LAYERS))} blocks, "
-                    f"{time.monotonic() - started:.0f} s)")
+                    f": too big for the {where} by at least {over:.2f} GiB (traced with up "
+                    f"to {blocks} blocks, {time.monotonic() - started:.0f} s)")
             continue
         candidate.estimate = estimate_memory(candidate.cfg, num_gpus)
         if candidate.estimate.required_gib() > capacity_gib:
@@ -148,37 +149,46 @@ def _plan_method(cfg: JobConfig, num_gpus: int, capacity_gib: float, gpu_name: s
 
 
 def _screen(cfg: JobConfig, num_gpus: int, capacity_gib: float, host_gib: float
-            ) -> tuple[str, float] | None:
-    """("device" or "host", GiB over) when a layout is too big by more than ``SCREEN_MARGIN_GIB``
-    by ``shallow_peaks``; None when it may fit or cannot be screened."""
-    if model_stats(cfg).n_layers <= 2 * SCREEN_LAYERS[1]:
+            ) -> tuple[str, float, int] | None:
+    """("device" or "host", GiB over at least, the most blocks traced) when ``shallow_peaks``
+    through 3 and 4 blocks, or else through 4 and 8 (tighter where a phase that grows faster
+    per block takes over at depth: no AC's activations over the loss's logits, seen on the
+    70B), says a layout is too big by more than ``SCREEN_MARGIN_GIB``; None when it may fit
+    or cannot be screened."""
+    if model_stats(cfg).n_layers <= 2 * SCREEN_LAYERS[-1]:
         return None  # about as fast to trace in full
-    peaks = shallow_peaks(cfg, num_gpus)
-    if peaks is None:
-        return None
-    device, host = required_gib(peaks[0]), peaks[1]
-    if device > capacity_gib + SCREEN_MARGIN_GIB:
-        return "device", device - capacity_gib
-    if host_gib and host > host_gib + SCREEN_MARGIN_GIB:
-        return "host", host - host_gib
+    traced: dict[int, RankEstimate] = {}
+    for pair in zip(SCREEN_LAYERS, SCREEN_LAYERS[1:]):
+        peaks = shallow_peaks(cfg, num_gpus, pair, traced)
+        if peaks is None:
+            return None
+        device, host = required_gib(peaks[0]), peaks[1]
+        if device > capacity_gib + SCREEN_MARGIN_GIB:
+            return "device", device - capacity_gib, pair[1]
+        if host_gib and host > host_gib + SCREEN_MARGIN_GIB:
+            return "host", host - host_gib, pair[1]
     return None
 
 
-def shallow_peaks(cfg: JobConfig, num_gpus: int, layers: tuple[int, int] = SCREEN_LAYERS
-                  ) -> tuple[float, float] | None:
+def shallow_peaks(cfg: JobConfig, num_gpus: int, layers: tuple[int, int],
+                  traced: dict[int, RankEstimate] | None = None) -> tuple[float, float] | None:
     """The job's device and host peaks (GiB) extended to its depth from traces of the model with
-    ``layers`` blocks (~5x faster than an 8B's full trace); None for a model of no more blocks,
-    pipeline stages, or AC of every k-th block. Each block adds the same weights, states
-    and saved activations, so the memory of every phase is affine in the depth and the peak,
-    their maximum, is convex: the line through two depths, extended beyond them, lies under it
-    (a lower bound; equal in the checks of tests/test_estimate.py)."""
+    ``layers`` blocks (``traced``: those already made, by depth); None for a model of no more
+    blocks, pipeline stages, or AC of every k-th block. Each block adds the same weights,
+    states and saved activations, so the memory of every phase is affine in the depth and the
+    peak, their maximum, is convex: the line through two depths, extended beyond them, lies
+    under it (a lower bound; equal in the checks of tests/test_estimate.py)."""
     ac = cfg.activation_checkpoint
     depth = model_stats(cfg).n_layers
     fewer, more = layers
     if (depth <= more or job_dims(cfg, num_gpus).pp > 1
             or (ac.mode == "selective" and checkpoint_every(ac.selective_ac_option))):
         return None
-    shallow, deeper = (estimate_memory(cfg, num_gpus, n).worst for n in layers)
+    traced = {} if traced is None else traced
+    for n in layers:
+        if n not in traced:
+            traced[n] = estimate_memory(cfg, num_gpus, n).worst
+    shallow, deeper = traced[fewer], traced[more]
 
     def extended(a: int, b: int) -> float:
         return (a + (depth - fewer) * (b - a) / (more - fewer)) / GIB
