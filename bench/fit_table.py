@@ -8,7 +8,8 @@ minutes here.
                                           # what each memory knob adds (~15 minutes)
     python bench/fit_table.py --cards     # the planner's best full / LoRA / QLoRA layout for
                                           # the 8B and 70B on 1 x 8 GB, 1 x 24 GB, 2 x 24 GB
-        [--card_models 8B --card_methods qlora]   # some rows (a plan takes minutes to hours)
+        [--card_models 8B --card_methods qlora --counts 1]   # some rows (a plan: minutes
+                                                             # for the 8B, ~20 for the 70B)
 """
 
 from __future__ import annotations
@@ -164,7 +165,7 @@ CARD_JOBS = {  # batch 2 x 2048 (8B) and 1 x 2048 (70B) per GPU, no accumulation
 }
 
 
-def cards_table(models: list[str], methods: list[str]) -> None:
+def cards_table(models: list[str], methods: list[str], counts: list[int]) -> None:
     """Each method's fastest fitting layout (the planner, every memory knob searched) for the
     8B and 70B on an 8 GB card, a 24 GB card and two, in a 64 GB desktop."""
     print(f"| model | GPUs | method | best layout that fits (planner; host <= "
@@ -175,6 +176,8 @@ def cards_table(models: list[str], methods: list[str]) -> None:
         if name.split()[-1] not in models:
             continue
         for gpu, count in CARDS:
+            if count not in counts:
+                continue
             for method in methods:
                 cfg = load_config([*flags, "--estimate.plan_top", "1", "--estimate.plan_methods",
                                    method, "--estimate.host_memory_gb",
@@ -204,7 +207,7 @@ def main() -> None:
     parser.add_argument("--configs", default="train_configs/llama3_8b.toml,"
                                               "train_configs/llama3_70b.toml")
     parser.add_argument("--gpus", default="RTX 4090,A100-40GB,H100")
-    parser.add_argument("--counts", default="1,2,8")
+    parser.add_argument("--counts", default="1,2,8", help="GPU counts (also for --cards)")
     parser.add_argument("--cards", action="store_true",
                         help="instead: the best full / LoRA / QLoRA layout for the 8B and 70B "
                              "on 1 x 8 GB, 1 x 24 GB and 2 x 24 GB cards")
@@ -214,7 +217,8 @@ def main() -> None:
     args = parser.parse_args()
     os.chdir(REPO)
     if args.cards:
-        cards_table(args.card_models.split(","), args.card_methods.split(","))
+        cards_table(args.card_models.split(","), args.card_methods.split(","),
+                    [int(n) for n in args.counts.split(",")])
         return
     if args.knobs:
         knobs_table("train_configs/llama3_8b.toml")
