@@ -5,6 +5,7 @@ import glob
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 from conftest import CPU_ENV, REPO, python_env
@@ -365,3 +366,24 @@ def test_offload_copies_overlap_where_fsdp2_makes_them_asynchronous():
     streamed = copies("--lora.enable", "true", "--lora.quantize_base", "nf4",
                       "--activation_checkpoint.mode", "full")
     assert streamed == (2 * 4e6 + gradients, (2 + 1) * 3e6)
+
+
+def test_the_planner_skips_what_shallow_traces_show_too_big(monkeypatch):
+    """A deep model's layouts are screened with traces of a few blocks: those too big are
+    skipped untraced (logged as such); only the one that fits is traced in full (the `small`
+    flavor's 12 blocks, screened at 3, 4 and 5 here; in 1.5 GiB only CPU offload fits)."""
+    from titan_lite.estimate import planner
+
+    cfg = load_config(["--model.flavor", "small", "--training.local_batch_size", "1",
+                       "--training.seq_len", "64", "--estimate.plan_top", "1"])
+    monkeypatch.setattr(planner, "SCREEN_LAYERS", (3, 4, 5))
+    lines: list[str] = []
+    best = plan(cfg, 1, 1.5, "RTX 4090", lines.append)
+    screened = [line for line in lines if "too big for the device by at least" in line]
+    assert screened and all("traced with up to 4 blocks" in line for line in screened)
+    assert len(lines) == len(screened) + 1 and "fits" in lines[-1]
+    assert best[0].cfg.training.enable_cpu_offload and best[0].estimate.required_gib() < 1.5
+    # what the screen skipped is too big in full too
+    no_offload = replace(best[0].cfg, training=replace(best[0].cfg.training,
+                                                       enable_cpu_offload=False))
+    assert estimate_memory(no_offload, 1).required_gib() > 1.5

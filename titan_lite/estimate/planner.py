@@ -120,32 +120,34 @@ def _plan_method(cfg: JobConfig, num_gpus: int, capacity_gib: float, gpu_name: s
                        for big, where, over in too_big):
             continue
         started = time.monotonic()
-        screened = _screen(candidate.cfg, num_gpus, capacity_gib, host_gib)
-        if screened is not None:
-            where, over, blocks = screened
-            too_big.append((candidate, where, over))
-            if log is not None:
-                log(f"plan: {method_of(cfg)} {' '.join(candidate.overrides) or 'as configured'}"
-                    f": too big for the {where} by at least {over:.2f} GiB (traced with up "
-                    f"to {blocks} blocks, {time.monotonic() - started:.0f} s)")
-            continue
-        candidate.estimate = estimate_memory(candidate.cfg, num_gpus)
-        if candidate.estimate.required_gib() > capacity_gib:
-            too_big.append((candidate, "device",
-                            candidate.estimate.required_gib() - capacity_gib))
-            verdict = "too big for the device"
-        elif host_gib and candidate.estimate.worst.host_peak / GIB > host_gib:
-            too_big.append((candidate, "host", candidate.estimate.worst.host_peak / GIB - host_gib))
-            verdict = "too big for the host"
-        else:
+        excess, finding = _judge(candidate, num_gpus, capacity_gib, host_gib)
+        if excess is None:
             fitting.append(candidate)
-            verdict = "fits"
+        else:
+            too_big.append((candidate, *excess))
         if log is not None:
             log(f"plan: {method_of(cfg)} {' '.join(candidate.overrides) or 'as configured'}"
-                f": needs {candidate.estimate.required_gib():.2f} GiB, host "
-                f"{candidate.estimate.worst.host_peak / GIB:.1f} GiB: {verdict} "
-                f"({time.monotonic() - started:.0f} s)")
+                f": {finding} ({time.monotonic() - started:.0f} s)")
     return fitting
+
+
+def _judge(candidate: Candidate, num_gpus: int, capacity_gib: float, host_gib: float
+           ) -> tuple[tuple[str, float] | None, str]:
+    """Whether ``candidate`` fits, by the screen or else a full trace (kept in its
+    ``estimate``): (None, or where it is too big and by how many GiB), and what was found."""
+    screened = _screen(candidate.cfg, num_gpus, capacity_gib, host_gib)
+    if screened is not None:
+        where, over, blocks = screened
+        return (where, over), (f"too big for the {where} by at least {over:.2f} GiB (traced "
+                               f"with up to {blocks} blocks)")
+    estimate = candidate.estimate = estimate_memory(candidate.cfg, num_gpus)
+    device, host = estimate.required_gib(), estimate.worst.host_peak / GIB
+    found = f"needs {device:.2f} GiB, host {host:.1f} GiB"
+    if device > capacity_gib:
+        return ("device", device - capacity_gib), f"{found}: too big for the device"
+    if host_gib and host > host_gib:
+        return ("host", host - host_gib), f"{found}: too big for the host"
+    return None, f"{found}: fits"
 
 
 def _screen(cfg: JobConfig, num_gpus: int, capacity_gib: float, host_gib: float
