@@ -16,7 +16,8 @@ ranking, not a promise of speed).
   where titan_lite streams an NF4 base on one shard per use (``offload_copies``); and the
   AdamW step on the host (``HOST_ADAM_PARAMS_PER_S``, slower with
   compact moments by ``HOST_STATE_SLOWDOWN``), after backward; with optimizer.in_backward
-  the step overlaps the backward (2/3 of the compute) except the last unit's (the root:
+  the step overlaps the backward (2/3 of the step's compute, FSDP traffic or overlapped
+  copies, whichever is longest) except the last unit's (the root:
   embeddings and output), which is stepped after it; full AC's activation offload copies the
   block inputs out and back on a side stream (overlapped);
 - AdamW's state dtype without offload (on the GPU): no time.
@@ -93,13 +94,14 @@ def step_seconds(cfg: JobConfig, num_gpus: int, gpu: str) -> float:
                                              max(dims.dp_shard, 1))
         host_step = (trainable / max(dims.dp_shard, 1) / HOST_ADAM_PARAMS_PER_S
                      * HOST_STATE_SLOWDOWN[cfg.optimizer.state_dtype])
-        if cfg.optimizer.in_backward:  # hidden behind backward, but for the root unit's
-            root_share = stats.root_trainable / max(stats.trainable, 1)
-            host_step = max(host_step * root_share, host_step - compute * 2 / 3)
     if cfg.activation_checkpoint.offload:  # full AC's block inputs (bf16), on a side stream
         overlapped += 2 * tokens * stats.dim * 2 * stats.n_layers / (dims.tp * dims.pp)
     pcie = PCIE_GB_S * 1e9
-    return max(compute, communication, overlapped / pcie) + serial / pcie + host_step
+    busy = max(compute, communication, overlapped / pcie)
+    if cfg.optimizer.in_backward:  # hidden behind backward (2/3 of it), but the root unit's
+        root_share = stats.root_trainable / max(stats.trainable, 1)
+        host_step = max(host_step * root_share, host_step - busy * 2 / 3)
+    return busy + serial / pcie + host_step
 
 
 def offload_copies(cfg: JobConfig, micro_batches: int, trainable: float, frozen_bytes: float,
