@@ -387,3 +387,17 @@ def test_the_planner_skips_what_shallow_traces_show_too_big(monkeypatch):
     no_offload = replace(best[0].cfg, training=replace(best[0].cfg.training,
                                                        enable_cpu_offload=False))
     assert estimate_memory(no_offload, 1).required_gib() > 1.5
+
+
+def test_recomputation_never_speeds_up_the_step_in_backward(repo_cwd):
+    """The host step hides behind the backward's wall time, which on a fast GPU is its weight
+    copies over PCIe, not its compute: full AC's extra forward cannot hide more of it."""
+    from titan_lite.estimate.cost import step_seconds
+
+    def seconds(mode):
+        return step_seconds(load_config([
+            "--config", "train_configs/llama3_8b.toml", "--training.enable_cpu_offload", "true",
+            "--optimizer.in_backward", "true", "--training.max_norm", "0",
+            "--activation_checkpoint.mode", mode]), 1, "H100")
+
+    assert seconds("none") <= seconds("selective") <= seconds("full")
