@@ -72,20 +72,20 @@ def step_seconds(cfg: JobConfig, num_gpus: int, gpu: str) -> float:
     launches = micro_batches * stats.n_layers * LAUNCH_SECONDS_PER_LAYER
     # loss slices recompute the output projection in backward: one more forward of it
     output_flops = 2 * stats.dim * stats.vocab if t.loss_chunks != 1 else 0
-    compute = tokens * (stats.flops_per_token * (1 + recompute(cfg)) + output_flops) / (
+    compute = tokens * (stats.flops_per_token * (1 + _recompute(cfg)) + output_flops) / (
         dims.tp * dims.pp) / (peak * ASSUMED_MFU) + launches
     split = dims.tp * dims.pp
     trainable = stats.trainable / split
     # what one all-gather moves: trained weights in the compute dtype, a frozen base as stored
     frozen_bytes = (stats.weight_bytes - 4 * stats.trainable) / split
-    gathered = trainable * dtype_bytes(t.mixed_precision_param) + frozen_bytes
+    gathered = trainable * _dtype_bytes(t.mixed_precision_param) + frozen_bytes
     communication = 0.0
     if dims.dp_shard > 1 and uses_fsdp(cfg, num_gpus):
-        per_micro = 2 * gathered + trainable * dtype_bytes(t.mixed_precision_reduce)
+        per_micro = 2 * gathered + trainable * _dtype_bytes(t.mixed_precision_reduce)
         communication = micro_batches * per_micro * (dims.dp_shard - 1) / dims.dp_shard
     if dims.dp_replicate > 1:  # DDP, or HSDP's all-reduce of the gradient shards
         shards = dims.dp_shard if uses_fsdp(cfg, num_gpus) else 1
-        communication += (trainable / shards * 2 * dtype_bytes(t.mixed_precision_reduce)
+        communication += (trainable / shards * 2 * _dtype_bytes(t.mixed_precision_reduce)
                           * (dims.dp_replicate - 1) / dims.dp_replicate)
     communication /= GPUS[gpu].link_gb_s * 1e9
     overlapped, serial, host_step = 0.0, 0.0, 0.0  # bytes over PCIe, and seconds
@@ -117,7 +117,7 @@ def offload_copies(cfg: JobConfig, micro_batches: int, trainable: float, frozen_
     ``_fsdp_collectives.foreach_reduce``)."""
     streams = cfg.lora.quantize_base == "nf4" and shards == 1
     weights = micro_batches * (2 * 4 * trainable + (0 if streams else 2 * frozen_bytes))
-    streamed = micro_batches * (2 + 3 * recompute(cfg)) * frozen_bytes if streams else 0.0
+    streamed = micro_batches * (2 + 3 * _recompute(cfg)) * frozen_bytes if streams else 0.0
     reductions = (micro_batches if cfg.parallelism.fsdp_reduce_every_microbatch
                   or micro_batches == 1 else 1)
     waited = reductions if cfg.optimizer.in_backward else reductions - 1
@@ -126,7 +126,7 @@ def offload_copies(cfg: JobConfig, micro_batches: int, trainable: float, frozen_
             (streamed + waited * gradients) / shards)
 
 
-def recompute(cfg: JobConfig) -> float:
+def _recompute(cfg: JobConfig) -> float:
     ac = cfg.activation_checkpoint
     if ac.mode == "full":
         return 1 / 3
@@ -137,11 +137,12 @@ def recompute(cfg: JobConfig) -> float:
 
 
 def uses_fsdp(cfg: JobConfig, num_gpus: int) -> bool:
+    """Whether the job shards with FSDP2 on ``num_gpus`` ranks (CPU offload does, also on one)."""
     dims = job_dims(cfg, num_gpus)
     return dims.uses_fsdp(cfg.training.enable_cpu_offload)
 
 
-def dtype_bytes(dtype_name: str) -> int:
+def _dtype_bytes(dtype_name: str) -> int:
     return DTYPES[dtype_name].itemsize
 
 
