@@ -72,9 +72,9 @@ def step_seconds(cfg: JobConfig, num_gpus: int, gpu: str) -> float:
     launches = micro_batches * stats.n_layers * LAUNCH_SECONDS_PER_LAYER
     # loss slices recompute the output projection in backward: one more forward of it
     output_flops = 2 * stats.dim * stats.vocab if t.loss_chunks != 1 else 0
-    compute = tokens * (stats.flops_per_token * (1 + _recompute(cfg)) + output_flops) / (
-        dims.tp * dims.pp) / (peak * ASSUMED_MFU) + launches
     split = dims.tp * dims.pp
+    compute = tokens * (stats.flops_per_token * (1 + _recompute(cfg)) + output_flops) / (
+        split * peak * ASSUMED_MFU) + launches
     trainable = stats.trainable / split
     # what one all-gather moves: trained weights in the compute dtype, a frozen base as stored
     frozen_bytes = (stats.weight_bytes - 4 * stats.trainable) / split
@@ -90,12 +90,12 @@ def step_seconds(cfg: JobConfig, num_gpus: int, gpu: str) -> float:
     communication /= GPUS[gpu].link_gb_s * 1e9
     overlapped, serial, host_step = 0.0, 0.0, 0.0  # bytes over PCIe, and seconds
     if t.enable_cpu_offload:
-        overlapped, serial = offload_copies(cfg, micro_batches, trainable, frozen_bytes,
-                                             max(dims.dp_shard, 1))
-        host_step = (trainable / max(dims.dp_shard, 1) / HOST_ADAM_PARAMS_PER_S
+        shards = max(dims.dp_shard, 1)
+        overlapped, serial = offload_copies(cfg, micro_batches, trainable, frozen_bytes, shards)
+        host_step = (trainable / shards / HOST_ADAM_PARAMS_PER_S
                      * HOST_STATE_SLOWDOWN[cfg.optimizer.state_dtype])
     if cfg.activation_checkpoint.offload:  # full AC's block inputs (bf16), on a side stream
-        overlapped += 2 * tokens * stats.dim * 2 * stats.n_layers / (dims.tp * dims.pp)
+        overlapped += 2 * tokens * stats.dim * 2 * stats.n_layers / split
     pcie = PCIE_GB_S * 1e9
     busy = max(compute, communication, overlapped / pcie)
     if cfg.optimizer.in_backward:  # hidden behind backward (2/3 of it), but the root unit's

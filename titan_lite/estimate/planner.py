@@ -142,12 +142,20 @@ def _judge(candidate: Candidate, num_gpus: int, capacity_gib: float, host_gib: f
                                f"with up to {blocks} blocks)")
     estimate = candidate.estimate = estimate_memory(candidate.cfg, num_gpus)
     device, host = estimate.required_gib(), estimate.worst.host_peak / GIB
-    found = f"needs {device:.2f} GiB, host {host:.1f} GiB"
-    if device > capacity_gib:
-        return ("device", device - capacity_gib), f"{found}: too big for the device"
-    if host_gib and host > host_gib:
-        return ("host", host - host_gib), f"{found}: too big for the host"
-    return None, f"{found}: fits"
+    excess = _excess(device, host, capacity_gib, host_gib)
+    verdict = f"too big for the {excess[0]}" if excess else "fits"
+    return excess, f"needs {device:.2f} GiB, host {host:.1f} GiB: {verdict}"
+
+
+def _excess(device_gib: float, host_gib: float, capacity_gib: float, host_limit_gib: float,
+            margin_gib: float = 0.0) -> tuple[str, float] | None:
+    """Where a layout needing ``device_gib`` and ``host_gib`` is too big by more than
+    ``margin_gib`` ("device" first, "host" when ``host_limit_gib`` is set), and by how much."""
+    if device_gib > capacity_gib + margin_gib:
+        return "device", device_gib - capacity_gib
+    if host_limit_gib and host_gib > host_limit_gib + margin_gib:
+        return "host", host_gib - host_limit_gib
+    return None
 
 
 def _screen(cfg: JobConfig, num_gpus: int, capacity_gib: float, host_gib: float
@@ -164,11 +172,10 @@ def _screen(cfg: JobConfig, num_gpus: int, capacity_gib: float, host_gib: float
         peaks = shallow_peaks(cfg, num_gpus, pair, traced)
         if peaks is None:
             return None
-        device, host = required_gib(peaks[0]), peaks[1]
-        if device > capacity_gib + SCREEN_MARGIN_GIB:
-            return "device", device - capacity_gib, pair[1]
-        if host_gib and host > host_gib + SCREEN_MARGIN_GIB:
-            return "host", host - host_gib, pair[1]
+        excess = _excess(required_gib(peaks[0]), peaks[1], capacity_gib, host_gib,
+                         SCREEN_MARGIN_GIB)
+        if excess is not None:
+            return *excess, pair[1]
     return None
 
 
